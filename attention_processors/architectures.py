@@ -1,0 +1,229 @@
+"""Per-architecture naming: which attention modules a model has, their heads, and token layouts.
+
+Every attention module is addressed by its stable module name (``model.named_modules()``), e.g.
+``transformer_blocks.3.attn`` (SD3), ``single_transformer_blocks.5.attn`` (FLUX),
+``down_blocks.1.attentions.0.transformer_blocks.0.attn1`` (UNet) or ``blocks.0.attn1`` (Wan).
+Token layouts are derived from the tensors of the actual model call, never from constants.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+SELF, CROSS, JOINT = "self", "cross", "joint"
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where image and text tokens sit in one attention call's query sequence.
+
+    ``grid`` is the image token grid, (h, w) or (frames, h, w), in raster order, when known.
+    """
+
+    image: slice
+    text: slice | None = None
+    grid: tuple[int, ...] | None = None
+
+    @property
+    def image_first(self) -> bool:
+        return self.text is None or self.image.start < self.text.start
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One addressable attention module."""
+
+    name: str
+    kind: str  # SELF, CROSS or JOINT
+    heads: int
+    module: torch.nn.Module
+
+
+class Architecture:
+    """How one model class names its attention layers and lays out tokens.
+
+    Subclasses say which modules are attention, of what kind, and derive the token layout of a
+    call from ``call_info``: what the model forward was given (recorded by ``model_call_info``).
+    """
+
+    model_classes: tuple[str, ...] = ()
+    text_first = False
+
+    def kind(self, name: str, module: torch.nn.Module) -> str | None:
+        raise NotImplementedError
+
+    def layers(self, model: torch.nn.Module) -> dict[str, LayerInfo]:
+        found = {}
+        for name, module in model.named_modules():
+            kind = self.kind(name, module)
+            if kind is not None:
+                found[name] = LayerInfo(name, kind, int(module.heads), module)
+        return found
+
+    def call_info(self, model: torch.nn.Module, bound: inspect.BoundArguments) -> dict:
+        return {}
+
+    def image_grid(self, info: dict, image_tokens: int) -> tuple[int, ...] | None:
+        return info.get("grid")
+
+    def layout(self, layer: LayerInfo, info: dict, seq_len: int) -> TokenLayout:
+        """Layout of the query sequence of ``layer`` for a call with ``seq_len`` tokens."""
+        if layer.kind != JOINT:
+            return TokenLayout(slice(0, seq_len), None, self.image_grid(info, seq_len))
+        text_len = info.get("text_len")
+        if text_len is None or text_len >= seq_len:
+            raise RuntimeError(
+                f"layer {layer.name!r}: cannot split {seq_len} joint tokens into image and text "
+                f"(text length seen at the model call: {text_len})"
+            )
+        image_len = seq_len - text_len
+        grid = self.image_grid(info, image_len)
+        if self.text_first:
+            return TokenLayout(slice(text_len, seq_len), slice(0, text_len), grid)
+        return TokenLayout(slice(0, image_len), slice(image_len, seq_len), grid)
+
+
+def _shape(x):
+    return tuple(x.shape) if isinstance(x, torch.Tensor) else None
+
+
+class UNetArchitecture(Architecture):
+    """UNet2DConditionModel (SD1.5, SDXL): attn1 self-attention, attn2 cross-attention."""
+
+    model_classes = ("UNet2DConditionModel",)
+
+    def kind(self, name, module):
+        from diffusers.models.attention_processor import Attention
+
+        if not isinstance(module, Attention):
+            return None
+        return CROSS if module.is_cross_attention else SELF
+
+    def call_info(self, model, bound):
+        return {"sample_shape": _shape(bound.arguments.get("sample"))}
+
+    def image_grid(self, info, image_tokens):
+        shape = info.get("sample_shape")
+        if shape is None:
+            return None
+        height, width = shape[-2:]
+        factor = 1
+        while factor <= max(height, width):
+            grid = (math.ceil(height / factor), math.ceil(width / factor))
+            if grid[0] * grid[1] == image_tokens:
+                return grid
+            factor *= 2
+        return None
+
+
+class SD3Architecture(Architecture):
+    """SD3Transformer2DModel: joint attention with [image, text] tokens; SD3.5 adds attn2 (self)."""
+
+    model_classes = ("SD3Transformer2DModel",)
+
+    def kind(self, name, module):
+        from diffusers.models.attention_processor import Attention
+
+        if not isinstance(module, Attention):
+            return None
+        return JOINT if module.added_kv_proj_dim is not None else SELF
+
+    def call_info(self, model, bound):
+        sample = bound.arguments.get("hidden_states")
+        text = bound.arguments.get("encoder_hidden_states")
+        patch = model.config.patch_size
+        return {
+            "text_len": None if text is None else text.shape[1],
+            "grid": None if sample is None else (sample.shape[-2] // patch, sample.shape[-1] // patch),
+        }
+
+    def image_grid(self, info, image_tokens):
+        grid = info.get("grid")
+        return grid if grid is not None and grid[0] * grid[1] == image_tokens else None
+
+
+class FluxArchitecture(Architecture):
+    """FluxTransformer2DModel: [text, image] tokens in double- and single-stream blocks."""
+
+    model_classes = ("FluxTransformer2DModel",)
+    text_first = True
+
+    def kind(self, name, module):
+        from diffusers.models.transformers.transformer_flux import FluxAttention
+
+        return JOINT if isinstance(module, FluxAttention) else None
+
+    def call_info(self, model, bound):
+        text = bound.arguments.get("encoder_hidden_states")
+        img_ids = bound.arguments.get("img_ids")
+        grid = None
+        if isinstance(img_ids, torch.Tensor):
+            ids = img_ids.reshape(-1, img_ids.shape[-1])
+            h, w = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+            grid = (h, w) if h * w == ids.shape[0] else None
+        return {"text_len": None if text is None else text.shape[1], "grid": grid}
+
+    image_grid = SD3Architecture.image_grid
+
+
+class WanArchitecture(Architecture):
+    """WanTransformer3DModel: attn1 video self-attention (frame-major), attn2 cross-attention."""
+
+    model_classes = ("WanTransformer3DModel",)
+
+    def kind(self, name, module):
+        from diffusers.models.transformers.transformer_wan import WanAttention
+
+        if not isinstance(module, WanAttention):
+            return None
+        return CROSS if module.is_cross_attention else SELF
+
+    def call_info(self, model, bound):
+        sample = bound.arguments.get("hidden_states")
+        if sample is None:
+            return {}
+        pt, ph, pw = model.config.patch_size
+        f, h, w = sample.shape[-3:]
+        return {"grid": (f // pt, h // ph, w // pw)}
+
+    def image_grid(self, info, image_tokens):
+        grid = info.get("grid")
+        return grid if grid is not None and math.prod(grid) == image_tokens else None
+
+
+ARCHITECTURES = (UNetArchitecture(), SD3Architecture(), FluxArchitecture(), WanArchitecture())
+UNSUPPORTED = {
+    "SanaTransformer2DModel": "it uses linear attention, which has no softmax attention map to steer",
+}
+
+
+def architecture_of(model: torch.nn.Module) -> Architecture:
+    """The Architecture for ``model``, or a ValueError naming the supported model classes."""
+    names = [cls.__name__ for cls in type(model).__mro__]
+    for arch in ARCHITECTURES:
+        if any(name in arch.model_classes for name in names):
+            return arch
+    supported = [c for arch in ARCHITECTURES for c in arch.model_classes]
+    reason = UNSUPPORTED.get(type(model).__name__, "its attention layout is not described")
+    raise ValueError(f"{type(model).__name__} cannot be steered: {reason}. Supported: {', '.join(supported)}")
+
+
+def list_layers(model: torch.nn.Module, kinds: tuple[str, ...] = (SELF, CROSS, JOINT)) -> dict[str, LayerInfo]:
+    """Addressable attention layers of ``model`` by stable name, in module order."""
+    return {n: info for n, info in architecture_of(model).layers(model).items() if info.kind in kinds}
+
+
+@lru_cache(maxsize=None)
+def _forward_signature(cls: type) -> inspect.Signature:
+    return inspect.signature(cls.forward)
+
+
+def model_call_info(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
+    """What the token layouts of one model call depend on, read from the call's tensors."""
+    bound = _forward_signature(type(model)).bind(model, *args, **kwargs)
+    return architecture_of(model).call_info(model, bound)

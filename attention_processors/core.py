@@ -1,0 +1,189 @@
+"""The steering core: reach into chosen attention calls of a diffusers model.
+
+A ``Steer`` is a small function of one attention call, in the spirit of flex_attention's
+score/mask mods: it receives the call's q, k, v ([B, H, L, D]) and mask and a ``next`` function
+that computes the attention of everything after it, and returns the output. Steers compose:
+several on one layer form a chain that ends in ``torch.nn.functional.scaled_dot_product_attention``.
+
+``steering(model, steers)`` installs, for the duration of a ``with`` block, a wrapper around the
+processor of each layer a steer asks for. The wrapper leaves diffusers' own processor in charge
+(norms, RoPE, projections) and only intercepts its scaled-dot-product-attention call, through a
+``TorchFunctionMode``; so it works whether the processor calls ``F.scaled_dot_product_attention``
+itself (SD, SD3) or through diffusers' native attention dispatch (FLUX, Wan). On exit, also on an
+exception, the original processors and the model's forward are restored.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from .architectures import LayerInfo, TokenLayout, architecture_of, model_call_info
+
+Next = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+_SDPA_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+@dataclass
+class AttentionCall:
+    """One intercepted attention computation: which layer, its token layout, its SDPA options."""
+
+    layer: LayerInfo
+    layout: TokenLayout
+    sdpa_kwargs: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.layer.name
+
+    def scale(self, head_dim: int) -> float:
+        scale = self.sdpa_kwargs.get("scale")
+        return head_dim**-0.5 if scale is None else scale
+
+
+class Steer(Protocol):
+    """What a steer provides. ``layers``: the layer names it acts on."""
+
+    layers: frozenset[str]
+
+    def attention(
+        self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, next: Next
+    ) -> torch.Tensor: ...
+
+
+def _sdpa_arguments(args: tuple, kwargs: dict) -> dict:
+    bound = dict(zip(_SDPA_NAMES, args))
+    bound.update(kwargs)
+    return bound
+
+
+class _Intercept(TorchFunctionMode):
+    """Routes the first SDPA call inside one processor call through the layer's steer chain."""
+
+    def __init__(self, session: "SteeringSession", layer: LayerInfo):
+        super().__init__()
+        self.session, self.layer, self.seen = session, layer, False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention or self.seen:
+            return func(*args, **kwargs)
+        self.seen = True
+        sdpa = _sdpa_arguments(args, kwargs)
+        q, k, v, mask = (sdpa.pop(name, None) for name in ("query", "key", "value", "attn_mask"))
+        layout = self.session.layout(self.layer, q.shape[-2])
+        return self.session.run_chain(AttentionCall(self.layer, layout, sdpa), q, k, v, mask)
+
+
+class SteeredProcessor:
+    """Wraps a layer's own processor; its ``__call__`` signature is the wrapped one's, so that
+    diffusers' Attention.forward (which drops undeclared keyword arguments) passes the same ones."""
+
+    def __init__(self, inner, layer: LayerInfo, session: "SteeringSession"):
+        self.inner, self.layer, self.session = inner, layer, session
+
+    def _steered_call(self, attn, *args, **kwargs):
+        if not self.session.active(self.layer.name):
+            return self.inner(attn, *args, **kwargs)
+        mode = _Intercept(self.session, self.layer)
+        with mode:
+            out = self.inner(attn, *args, **kwargs)
+        if not mode.seen:
+            backend = getattr(self.inner, "_attention_backend", None)
+            raise RuntimeError(
+                f"layer {self.layer.name!r}: its processor {type(self.inner).__name__} did not call torch's "
+                f"scaled_dot_product_attention (attention backend: {backend or 'the active default'}); "
+                "attnsteer needs diffusers' 'native' attention backend on steered layers"
+            )
+        return out
+
+
+@functools.lru_cache(maxsize=None)
+def _wrapper_class(inner_cls: type) -> type:
+    def __call__(self, attn, *args, **kwargs):
+        return self._steered_call(attn, *args, **kwargs)
+
+    __call__.__signature__ = inspect.signature(inner_cls.__call__)
+    return type(f"Steered{inner_cls.__name__}", (SteeredProcessor,), {"__call__": __call__})
+
+
+@contextmanager
+def patched_attribute(obj, name: str, value):
+    """Set ``obj.name = value`` as an instance attribute for a block; restore it afterwards."""
+    had, old = name in obj.__dict__, obj.__dict__.get(name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        if had:
+            setattr(obj, name, old)
+        else:
+            delattr(obj, name)
+
+
+class SteeringSession:
+    """The state of steering one model: its steers per layer and the current model call's info."""
+
+    def __init__(self, model: torch.nn.Module, steers: Iterable[Steer]):
+        self.model, self.steers = model, list(steers)
+        self.architecture = architecture_of(model)
+        self.layers = self.architecture.layers(model)
+        wanted = set().union(*(s.layers for s in self.steers)) if self.steers else set()
+        unknown = sorted(wanted - set(self.layers))
+        if unknown:
+            raise ValueError(f"unknown attention layer(s) {unknown} in {type(model).__name__}; see list_layers(model)")
+        self.chains = {name: [s for s in self.steers if name in s.layers] for name in wanted}
+        self.info: dict = {}
+
+    def active(self, layer: str) -> bool:
+        return bool(self.chains.get(layer))
+
+    def layout(self, layer: LayerInfo, seq_len: int) -> TokenLayout:
+        return self.architecture.layout(layer, self.info, seq_len)
+
+    def run_chain(self, call: AttentionCall, q, k, v, mask) -> torch.Tensor:
+        chain = self.chains[call.name]
+
+        def step(i: int, q, k, v, mask):
+            if i == len(chain):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **call.sdpa_kwargs)
+            return chain[i].attention(call, q, k, v, mask, functools.partial(step, i + 1))
+
+        return step(0, q, k, v, mask)
+
+    def _forward(self, forward):
+        @functools.wraps(forward)
+        def recording_forward(*args, **kwargs):
+            self.info = model_call_info(self.model, args, kwargs)
+            return forward(*args, **kwargs)
+
+        return recording_forward
+
+    @contextmanager
+    def installed(self):
+        originals = {}
+        try:
+            for name in self.chains:
+                module = self.layers[name].module
+                originals[name] = module.processor
+                module.set_processor(_wrapper_class(type(module.processor))(module.processor, self.layers[name], self))
+            with patched_attribute(self.model, "forward", self._forward(self.model.forward)):
+                yield self
+        finally:
+            for name, processor in originals.items():
+                self.layers[name].module.set_processor(processor)
+
+
+@contextmanager
+def steering(model: torch.nn.Module, steers: Iterable[Steer]):
+    """Install ``steers`` on ``model`` for a ``with`` block; the model is restored on exit."""
+    with SteeringSession(model, steers).installed() as session:
+        yield session

@@ -1,0 +1,179 @@
+"""Perturbed-attention guidance on chosen heads (HeadHunter / SoftPAG, METHODS.md section 1).
+
+    eps = eps_u + g (eps_c - eps_u) + w (eps_c - eps_p)        (CFG on)
+    eps = eps_c + w (eps_c - eps_p)                            (CFG off)
+
+eps_p is the prediction of the conditional input with the chosen heads perturbed. The guidance
+wraps a denoiser's forward for the duration of a pipeline call: on each conditional call it also
+computes eps_p, either in the same forward (the conditional rows appended to the batch, with a
+perturbation per sample) or in a second forward (less memory), and returns for the conditional rows
+
+    eps_c' = eps_c + (w / g) (eps_c - eps_p)
+
+so that the pipeline's own CFG step, left as it is, yields the formula above.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from attnsteer.attention_processors import MODES, HeadPerturbation, HeadSet, patched_attribute, steering
+
+BATCHING = ("batched", "sequential")
+UNBATCHED_ARGUMENTS = frozenset({"txt_ids", "img_ids"})
+
+
+@dataclass(frozen=True)
+class BranchInfo:
+    """What the pipeline does with one denoiser call's prediction.
+
+    cfg_in_batch: the input holds [uncond, cond] halves (one batched CFG call); otherwise the whole
+    batch is conditional and an unconditional call, if any, comes separately.
+    cfg_scale: the CFG scale g the pipeline applies to it; 1 when CFG is off.
+    """
+
+    cfg_in_batch: bool
+    cfg_scale: float
+    num_steps: int
+
+
+def combine(cond: torch.Tensor, perturbed: torch.Tensor, scale: float, cfg_scale: float = 1.0) -> torch.Tensor:
+    """eps_c' = eps_c + (w / g)(eps_c - eps_p): after CFG with scale g, adds w (eps_c - eps_p)."""
+    return cond + (scale / cfg_scale) * (cond - perturbed)
+
+
+def _take_rows(obj, rows: torch.Tensor, n: int, name: str | None = None):
+    """``obj`` with batch rows ``rows`` taken from every tensor whose first dimension is the batch."""
+    if isinstance(obj, torch.Tensor):
+        batched = obj.dim() > 0 and obj.shape[0] == n and name not in UNBATCHED_ARGUMENTS
+        return obj[rows.to(obj.device)] if batched else obj
+    if isinstance(obj, dict):
+        return {k: _take_rows(v, rows, n, k) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_take_rows(v, rows, n) for v in obj)
+    return obj
+
+
+def _prediction(out):
+    return out[0] if isinstance(out, tuple) else out.sample
+
+
+def _with_prediction(out, pred):
+    if isinstance(out, tuple):
+        return (pred, *out[1:])
+    out.sample = pred
+    return out
+
+
+class HeadPerturbationGuidance:
+    """Head-level perturbed-attention guidance with SoftPAG weight u.
+
+    heads: ``{layer: heads}`` as resolved by ``resolve_heads``; scale: w; u: SoftPAG weight in [0, 1];
+    mode: "joint" or "image"; window: (start, stop) fractions of the denoising steps where the
+    guidance acts (default every step); batching: "batched" (one forward, more memory) or
+    "sequential" (a second forward).
+    """
+
+    def __init__(self, heads: HeadSet, scale: float, u: float, mode: str = "joint",
+                 window: tuple[float, float] = (0.0, 1.0), batching: str = "batched"):
+        check_options(scale, u, mode, window, batching)
+        self.heads, self.scale, self.u, self.mode = dict(heads), float(scale), float(u), mode
+        self.window, self.batching = tuple(window), batching
+        self.step = 0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.heads) and self.u > 0 and self.scale != 0
+
+    def weights(self, layers, rows: int, perturbed: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per layer, a [rows, heads] tensor: u on the chosen heads of the ``perturbed`` rows."""
+        result = {}
+        for layer, heads in self.heads.items():
+            w = torch.zeros(rows, layers[layer].heads)
+            w[perturbed.unsqueeze(1), torch.tensor(heads)] = self.u
+            result[layer] = w
+        return result
+
+    def in_window(self, step: int, num_steps: int) -> bool:
+        start, stop = self.window
+        return start <= step / max(num_steps, 1) < stop
+
+    @contextmanager
+    def attached(self, model: torch.nn.Module, branch_info: Callable[[torch.nn.Module], BranchInfo]):
+        """Guide ``model`` (a pipeline's denoiser) for a ``with`` block; ``branch_info`` tells how the
+        pipeline uses each call's prediction. Several models may share this guidance's step count."""
+        steer = HeadPerturbation(self.heads, self.mode)
+        context = {"name": None}
+
+        def cache_context(original):
+            @contextmanager
+            def named(name, *args, **kwargs):
+                previous, context["name"] = context["name"], name
+                try:
+                    with original(name, *args, **kwargs):
+                        yield
+                finally:
+                    context["name"] = previous
+
+            return named
+
+        def guided(forward):
+            def run(*args, **kwargs):
+                if kwargs.get("skip_layers") is not None or context["name"] not in (None, "cond"):
+                    return forward(*args, **kwargs)
+                info = branch_info(model)
+                step, self.step = self.step, self.step + 1
+                if not self.in_window(step, info.num_steps):
+                    return forward(*args, **kwargs)
+                sample = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
+                n = sample.shape[0]
+                cond = torch.arange(n // 2 if info.cfg_in_batch else 0, n)
+                try:
+                    out, perturbed = self._branches(forward, steer, session.layers, args, kwargs, n, cond)
+                finally:
+                    steer.set_weights(None)
+                pred = _prediction(out).clone()
+                pred[cond] = combine(pred[cond], perturbed, self.scale, info.cfg_scale)
+                return _with_prediction(out, pred)
+
+            return run
+
+        with ExitStack() as stack:
+            session = stack.enter_context(steering(model, [steer]))
+            if hasattr(model, "cache_context"):
+                stack.enter_context(patched_attribute(model, "cache_context", cache_context(model.cache_context)))
+            stack.enter_context(patched_attribute(model, "forward", guided(model.forward)))
+            yield self
+
+    def _branches(self, forward, steer, layers, args, kwargs, n, cond):
+        """(output of the unperturbed call, perturbed prediction of the ``cond`` rows)."""
+        if self.batching == "batched":
+            rows = torch.cat([torch.arange(n), cond])
+            steer.set_weights(self.weights(layers, len(rows), torch.arange(n, len(rows))))
+            out = forward(*_take_rows(args, rows, n), **_take_rows(kwargs, rows, n))
+            pred = _prediction(out)
+            return _with_prediction(out, pred[:n]), pred[n:]
+        out = forward(*args, **kwargs)
+        steer.set_weights(self.weights(layers, len(cond), torch.arange(len(cond))))
+        perturbed = _prediction(forward(*_take_rows(args, cond, n), **_take_rows(kwargs, cond, n)))
+        return out, perturbed
+
+
+def check_options(scale, u, mode, window, batching) -> None:
+    """ValueError naming a bad option and what is allowed."""
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"perturbation_scale {scale!r} must be a finite number")
+    if not isinstance(u, (int, float)) or not 0.0 <= u <= 1.0:
+        raise ValueError(f"softpag_u {u!r} must be in [0, 1] (0: no perturbation, 1: PAG identity)")
+    if mode not in MODES:
+        raise ValueError(f"perturbation_mode {mode!r} is not one of {MODES}")
+    if (not isinstance(window, (tuple, list)) or len(window) != 2
+            or not all(isinstance(x, (int, float)) for x in window) or not 0.0 <= window[0] < window[1] <= 1.0):
+        raise ValueError(f"perturbation_window {window!r} must be (start, stop) fractions of the steps, 0 <= start < stop <= 1")
+    if batching not in BATCHING:
+        raise ValueError(f"perturbation_batching {batching!r} is not one of {BATCHING}")

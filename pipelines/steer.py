@@ -1,0 +1,132 @@
+"""diffusers pipeline subclasses that take attnsteer's methods as keyword arguments.
+
+Each subclass keeps its parent's ``from_pretrained``, arguments, outputs, ``callback_on_step_end``
+and progress bar; the methods are attached to the denoiser for the one call and removed after it,
+also when the call raises.
+
+    pipe = StableDiffusion3SteerPipeline.from_pretrained("stabilityai/stable-diffusion-3-medium-diffusers")
+    image = pipe("a corgi", perturbed_heads="heads.json", perturbation_scale=3.0, softpag_u=0.5).images[0]
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import ExitStack
+
+from diffusers import (
+    FluxPipeline,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    WanPipeline,
+)
+
+from attnsteer.attention_processors import HeadSetFile, list_layers, resolve_heads
+from attnsteer.guidance.perturbation import BranchInfo, HeadPerturbationGuidance
+
+DEFAULT_SCALE = 5.0  # HeadHunter paper, SD3-medium
+DEFAULT_U = 1.0  # plain head-level PAG; HeadHunter deploys found heads at u ~ 0.5
+DEFAULT_MODE = "joint"  # HeadHunter's definition of identity on joint attention
+
+
+class SteerMixin:
+    """Adds head-level perturbation guidance to a diffusers pipeline's ``__call__``.
+
+    Keyword arguments (all optional):
+        perturbed_heads: heads to perturb: a list of (layer, head) or "layer:head", a spec string
+            such as ``"transformer_blocks.3.attn:0,5 7:*"``, a ``{layer: heads}`` dict, or the path of
+            a head-set JSON file (whose mode, u and w become the defaults). Layers are stable module
+            names or indices into ``list_layers``; see ``attnsteer layers``.
+        perturbation_scale: w in eps + w (eps_c - eps_perturbed); default 5.0.
+        softpag_u: SoftPAG weight u in [0, 1]: A := (1 - u) A + u I; default 1.0 (PAG identity).
+        perturbation_mode: "joint" (identity on the whole joint map) or "image" (image-image block).
+        perturbation_window: (start, stop) fractions of the steps where it acts; default all steps.
+        perturbation_batching: "batched" (one forward) or "sequential" (less memory).
+    """
+
+    def steer_denoisers(self):
+        """The denoising models a pipeline call runs, by component name."""
+        names = ("unet", "transformer", "transformer_2")
+        return {n: getattr(self, n) for n in names if getattr(self, n, None) is not None}
+
+    def steer_layers(self):
+        """Addressable attention layers of the (first) denoiser."""
+        return list_layers(next(iter(self.steer_denoisers().values())))
+
+    def branch_info(self, model, call_arguments: dict) -> BranchInfo:
+        """How this pipeline uses ``model``'s prediction: here one batched CFG call per step."""
+        cfg = self.do_classifier_free_guidance
+        return BranchInfo(cfg, self.guidance_scale if cfg else 1.0, self._num_timesteps)
+
+    def perturbation_guidance(self, perturbed_heads=None, perturbation_scale=None, softpag_u=None,
+                              perturbation_mode=None, perturbation_window=(0.0, 1.0),
+                              perturbation_batching="batched") -> HeadPerturbationGuidance:
+        """Check the perturbation arguments against this pipeline's model; raises ValueError."""
+        stored = HeadSetFile(heads=[])
+        if isinstance(perturbed_heads, str) and perturbed_heads.endswith(".json"):
+            stored = HeadSetFile.load(perturbed_heads)
+            perturbed_heads = stored.heads
+        heads = resolve_heads(perturbed_heads or [], self.steer_layers())
+        pick = lambda given, saved, default: given if given is not None else saved if saved is not None else default
+        return HeadPerturbationGuidance(
+            heads,
+            scale=pick(perturbation_scale, stored.w, DEFAULT_SCALE),
+            u=pick(softpag_u, stored.u, DEFAULT_U),
+            mode=pick(perturbation_mode, stored.mode, DEFAULT_MODE),
+            window=perturbation_window,
+            batching=perturbation_batching,
+        )
+
+    def __call__(self, *args, perturbed_heads=None, perturbation_scale=None, softpag_u=None,
+                 perturbation_mode=None, perturbation_window=(0.0, 1.0), perturbation_batching="batched", **kwargs):
+        guidance = self.perturbation_guidance(perturbed_heads, perturbation_scale, softpag_u, perturbation_mode,
+                                              perturbation_window, perturbation_batching)
+        parent_call = super().__call__
+        if not guidance.enabled:
+            return parent_call(*args, **kwargs)
+        bound = inspect.signature(parent_call).bind(*args, **kwargs)
+        bound.apply_defaults()
+        with ExitStack() as stack:
+            for model in self.steer_denoisers().values():
+                stack.enter_context(guidance.attached(model, lambda m: self.branch_info(m, bound.arguments)))
+            return parent_call(*args, **kwargs)
+
+
+class StableDiffusionSteerPipeline(SteerMixin, StableDiffusionPipeline):
+    """StableDiffusionPipeline (SD1.5 and kin) with attnsteer's keyword arguments."""
+
+
+class StableDiffusionXLSteerPipeline(SteerMixin, StableDiffusionXLPipeline):
+    """StableDiffusionXLPipeline with attnsteer's keyword arguments."""
+
+
+class StableDiffusion3SteerPipeline(SteerMixin, StableDiffusion3Pipeline):
+    """StableDiffusion3Pipeline with attnsteer's keyword arguments."""
+
+
+class FluxSteerPipeline(SteerMixin, FluxPipeline):
+    """FluxPipeline with attnsteer's keyword arguments. True CFG runs as a separate call."""
+
+    def branch_info(self, model, call_arguments):
+        a = call_arguments
+        has_negative = a["negative_prompt"] is not None or (
+            a["negative_prompt_embeds"] is not None and a["negative_pooled_prompt_embeds"] is not None)
+        true_cfg = a["true_cfg_scale"] > 1 and has_negative
+        return BranchInfo(False, a["true_cfg_scale"] if true_cfg else 1.0, self._num_timesteps)
+
+
+class WanSteerPipeline(SteerMixin, WanPipeline):
+    """WanPipeline (text-to-video) with attnsteer's keyword arguments; CFG runs as a separate call."""
+
+    def branch_info(self, model, call_arguments):
+        if not self.do_classifier_free_guidance:
+            return BranchInfo(False, 1.0, self._num_timesteps)
+        second = model is getattr(self, "transformer_2", None)
+        return BranchInfo(False, self._guidance_scale_2 if second else self._guidance_scale, self._num_timesteps)
+
+
+STEER_PIPELINES = {
+    cls.__mro__[2].__name__: cls
+    for cls in (StableDiffusionSteerPipeline, StableDiffusionXLSteerPipeline, StableDiffusion3SteerPipeline,
+                FluxSteerPipeline, WanSteerPipeline)
+}
