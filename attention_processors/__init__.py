@@ -1,13 +1,13 @@
 """Floor 1, the mechanism: what happens inside one attention call, and how layers are named."""
 
 from .architectures import CROSS, JOINT, SELF, LayerInfo, TokenLayout, architecture_of, list_layers
-from .core import AttentionCall, SteeredProcessor, Steer, SteeringSession, patched_attribute, steering
+from .core import AttentionCall, LayoutRecorder, Steer, SteeredProcessor, SteeringSession, patched_attribute, steering
 from .heads import HeadSet, HeadSetFile, format_heads, resolve_heads
 from .perturb import MODES, HeadPerturbation, identity_output, image_identity
 
 __all__ = [
     "CROSS", "JOINT", "SELF", "MODES", "AttentionCall", "HeadPerturbation", "HeadSet", "HeadSetFile",
-    "LayerInfo", "Steer", "SteeredProcessor", "SteeringSession", "TokenLayout", "architecture_of",
+    "LayerInfo", "LayoutRecorder", "Steer", "SteeredProcessor", "SteeringSession", "TokenLayout", "architecture_of",
     "format_heads", "identity_output", "image_identity", "list_layers", "patched_attribute",
     "resolve_heads", "steering",
 ]

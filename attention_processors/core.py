@@ -29,6 +29,7 @@ from .architectures import LayerInfo, TokenLayout, architecture_of, model_call_i
 
 Next = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
+SDPA_BACKENDS = (None, "native", "_native_cudnn", "_native_efficient", "_native_flash", "_native_math")
 _SDPA_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
@@ -141,6 +142,13 @@ class SteeringSession:
         if unknown:
             raise ValueError(f"unknown attention layer(s) {unknown} in {type(model).__name__}; see list_layers(model)")
         self.chains = {name: [s for s in self.steers if name in s.layers] for name in wanted}
+        for name in self.chains:
+            backend = getattr(self.layers[name].module.processor, "_attention_backend", None)
+            if backend not in SDPA_BACKENDS:
+                raise ValueError(
+                    f"layer {name!r} uses attention backend {str(backend)!r}, which bypasses torch's "
+                    f"scaled_dot_product_attention; steered layers need one of {SDPA_BACKENDS[1:]}"
+                )
         self.info: dict = {}
 
     def active(self, layer: str) -> bool:
@@ -187,3 +195,14 @@ def steering(model: torch.nn.Module, steers: Iterable[Steer]):
     """Install ``steers`` on ``model`` for a ``with`` block; the model is restored on exit."""
     with SteeringSession(model, steers).installed() as session:
         yield session
+
+
+class LayoutRecorder:
+    """Steer that records each layer's token layout and q/k shapes, changing nothing."""
+
+    def __init__(self, layers: Iterable[str]):
+        self.layers, self.seen = frozenset(layers), {}
+
+    def attention(self, call: AttentionCall, q, k, v, mask, next: Next) -> torch.Tensor:
+        self.seen[call.name] = (call.layout, tuple(q.shape), tuple(k.shape))
+        return next(q, k, v, mask)

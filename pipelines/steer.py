@@ -21,7 +21,7 @@ from diffusers import (
     WanPipeline,
 )
 
-from attnsteer.attention_processors import HeadSetFile, list_layers, resolve_heads
+from attnsteer.attention_processors import HeadSetFile, LayoutRecorder, list_layers, resolve_heads, steering
 from attnsteer.guidance.perturbation import BranchInfo, HeadPerturbationGuidance
 
 DEFAULT_SCALE = 5.0  # HeadHunter paper, SD3-medium
@@ -52,6 +52,14 @@ class SteerMixin:
     def steer_layers(self):
         """Addressable attention layers of the (first) denoiser."""
         return list_layers(next(iter(self.steer_denoisers().values())))
+
+    def token_layouts(self, **call_kwargs) -> dict:
+        """``{layer: (TokenLayout, q shape, k shape)}`` seen in one denoising step of a call."""
+        model = next(iter(self.steer_denoisers().values()))
+        recorder = LayoutRecorder(list_layers(model))
+        with steering(model, [recorder]):
+            super().__call__(**{**call_kwargs, "num_inference_steps": 1, "output_type": "latent"})
+        return recorder.seen
 
     def branch_info(self, model, call_arguments: dict) -> BranchInfo:
         """How this pipeline uses ``model``'s prediction: here one batched CFG call per step."""

@@ -1,0 +1,138 @@
+"""The ``attnsteer`` command line: ``generate`` pictures with steering, list a model's ``layers``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+TINY_PREFIX = "tiny-"
+
+
+def load_pipeline(model: str, device: str, dtype: str):
+    """An attnsteer pipeline for a model id, a local diffusers folder, or ``tiny-<kind>`` (random weights)."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from .steer import STEER_PIPELINES, WanSteerPipeline
+
+    if model.startswith(TINY_PREFIX):
+        from .tiny import KINDS, PIPELINE_CLASSES, tiny_pipeline
+
+        kind = model[len(TINY_PREFIX):]
+        if kind not in KINDS:
+            raise SystemExit(f"unknown tiny model {model!r}; choose one of {', '.join(TINY_PREFIX + k for k in KINDS)}")
+        pipe = tiny_pipeline(kind, STEER_PIPELINES[PIPELINE_CLASSES[kind].__name__])
+        if dtype != "float32":
+            pipe.to(getattr(torch, dtype))
+    else:
+        class_name = DiffusionPipeline.load_config(model)["_class_name"]
+        if class_name not in STEER_PIPELINES:
+            raise SystemExit(f"{model}: pipeline class {class_name} is not supported; supported: {', '.join(STEER_PIPELINES)}")
+        pipe = STEER_PIPELINES[class_name].from_pretrained(model, torch_dtype=getattr(torch, dtype))
+    return pipe.to(device), isinstance(pipe, WanSteerPipeline)
+
+
+def _save(result, is_video: bool, out: Path, stem: str) -> list[Path]:
+    """Write a pipeline's PIL output as PNGs: one per image, one per video frame."""
+    out.mkdir(parents=True, exist_ok=True)
+    named = [(f"{stem}_{v}_frame{f:03d}", frame) for v, video in enumerate(result.frames) for f, frame in enumerate(video)] \
+        if is_video else [(f"{stem}_{i}", image) for i, image in enumerate(result.images)]
+    for name, picture in named:
+        picture.save(out / f"{name}.png")
+    return [out / f"{name}.png" for name, _ in named]
+
+
+def generate(args) -> None:
+    import torch
+
+    pipe, is_video = load_pipeline(args.model, args.device, args.dtype)
+    steering = dict(perturbed_heads=args.heads, perturbation_scale=args.scale, softpag_u=args.u,
+                    perturbation_mode=args.mode, perturbation_window=tuple(args.window),
+                    perturbation_batching=args.batching)
+    pipe.perturbation_guidance(**steering)  # checks every option before any compute
+    call = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+                height=args.height, width=args.width, output_type="pil")
+    if args.guidance_scale is not None:
+        call["guidance_scale"] = args.guidance_scale
+    if is_video:
+        call["num_frames"] = args.frames
+    runs = [("baseline", {})] if args.baseline else []
+    runs.append(("steered" if args.heads else "output", steering))
+    for name, extra in runs:
+        generator = torch.Generator(args.device).manual_seed(args.seed)
+        result = pipe(**call, **extra, generator=generator)
+        for path in _save(result, is_video, Path(args.out), f"seed{args.seed}_{name}"):
+            print(path)
+
+
+def layers(args) -> None:
+    pipe, is_video = load_pipeline(args.model, args.device, args.dtype)
+    listed = pipe.steer_layers()
+    call = dict(prompt="a photo", height=args.height, width=args.width)
+    if is_video:
+        call["num_frames"] = args.frames
+    seen = pipe.token_layouts(**call) if args.layout else {}
+    print(f"{'index':>5}  {'layer':<60} {'kind':<6} heads  layout")
+    index = 0
+    for name, info in listed.items():
+        number = "" if info.kind == "cross" else str(index)
+        index += info.kind != "cross"
+        layout = ""
+        if name in seen:
+            lay, q, k = seen[name]
+            text = "none" if lay.text is None else f"{lay.text.start}:{lay.text.stop}"
+            layout = f"image {lay.image.start}:{lay.image.stop} grid {lay.grid} text {text} (q {q[2]}, k {k[2]} tokens)"
+        print(f"{number:>5}  {name:<60} {info.kind:<6} {info.heads:>5}  {layout}")
+
+
+def parser() -> argparse.ArgumentParser:
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    main = argparse.ArgumentParser(prog="attnsteer", description=__doc__)
+    commands = main.add_subparsers(dest="command", required=True)
+
+    def model_options(p):
+        p.add_argument("--model", required=True,
+                       help="model id, local diffusers folder, or tiny-sd|tiny-sdxl|tiny-sd3|tiny-flux|tiny-wan (random weights)")
+        p.add_argument("--device", default=device)
+        p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+        p.add_argument("--height", type=int, default=None)
+        p.add_argument("--width", type=int, default=None)
+        p.add_argument("--frames", type=int, default=9, help="video frames (Wan)")
+
+    g = commands.add_parser("generate", help="generate pictures, optionally with head perturbation guidance")
+    model_options(g)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative-prompt", default=None)
+    g.add_argument("--heads", default=None, help="'LAYER:HEADS ...' spec or head-set JSON (see `attnsteer layers`)")
+    g.add_argument("--scale", type=float, default=None, help="perturbation scale w (default 5, or the head-set file's)")
+    g.add_argument("--u", type=float, default=None, help="SoftPAG u in [0, 1] (default 1, or the head-set file's)")
+    g.add_argument("--mode", default=None, help="joint or image")
+    g.add_argument("--window", type=float, nargs=2, default=(0.0, 1.0), metavar=("START", "STOP"))
+    g.add_argument("--batching", default="batched", help="batched or sequential")
+    g.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the pipeline's)")
+    g.add_argument("--steps", type=int, default=28)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--baseline", action="store_true", help="also write the unsteered picture of the same seed")
+    g.add_argument("--out", default="out")
+    g.set_defaults(run=generate)
+
+    ls = commands.add_parser("layers", help="list a model's attention layers, heads and token layouts")
+    model_options(ls)
+    ls.add_argument("--layout", action="store_true", help="run one denoising step to show each layer's token layout")
+    ls.set_defaults(run=layers)
+    return main
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    try:
+        args.run(args)
+    except ValueError as error:
+        sys.exit(f"attnsteer {args.command}: {error}")
+
+
+if __name__ == "__main__":
+    main()

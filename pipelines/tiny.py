@@ -1,0 +1,405 @@
+"""Tiny random pipelines of the real diffusers classes, built in code.
+
+Tests and examples need every supported model family (SD 1.x, SDXL, SD3, FLUX, Wan) without weights or network:
+these builders make deterministic, randomly initialised components as small as diffusers' own fast tests, with
+the real CLIP BPE tokenizer (from the bundled ``data/bpe_simple_vocab_16e6.txt.gz``) in every tokenizer slot, and
+attention layers with several heads so that per-head steering can be exercised.
+"""
+
+from __future__ import annotations
+
+import atexit
+import gzip
+import json
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    AutoencoderKLWan,
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+    WanPipeline,
+    WanTransformer3DModel,
+)
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    UMT5Config,
+    UMT5EncoderModel,
+)
+
+__all__ = ["KINDS", "PIPELINE_CLASSES", "clip_tokenizer", "tiny_components", "tiny_pipeline"]
+
+KINDS = ("sd", "sdxl", "sd3", "flux", "wan")
+
+PIPELINE_CLASSES = {
+    "sd": StableDiffusionPipeline,
+    "sdxl": StableDiffusionXLPipeline,
+    "sd3": StableDiffusion3Pipeline,
+    "flux": FluxPipeline,
+    "wan": WanPipeline,
+}
+
+BPE_PATH = Path(__file__).parent / "data" / "bpe_simple_vocab_16e6.txt.gz"
+VOCAB_SIZE = 49408  # 256 bytes + 256 end-of-word bytes + 48894 merges + 2 special tokens
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+BOS_ID, EOS_ID = VOCAB_SIZE - 2, VOCAB_SIZE - 1
+
+_vocab_dir: str | None = None
+_vocab_lock = threading.Lock()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's (and GPT-2's) reversible map from the 256 byte values to printable unicode characters."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def _clip_vocab_dir() -> str:
+    """Write CLIP's vocab.json and merges.txt, built as CLIP's SimpleTokenizer builds them, once per process."""
+    global _vocab_dir
+    with _vocab_lock:
+        if _vocab_dir is None:
+            lines = gzip.open(BPE_PATH).read().decode("utf-8").split("\n")
+            merges = lines[1 : 49152 - 256 - 2 + 1]
+            byte_chars = list(_bytes_to_unicode().values())
+            vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges] + [BOS, EOS]
+            assert len(vocab) == VOCAB_SIZE, len(vocab)
+            folder = tempfile.mkdtemp(prefix="attnsteer-clip-bpe-")
+            atexit.register(shutil.rmtree, folder, True)
+            with open(Path(folder) / "vocab.json", "w", encoding="utf-8") as f:
+                json.dump({token: i for i, token in enumerate(vocab)}, f, ensure_ascii=False)
+            with open(Path(folder) / "merges.txt", "w", encoding="utf-8") as f:
+                f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+            _vocab_dir = folder
+    return _vocab_dir
+
+
+def clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
+    """The real CLIP BPE tokenizer (49408 tokens), e.g. "a red circle" -> [49406, 320, 736, 7117, 49407]."""
+    # transformers 5 builds the BPE backend from vocab.json/merges.txt only in from_pretrained (the constructor
+    # takes in-memory vocab/merges); from_pretrained on a local folder works the same on transformers 4.
+    return CLIPTokenizer.from_pretrained(
+        _clip_vocab_dir(),
+        model_max_length=model_max_length,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=EOS,
+        unk_token=EOS,
+    )
+
+
+def _clip_text_config(hidden_act: str = "quick_gelu", projection_dim: int = 32) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        layer_norm_eps=1e-5,
+        hidden_act=hidden_act,
+        projection_dim=projection_dim,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=EOS_ID,
+    )
+
+
+def _t5_kwargs() -> dict:
+    return dict(
+        vocab_size=VOCAB_SIZE,
+        d_model=32,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        feed_forward_proj="gated-gelu",
+        decoder_start_token_id=0,
+        pad_token_id=EOS_ID,
+        eos_token_id=EOS_ID,
+    )
+
+
+def _seeded(seed: int, build):
+    torch.manual_seed(seed)
+    return build()
+
+
+def _sd_vae(seed: int) -> AutoencoderKL:
+    # two blocks: vae_scale_factor 2, so a 32x32 image has a 16x16x4 latent
+    return _seeded(
+        seed,
+        lambda: AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            latent_channels=4,
+            sample_size=32,
+        ),
+    )
+
+
+def _flow_vae(seed: int) -> AutoencoderKL:
+    # SD3/FLUX style: no quant convs, shift and scaling factors; vae_scale_factor 2
+    return _seeded(
+        seed,
+        lambda: AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=4,
+            sample_size=32,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            shift_factor=0.0609,
+            scaling_factor=1.5035,
+        ),
+    )
+
+
+def _sd(seed: int) -> dict:
+    # attention at 16x16 latent (down 0 and up 1: 2 heads x 16) and at 8x8 (mid: 4 heads x 16)
+    unet = _seeded(
+        seed,
+        lambda: UNet2DConditionModel(
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            attention_head_dim=(2, 4),  # diffusers' legacy name: the number of heads per block
+            cross_attention_dim=32,
+        ),
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return {
+        "unet": unet,
+        "scheduler": scheduler,
+        "vae": _sd_vae(seed),
+        "text_encoder": _seeded(seed, lambda: CLIPTextModel(_clip_text_config())),
+        "tokenizer": clip_tokenizer(),
+        "safety_checker": None,
+        "feature_extractor": None,
+        "requires_safety_checker": False,
+    }
+
+
+def _sdxl(seed: int) -> dict:
+    # as SDXL: no attention at the highest resolution; attention at 8x8 latent with 4 heads x 16, 2 layers
+    unet = _seeded(
+        seed,
+        lambda: UNet2DConditionModel(
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            attention_head_dim=(2, 4),
+            transformer_layers_per_block=(1, 2),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 32,  # 6 time ids + pooled text_encoder_2 output
+            cross_attention_dim=64,  # 32 + 32: both text encoders' hidden states side by side
+        ),
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    return {
+        "unet": unet,
+        "scheduler": scheduler,
+        "vae": _sd_vae(seed),
+        "text_encoder": _seeded(seed, lambda: CLIPTextModel(_clip_text_config())),
+        "text_encoder_2": _seeded(seed, lambda: CLIPTextModelWithProjection(_clip_text_config("gelu"))),
+        "tokenizer": clip_tokenizer(),
+        "tokenizer_2": clip_tokenizer(),
+        "image_encoder": None,
+        "feature_extractor": None,
+        "add_watermarker": False,
+    }
+
+
+def _sd3(seed: int) -> dict:
+    transformer = _seeded(
+        seed,
+        lambda: SD3Transformer2DModel(
+            sample_size=16,
+            patch_size=2,
+            in_channels=4,
+            out_channels=4,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            caption_projection_dim=32,  # = heads x head dim
+            joint_attention_dim=64,  # the two CLIP hidden states (32 + 32) side by side
+            pooled_projection_dim=64,  # the two pooled CLIP outputs (32 + 32)
+        ),
+    )
+    return {
+        "transformer": transformer,
+        "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0),
+        "vae": _flow_vae(seed),
+        "text_encoder": _seeded(seed, lambda: CLIPTextModelWithProjection(_clip_text_config())),
+        "text_encoder_2": _seeded(seed, lambda: CLIPTextModelWithProjection(_clip_text_config("gelu"))),
+        "text_encoder_3": None,
+        "tokenizer": clip_tokenizer(),
+        "tokenizer_2": clip_tokenizer(),
+        "tokenizer_3": None,
+        "image_encoder": None,
+        "feature_extractor": None,
+    }
+
+
+def _flux(seed: int) -> dict:
+    transformer = _seeded(
+        seed,
+        lambda: FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=16,  # 4 latent channels packed 2x2
+            num_layers=2,
+            num_single_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,  # T5 d_model
+            pooled_projection_dim=32,  # CLIP pooled output
+            guidance_embeds=True,  # as FLUX.1-dev
+            axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
+        ),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    return {
+        "transformer": transformer,
+        "scheduler": scheduler,
+        "vae": _flow_vae(seed),
+        "text_encoder": _seeded(seed, lambda: CLIPTextModel(_clip_text_config())),
+        "text_encoder_2": _seeded(seed, lambda: T5EncoderModel(T5Config(**_t5_kwargs()))),
+        "tokenizer": clip_tokenizer(),
+        "tokenizer_2": clip_tokenizer(512),  # stands in for FLUX's T5 tokenizer
+        "image_encoder": None,
+        "feature_extractor": None,
+    }
+
+
+def _wan(seed: int) -> dict:
+    # Wan's VAE with one stage fewer than Wan 2.1's (and diffusers' tests'): spatial factor 4 instead of 8, temporal
+    # factor 4 as Wan's own (1 + 4k frames -> 1 + k latent frames), so 5 frames at 32x32 give 2x8x8 latents and
+    # 2x4x4 = 32 video tokens instead of 2x2x2.
+    vae = _seeded(
+        seed,
+        lambda: AutoencoderKLWan(
+            base_dim=3,
+            z_dim=16,
+            dim_mult=[1, 1, 1],
+            num_res_blocks=1,
+            temperal_downsample=[True, True],
+            scale_factor_spatial=4,
+            scale_factor_temporal=4,
+        ),
+    )
+    transformer = _seeded(
+        seed,
+        lambda: WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=2,
+            attention_head_dim=12,
+            in_channels=16,
+            out_channels=16,
+            text_dim=32,  # UMT5 d_model
+            freq_dim=256,
+            ffn_dim=32,
+            num_layers=2,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=32,
+        ),
+    )
+    return {
+        "transformer": transformer,
+        "transformer_2": None,
+        "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0),
+        "vae": vae,
+        "text_encoder": _seeded(seed, lambda: UMT5EncoderModel(UMT5Config(**_t5_kwargs()))),
+        "tokenizer": clip_tokenizer(512),  # stands in for Wan's UMT5 tokenizer
+    }
+
+
+_BUILDERS = {"sd": _sd, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux, "wan": _wan}
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown pipeline kind {kind!r}; expected one of {', '.join(KINDS)}")
+
+
+def tiny_components(kind: str, seed: int = 0) -> dict:
+    """The components of a tiny random pipeline of `kind` (one of KINDS), the same for the same seed."""
+    _check_kind(kind)
+    components = _BUILDERS[kind](seed)
+    for component in components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()  # as from_pretrained leaves them
+    return components
+
+
+def tiny_pipeline(kind: str, pipeline_class=None, seed: int = 0):
+    """A tiny random pipeline of `kind`: `pipeline_class` (default: the diffusers class) built from tiny_components."""
+    _check_kind(kind)
+    cls = PIPELINE_CLASSES[kind] if pipeline_class is None else pipeline_class
+    pipe = cls(**tiny_components(kind, seed))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,155 @@
+"""Head-level perturbation guidance through the pipeline subclasses, on tiny random pipelines."""
+
+import inspect
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusion3PAGPipeline
+
+from attnsteer.attention_processors import CROSS, list_layers
+from attnsteer.pipelines.steer import (
+    FluxSteerPipeline,
+    StableDiffusion3SteerPipeline,
+    StableDiffusionSteerPipeline,
+    StableDiffusionXLSteerPipeline,
+    WanSteerPipeline,
+)
+from attnsteer.pipelines.tiny import tiny_components, tiny_pipeline
+
+CLASSES = {
+    "sd": StableDiffusionSteerPipeline,
+    "sdxl": StableDiffusionXLSteerPipeline,
+    "sd3": StableDiffusion3SteerPipeline,
+    "flux": FluxSteerPipeline,
+    "wan": WanSteerPipeline,
+}
+_PIPES = {}
+
+
+def pipe_of(kind):
+    if kind not in _PIPES:
+        _PIPES[kind] = tiny_pipeline(kind, CLASSES[kind])
+        _PIPES[kind].set_progress_bar_config(disable=True)
+    return _PIPES[kind]
+
+
+def generate(kind, seed=0, **extra):
+    kwargs = dict(prompt="a red circle", num_inference_steps=2, height=32, width=32, output_type="np")
+    if kind == "wan":
+        kwargs.update(num_frames=5, height=16, width=16)
+    if kind in ("sd3", "flux", "wan"):
+        kwargs["max_sequence_length"] = 8
+    kwargs.update(extra)
+    out = pipe_of(kind)(**kwargs, generator=torch.Generator().manual_seed(seed))
+    return out.frames if kind == "wan" else out.images
+
+
+def first_layer(kind):
+    return next(n for n, info in list_layers(pipe_of(kind).steer_denoisers()[
+        "unet" if kind in ("sd", "sdxl") else "transformer"]).items() if info.kind != CROSS)
+
+
+def assert_restored(pipe):
+    for model in pipe.steer_denoisers().values():
+        assert "forward" not in model.__dict__ and "cache_context" not in model.__dict__
+        for name, processor in model.attn_processors.items():
+            assert not type(processor).__name__.startswith("Steered"), name
+
+
+@pytest.mark.parametrize("kind", CLASSES)
+def test_no_heads_or_u0_is_the_parent_pipeline(kind):
+    base = generate(kind)
+    parent = type(pipe_of(kind)).__mro__[2]
+    assert parent.__call__ is not CLASSES[kind].__call__
+    np.testing.assert_allclose(generate(kind, perturbed_heads=[]), base, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(generate(kind, perturbed_heads=f"{first_layer(kind)}:0", softpag_u=0.0), base, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kind", CLASSES)
+def test_perturbation_acts_and_batched_equals_sequential(kind):
+    heads = f"{first_layer(kind)}:0"
+    base = generate(kind)
+    batched = generate(kind, perturbed_heads=heads, softpag_u=0.7)
+    sequential = generate(kind, perturbed_heads=heads, softpag_u=0.7, perturbation_batching="sequential")
+    assert np.abs(batched - base).max() > 1e-3
+    np.testing.assert_allclose(batched, sequential, atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(batched, generate(kind, perturbed_heads=heads, softpag_u=0.7))
+    assert_restored(pipe_of(kind))
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 4.0])
+@pytest.mark.parametrize("batching", ["batched", "sequential"])
+def test_image_mode_whole_layer_equals_diffusers_pag(guidance_scale, batching):
+    components = tiny_components("sd3")
+    allowed = inspect.signature(StableDiffusion3PAGPipeline.__init__).parameters
+    pag = StableDiffusion3PAGPipeline(**{k: v for k, v in components.items() if k in allowed},
+                                      pag_applied_layers=[r"^transformer_blocks\.1\.attn$"])
+    pag.set_progress_bar_config(disable=True)
+    kwargs = dict(prompt="a red circle", num_inference_steps=2, height=32, width=32, output_type="np",
+                  max_sequence_length=8, guidance_scale=guidance_scale)
+    expected = pag(**kwargs, pag_scale=3.0, generator=torch.Generator().manual_seed(0)).images
+    ours = generate("sd3", guidance_scale=guidance_scale, perturbed_heads="transformer_blocks.1.attn:*",
+                    perturbation_mode="image", softpag_u=1.0, perturbation_scale=3.0, perturbation_batching=batching)
+    assert np.abs(expected - generate("sd3", guidance_scale=guidance_scale)).max() > 1e-3
+    np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=0)
+
+
+def test_window_outside_all_steps_is_the_parent_pipeline():
+    heads = "transformer_blocks.0.attn:1"
+    base = generate("sd3", num_inference_steps=4)
+    late = generate("sd3", num_inference_steps=4, perturbed_heads=heads, perturbation_window=(0.5, 1.0))
+    full = generate("sd3", num_inference_steps=4, perturbed_heads=heads)
+    assert np.abs(late - base).max() > 1e-4 and np.abs(late - full).max() > 1e-4
+
+
+def test_model_is_restored_when_the_call_raises():
+    def fail(pipe, step, t, kwargs):
+        raise KeyboardInterrupt("stop")
+
+    with pytest.raises(KeyboardInterrupt):
+        generate("flux", perturbed_heads="single_transformer_blocks.0.attn:*", callback_on_step_end=fail)
+    assert_restored(pipe_of("flux"))
+
+
+def test_head_set_file_supplies_defaults(tmp_path):
+    from attnsteer.attention_processors import HeadSetFile
+
+    path = tmp_path / "heads.json"
+    HeadSetFile(heads=["transformer_blocks.1.attn:2", [0, 3]], model="tiny", mode="image", u=0.5, w=2.0).save(str(path))
+    from_file = generate("sd3", perturbed_heads=str(path))
+    explicit = generate("sd3", perturbed_heads="1:2 transformer_blocks.0.attn:3", perturbation_mode="image",
+                        softpag_u=0.5, perturbation_scale=2.0)
+    np.testing.assert_array_equal(from_file, explicit)
+
+
+BAD = [
+    (dict(perturbed_heads="transformer_blocks.9.attn:0"), r"unknown layer 'transformer_blocks.9.attn': allowed are the model's 2"),
+    (dict(perturbed_heads="transformer_blocks.1.attn:4"), r"head 4 of layer 'transformer_blocks.1.attn' is out of range: it has 4 heads \(0-3\)"),
+    (dict(perturbed_heads="5:0"), r"layer index 5 is out of range: the model has 2 perturbable layers \(0-1\)"),
+    (dict(perturbed_heads="transformer_blocks.1.attn"), r"head spec item 'transformer_blocks.1.attn' is not LAYER:HEADS"),
+    (dict(perturbed_heads="0:0", softpag_u=1.5), r"softpag_u 1.5 must be in \[0, 1\]"),
+    (dict(perturbed_heads="0:0", softpag_u=-0.1), r"softpag_u -0.1 must be in \[0, 1\]"),
+    (dict(perturbed_heads="0:0", perturbation_mode="text"), r"perturbation_mode 'text' is not one of \('joint', 'image'\)"),
+    (dict(perturbed_heads="0:0", perturbation_batching="parallel"), r"perturbation_batching 'parallel' is not one of"),
+    (dict(perturbed_heads="0:0", perturbation_window=(0.5, 0.2)), r"perturbation_window \(0.5, 0.2\) must be"),
+    (dict(perturbed_heads="0:0", perturbation_scale=float("nan")), r"perturbation_scale nan must be a finite number"),
+]
+
+
+@pytest.mark.parametrize("bad,message", BAD, ids=[m[:30] for _, m in BAD])
+def test_bad_input_is_refused_before_any_denoising(bad, message):
+    pipe = pipe_of("sd3")
+    calls = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match=message):
+            generate("sd3", **bad)
+    finally:
+        handle.remove()
+    assert calls == []
+
+
+def test_cross_attention_heads_are_refused():
+    with pytest.raises(ValueError, match=r"is cross-attention; only self- or joint-attention heads can be perturbed"):
+        generate("sd", perturbed_heads="mid_block.attentions.0.transformer_blocks.0.attn2:0")
