@@ -57,23 +57,36 @@ def identity_output(q, k, v, out, layout: TokenLayout, mode: str, scale: float, 
     return image_identity(q, k, v, out, layout, scale, mask)
 
 
+def head_weights(heads: dict[str, tuple[int, ...]], layers, u: float) -> dict[str, torch.Tensor]:
+    """Per layer, a [heads] vector with u on the chosen heads and 0 elsewhere."""
+    weights = {}
+    for layer, chosen in heads.items():
+        weights[layer] = torch.zeros(layers[layer].heads)
+        weights[layer][list(chosen)] = u
+    return weights
+
+
 class HeadPerturbation:
     """Steer that applies SoftPAG with a weight u per (sample, head) on its layers.
 
-    ``set_weights({layer: tensor[B, H]})`` before a forward chooses, for that forward, which samples
-    and heads are perturbed and by how much (u; 0 leaves a head untouched, 1 is PAG identity);
-    ``set_weights(None)`` turns it off. Samples with all-zero weights cost nothing extra.
+    ``set_weights({layer: w})`` before a forward chooses what that forward perturbs: w is a
+    [heads] vector for every sample alike, or a [batch, heads] tensor per sample (u; 0 leaves a
+    head untouched, 1 is PAG identity). ``set_weights(None)`` turns it off. Samples with all-zero
+    weights cost nothing extra.
     """
 
     def __init__(self, layers: Iterable[str], mode: str = "joint"):
         if mode not in MODES:
             raise ValueError(f"perturbation mode {mode!r} is not one of {MODES}")
         self.layers, self.mode = frozenset(layers), mode
-        self._weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._weights: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
 
     def set_weights(self, weights: dict[str, torch.Tensor] | None) -> None:
         self._weights = {}
         for layer, w in (weights or {}).items():
+            if w.dim() == 1:
+                self._weights[layer] = (None, w)
+                continue
             rows = w.any(dim=1).nonzero().flatten()
             if len(rows):
                 self._weights[layer] = (rows, w[rows])
@@ -83,10 +96,15 @@ class HeadPerturbation:
         entry = self._weights.get(call.name)
         if entry is None:
             return out
-        rows, u = (t.to(out.device) for t in entry)
+        rows, u = entry
+        u = u.to(out.device, out.dtype)
+        if rows is None:
+            target = identity_output(q, k, v, out, call.layout, self.mode, call.scale(q.shape[-1]), mask)
+            return torch.lerp(out, target.to(out.dtype), u[:, None, None])
+        rows = rows.to(out.device)
         if mask is not None and mask.dim() == 4 and mask.shape[0] == q.shape[0] > 1:
             mask = mask[rows]
         target = identity_output(q[rows], k[rows], v[rows], out[rows], call.layout, self.mode, call.scale(q.shape[-1]), mask)
         out = out.clone()
-        out[rows] = torch.lerp(out[rows], target.to(out.dtype), u[:, :, None, None].to(out.dtype))
+        out[rows] = torch.lerp(out[rows], target.to(out.dtype), u[:, :, None, None])
         return out

@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from attnsteer.attention_processors import MODES, HeadPerturbation, HeadSet, patched_attribute, steering
+from attnsteer.attention_processors import MODES, HeadPerturbation, HeadSet, head_weights, patched_attribute, steering
 
 BATCHING = ("batched", "sequential")
 UNBATCHED_ARGUMENTS = frozenset({"txt_ids", "img_ids"})
@@ -90,15 +90,6 @@ class HeadPerturbationGuidance:
     def enabled(self) -> bool:
         return bool(self.heads) and self.u > 0 and self.scale != 0
 
-    def weights(self, layers, rows: int, perturbed: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per layer, a [rows, heads] tensor: u on the chosen heads of the ``perturbed`` rows."""
-        result = {}
-        for layer, heads in self.heads.items():
-            w = torch.zeros(rows, layers[layer].heads)
-            w[perturbed.unsqueeze(1), torch.tensor(heads)] = self.u
-            result[layer] = w
-        return result
-
     def in_window(self, step: int, num_steps: int) -> bool:
         start, stop = self.window
         return start <= step / max(num_steps, 1) < stop
@@ -152,14 +143,15 @@ class HeadPerturbationGuidance:
 
     def _branches(self, forward, steer, layers, args, kwargs, n, cond):
         """(output of the unperturbed call, perturbed prediction of the ``cond`` rows)."""
+        per_head = head_weights(self.heads, layers, self.u)
         if self.batching == "batched":
             rows = torch.cat([torch.arange(n), cond])
-            steer.set_weights(self.weights(layers, len(rows), torch.arange(n, len(rows))))
+            steer.set_weights({layer: torch.cat([torch.zeros(n, len(w)), w.expand(len(cond), -1)]) for layer, w in per_head.items()})
             out = forward(*_take_rows(args, rows, n), **_take_rows(kwargs, rows, n))
             pred = _prediction(out)
             return _with_prediction(out, pred[:n]), pred[n:]
         out = forward(*args, **kwargs)
-        steer.set_weights(self.weights(layers, len(cond), torch.arange(len(cond))))
+        steer.set_weights(per_head)
         perturbed = _prediction(forward(*_take_rows(args, cond, n), **_take_rows(kwargs, cond, n)))
         return out, perturbed
 

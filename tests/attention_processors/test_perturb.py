@@ -75,3 +75,18 @@ def test_steer_touches_only_chosen_samples_and_heads():
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match=r"'diagonal' is not one of \('joint', 'image'\)"):
         HeadPerturbation(["layer"], mode="diagonal")
+
+
+def test_a_head_vector_perturbs_every_sample_alike():
+    torch.manual_seed(3)
+    layout = LAYOUTS["text-first (FLUX)"]
+    q, k, v = (torch.randn(2, 3, 17, 8, dtype=torch.float64) for _ in range(3))
+    call = AttentionCall(LayerInfo("layer", "joint", 3, None), layout)
+    sdpa = lambda q, k, v, mask: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    outs = []
+    for weights in (torch.tensor([0.0, 0.4, 1.0]), torch.tensor([[0.0, 0.4, 1.0]] * 2)):
+        steer = HeadPerturbation(["layer"], mode="image")
+        steer.set_weights({"layer": weights.double()})
+        outs.append(steer.attention(call, q, k, v, None, sdpa))
+    torch.testing.assert_close(outs[0], outs[1])
+    torch.testing.assert_close(outs[0][:, 1], reference(q[:, 1], k[:, 1], v[:, 1], layout, "image", 0.4))

@@ -1,0 +1,155 @@
+"""Cost per denoising step of head perturbation guidance against CFG alone and diffusers' PAG.
+
+The transformer has the real SD3-medium shape (hidden 1536 = 24 heads x 64, joint dim 4096, patch 2,
+16 latent channels) with random weights and --layers of its 24 blocks; text encoders are tiny (their
+cost is outside the denoising loop). Each configuration runs in its own subprocess, so that peak
+memory (CUDA: max allocated; CPU: peak RSS) is its own; configurations are interleaved over --repeats.
+
+    python benchmarks/bench_head_perturbation.py --layers 2 --size 512 --steps 3 --repeats 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+CONFIGS = {
+    "cfg": "CFG alone (StableDiffusion3Pipeline)",
+    "pag-diffusers": "CFG + diffusers StableDiffusion3PAGPipeline, layer 1 (all 24 heads)",
+    "ours-layer-batched": "CFG + ours, all 24 heads of layer 1, image mode, batched",
+    "ours-layer-sequential": "CFG + ours, all 24 heads of layer 1, image mode, sequential",
+    "ours-heads-batched": "CFG + ours, 12 heads over all layers, joint mode, u=0.5, batched",
+    "ours-heads-sequential": "CFG + ours, 12 heads over all layers, joint mode, u=0.5, sequential",
+}
+
+
+def build(config: str, layers: int, device: str):
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3PAGPipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from attnsteer.pipelines import StableDiffusion3SteerPipeline
+    from attnsteer.pipelines.tiny import clip_tokenizer
+
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=128, patch_size=2, in_channels=16, num_layers=layers, attention_head_dim=64,
+        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+        pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192,
+    )
+    text = CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                          num_attention_heads=4, projection_dim=1024)
+    components = dict(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=None,
+        text_encoder=CLIPTextModelWithProjection(text), tokenizer=clip_tokenizer(),
+        text_encoder_2=CLIPTextModelWithProjection(text), tokenizer_2=clip_tokenizer(),
+        text_encoder_3=None, tokenizer_3=None,
+    )
+    if config == "pag-diffusers":
+        pipe = StableDiffusion3PAGPipeline(**components, pag_applied_layers=[r"^transformer_blocks\.1\.attn$"])
+    else:
+        pipe = StableDiffusion3SteerPipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def steering_arguments(config: str, layers: int) -> dict:
+    if config == "pag-diffusers":
+        return {"pag_scale": 3.0}
+    if config.startswith("ours-layer"):
+        heads, extra = "transformer_blocks.1.attn:*", {"perturbation_mode": "image", "softpag_u": 1.0}
+    elif config.startswith("ours-heads"):
+        heads = " ".join(f"{i % layers}:{(5 * i) % 24}" for i in range(12))
+        extra = {"perturbation_mode": "joint", "softpag_u": 0.5}
+    else:
+        return {}
+    batching = "sequential" if config.endswith("sequential") else "batched"
+    return {"perturbed_heads": heads, "perturbation_scale": 3.0, "perturbation_batching": batching, **extra}
+
+
+def run_one(config: str, layers: int, size: int, steps: int, device: str) -> dict:
+    """Per-step seconds (first step dropped as warm-up) and peak memory of one configuration."""
+    import resource
+
+    import torch
+
+    pipe = build(config, layers, device)
+    stamps = []
+
+    def stamp(pipe, step, t, kwargs):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+        return kwargs
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    pipe("a photo of a cat", height=size, width=size, num_inference_steps=steps + 1, guidance_scale=5.0,
+         output_type="latent", callback_on_step_end=stamp, generator=torch.Generator(device).manual_seed(0),
+         **steering_arguments(config, layers))
+    per_step = [b - a for a, b in zip(stamps, stamps[1:])] or [stamps[0] - start]
+    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"config": config, "step_s": per_step, "peak_bytes": peak}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=2, help="transformer blocks (SD3-medium has 24)")
+    parser.add_argument("--size", type=int, default=512, help="image side in pixels (latent = size / 8)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per run (one more runs as warm-up)")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved runs of every configuration")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads in each run")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args()
+
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.one:
+        print(json.dumps(run_one(args.one, args.layers, args.size, args.steps, device)))
+        return
+
+    results = {config: {"step_s": [], "peak_bytes": []} for config in args.configs}
+    for repeat in range(args.repeats):
+        for config in args.configs:
+            command = [sys.executable, __file__, "--one", config, "--layers", str(args.layers), "--size",
+                       str(args.size), "--steps", str(args.steps), "--device", device]
+            if args.threads:
+                command += ["--threads", str(args.threads)]
+            env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+            line = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout.splitlines()[-1]
+            one = json.loads(line)
+            results[config]["step_s"] += one["step_s"]
+            results[config]["peak_bytes"].append(one["peak_bytes"])
+            print(f"repeat {repeat} {config}: {statistics.median(one['step_s']):.3f} s/step", file=sys.stderr)
+
+    base = statistics.median(results["cfg"]["step_s"]) if "cfg" in results else None
+    tokens = (args.size // 16) ** 2
+    print(f"SD3-medium shape, {args.layers} of 24 blocks, {args.size}x{args.size} ({tokens} image + 333 text tokens), "
+          f"device {device}, torch threads {torch.get_num_threads() if not args.threads else args.threads}, "
+          f"{args.repeats} x {args.steps} timed steps per configuration\n")
+    print("| configuration | s / step (median) | x CFG alone | peak memory (MiB) |")
+    print("|---|---|---|---|")
+    for config, r in results.items():
+        step = statistics.median(r["step_s"])
+        ratio = f"{step / base:.2f}" if base else "-"
+        print(f"| {CONFIGS[config]} | {step:.3f} | {ratio} | {max(r['peak_bytes']) / 2**20:.0f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "device": device, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
