@@ -50,11 +50,14 @@ def image_identity(q, k, v, out, layout: TokenLayout, scale: float, mask=None) -
     return result
 
 
-def identity_output(q, k, v, out, layout: TokenLayout, mode: str, scale: float, mask=None) -> torch.Tensor:
-    """I V for the identity of ``mode`` (see module docstring)."""
+def identity_output(q, k, v, out, layout: TokenLayout, mode: str, scale: float, mask=None, rows=None) -> torch.Tensor:
+    """I V for the identity of ``mode`` (see module docstring), for batch ``rows`` (all when None)."""
+    take = (lambda t: t) if rows is None else (lambda t: t[rows])
     if mode == "joint" or layout.text is None:
-        return v
-    return image_identity(q, k, v, out, layout, scale, mask)
+        return take(v)
+    if mask is not None and rows is not None and mask.dim() == 4 and mask.shape[0] == q.shape[0] > 1:
+        mask = mask[rows]
+    return image_identity(take(q), take(k), take(v), take(out), layout, scale, mask)
 
 
 def head_weights(heads: dict[str, tuple[int, ...]], layers, u: float) -> dict[str, torch.Tensor]:
@@ -97,14 +100,11 @@ class HeadPerturbation:
         if entry is None:
             return out
         rows, u = entry
-        u = u.to(out.device, out.dtype)
+        u = u.to(out.device, out.dtype)[..., None, None]
+        rows = None if rows is None else rows.to(out.device)
+        target = identity_output(q, k, v, out, call.layout, self.mode, call.scale(q.shape[-1]), mask, rows).to(out.dtype)
         if rows is None:
-            target = identity_output(q, k, v, out, call.layout, self.mode, call.scale(q.shape[-1]), mask)
-            return torch.lerp(out, target.to(out.dtype), u[:, None, None])
-        rows = rows.to(out.device)
-        if mask is not None and mask.dim() == 4 and mask.shape[0] == q.shape[0] > 1:
-            mask = mask[rows]
-        target = identity_output(q[rows], k[rows], v[rows], out[rows], call.layout, self.mode, call.scale(q.shape[-1]), mask)
+            return torch.lerp(out, target, u)
         out = out.clone()
-        out[rows] = torch.lerp(out[rows], target.to(out.dtype), u[:, :, None, None])
+        out[rows] = torch.lerp(out[rows], target, u)
         return out

@@ -2,10 +2,11 @@
 
 The transformer has the real SD3-medium shape (hidden 1536 = 24 heads x 64, joint dim 4096, patch 2,
 16 latent channels) with random weights and --layers of its 24 blocks; text encoders are tiny (their
-cost is outside the denoising loop). Each configuration runs in its own subprocess, so that peak
-memory (CUDA: max allocated; CPU: peak RSS) is its own; configurations are interleaved over --repeats.
+cost is outside the denoising loop). Timing: one process, all configurations sharing one transformer,
+interleaved call by call over --repeats rounds (min and median per step). Peak memory: each
+configuration once more in its own subprocess (CUDA: max allocated; CPU: peak RSS).
 
-    python benchmarks/bench_head_perturbation.py --layers 2 --size 512 --steps 3 --repeats 2
+    python benchmarks/bench_head_perturbation.py --layers 2 --size 512 --steps 2 --repeats 4
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ CONFIGS = {
 }
 
 
-def build(config: str, layers: int, device: str):
+def build(config: str, layers: int, device: str, transformer=None):
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3PAGPipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
@@ -37,7 +38,7 @@ def build(config: str, layers: int, device: str):
     from attnsteer.pipelines.tiny import clip_tokenizer
 
     torch.manual_seed(0)
-    transformer = SD3Transformer2DModel(
+    transformer = transformer or SD3Transformer2DModel(
         sample_size=128, patch_size=2, in_channels=16, num_layers=layers, attention_head_dim=64,
         num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
         pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192,
@@ -72,13 +73,10 @@ def steering_arguments(config: str, layers: int) -> dict:
     return {"perturbed_heads": heads, "perturbation_scale": 3.0, "perturbation_batching": batching, **extra}
 
 
-def run_one(config: str, layers: int, size: int, steps: int, device: str) -> dict:
-    """Per-step seconds (first step dropped as warm-up) and peak memory of one configuration."""
-    import resource
-
+def timed_call(pipe, config: str, layers: int, size: int, steps: int, device: str) -> list[float]:
+    """Seconds of each denoising step after the first (warm-up) of one pipeline call."""
     import torch
 
-    pipe = build(config, layers, device)
     stamps = []
 
     def stamp(pipe, step, t, kwargs):
@@ -87,30 +85,51 @@ def run_one(config: str, layers: int, size: int, steps: int, device: str) -> dic
         stamps.append(time.perf_counter())
         return kwargs
 
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
     pipe("a photo of a cat", height=size, width=size, num_inference_steps=steps + 1, guidance_scale=5.0,
          output_type="latent", callback_on_step_end=stamp, generator=torch.Generator(device).manual_seed(0),
          **steering_arguments(config, layers))
-    per_step = [b - a for a, b in zip(stamps, stamps[1:])] or [stamps[0] - start]
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"config": config, "step_s": per_step, "peak_bytes": peak}
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def _rss(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
+
+
+def peak_memory(config: str, layers: int, size: int, device: str) -> int:
+    """Peak bytes one call of ``config`` needs beyond the loaded model (run in a fresh process).
+
+    CUDA: max allocated minus allocated before the call; CPU: peak RSS (VmHWM, reset through
+    /proc/self/clear_refs) minus RSS before the call."""
+    import torch
+
+    pipe = build(config, layers, device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _rss("VmRSS")
+    timed_call(pipe, config, layers, size, 1, device)
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else _rss("VmHWM")
+    return peak - before
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=2, help="transformer blocks (SD3-medium has 24)")
     parser.add_argument("--size", type=int, default=512, help="image side in pixels (latent = size / 8)")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per run (one more runs as warm-up)")
-    parser.add_argument("--repeats", type=int, default=2, help="interleaved runs of every configuration")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per call (one more runs as warm-up)")
+    parser.add_argument("--repeats", type=int, default=4, help="interleaved rounds of every configuration")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads in each run")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--device", default=None)
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
+    if args.layers < 2:
+        parser.error(f"--layers {args.layers}: at least 2 (the perturbed layer is block 1)")
 
     import torch
 
@@ -118,34 +137,38 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.one:
-        print(json.dumps(run_one(args.one, args.layers, args.size, args.steps, device)))
+        print(json.dumps(peak_memory(args.one, args.layers, args.size, device)))
         return
 
-    results = {config: {"step_s": [], "peak_bytes": []} for config in args.configs}
+    pipes = {}
+    for config in args.configs:
+        shared = next(iter(pipes.values())).transformer if pipes else None
+        pipes[config] = build(config, args.layers, device, shared)
+    results = {config: {"step_s": [], "peak_bytes": 0} for config in args.configs}
     for repeat in range(args.repeats):
         for config in args.configs:
-            command = [sys.executable, __file__, "--one", config, "--layers", str(args.layers), "--size",
-                       str(args.size), "--steps", str(args.steps), "--device", device]
-            if args.threads:
-                command += ["--threads", str(args.threads)]
-            env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-            line = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout.splitlines()[-1]
-            one = json.loads(line)
-            results[config]["step_s"] += one["step_s"]
-            results[config]["peak_bytes"].append(one["peak_bytes"])
-            print(f"repeat {repeat} {config}: {statistics.median(one['step_s']):.3f} s/step", file=sys.stderr)
+            steps = timed_call(pipes[config], config, args.layers, args.size, args.steps, device)
+            results[config]["step_s"] += steps
+            print(f"round {repeat} {config}: {statistics.median(steps):.3f} s/step", file=sys.stderr)
+    del pipes
+    for config in args.configs:
+        command = [sys.executable, __file__, "--one", config, "--layers", str(args.layers), "--size",
+                   str(args.size), "--device", device] + (["--threads", str(args.threads)] if args.threads else [])
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
+        results[config]["peak_bytes"] = json.loads(out.splitlines()[-1])
 
-    base = statistics.median(results["cfg"]["step_s"]) if "cfg" in results else None
+    base = results["cfg"]["step_s"] if "cfg" in results else None
     tokens = (args.size // 16) ** 2
     print(f"SD3-medium shape, {args.layers} of 24 blocks, {args.size}x{args.size} ({tokens} image + 333 text tokens), "
-          f"device {device}, torch threads {torch.get_num_threads() if not args.threads else args.threads}, "
-          f"{args.repeats} x {args.steps} timed steps per configuration\n")
-    print("| configuration | s / step (median) | x CFG alone | peak memory (MiB) |")
-    print("|---|---|---|---|")
+          f"device {device}, torch threads {torch.get_num_threads()}, "
+          f"{args.repeats} rounds x {args.steps} timed steps per configuration\n")
+    print("| configuration | s / step, min | s / step, median | x CFG alone (min) | x CFG alone (median) | peak memory beyond the model (MiB) |")
+    print("|---|---|---|---|---|---|")
     for config, r in results.items():
-        step = statistics.median(r["step_s"])
-        ratio = f"{step / base:.2f}" if base else "-"
-        print(f"| {CONFIGS[config]} | {step:.3f} | {ratio} | {max(r['peak_bytes']) / 2**20:.0f} |")
+        low, mid = min(r["step_s"]), statistics.median(r["step_s"])
+        ratios = (f"{low / min(base):.2f} | {mid / statistics.median(base):.2f}") if base else "- | -"
+        print(f"| {CONFIGS[config]} | {low:.3f} | {mid:.3f} | {ratios} | {r['peak_bytes'] / 2**20:.0f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "device": device, "results": results}, f, indent=1)
