@@ -43,14 +43,20 @@ def _save(result, is_video: bool, out: Path, stem: str) -> list[Path]:
     return [out / f"{name}.png" for name, _ in named]
 
 
+def _steering(args, pipe) -> dict:
+    """The steering keyword arguments of the command line, checked against ``pipe`` before any compute."""
+    steering = dict(perturbed_heads=args.heads, perturbation_scale=args.scale, softpag_u=args.u,
+                    perturbation_mode=args.mode, perturbation_window=tuple(args.window),
+                    perturbation_batching=args.batching)
+    pipe.perturbation_guidance(**steering)
+    return steering
+
+
 def generate(args) -> None:
     import torch
 
     pipe, is_video = load_pipeline(args.model, args.device, args.dtype)
-    steering = dict(perturbed_heads=args.heads, perturbation_scale=args.scale, softpag_u=args.u,
-                    perturbation_mode=args.mode, perturbation_window=tuple(args.window),
-                    perturbation_batching=args.batching)
-    pipe.perturbation_guidance(**steering)  # checks every option before any compute
+    steering = _steering(args, pipe)
     call = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                 height=args.height, width=args.width, output_type="pil")
     if args.guidance_scale is not None:
@@ -63,6 +69,34 @@ def generate(args) -> None:
         generator = torch.Generator(args.device).manual_seed(args.seed)
         result = pipe(**call, **extra, generator=generator)
         for path in _save(result, is_video, Path(args.out), f"seed{args.seed}_{name}"):
+            print(path)
+
+
+def evaluate(args) -> None:
+    from attnsteer.guidance.shapes import prompt_set
+
+    from .evaluate import evaluate as run, table, write
+
+    if args.prompts:
+        prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    else:
+        prompts = prompt_set(args.set, args.split)
+    prompts = prompts[:args.limit] if args.limit else prompts
+    pipe, is_video = load_pipeline(args.model, args.device, args.dtype)
+    if is_video:
+        raise SystemExit("attnsteer eval: video pipelines are not supported yet")
+    steering = _steering(args, pipe)
+    methods = {"baseline": {}, **({"heads": steering} if args.heads else {})}
+    call = dict(num_inference_steps=args.steps, height=args.height, width=args.width, output_type="pil")
+    if args.guidance_scale is not None:
+        call["guidance_scale"] = args.guidance_scale
+    result = run(pipe, prompts, list(range(args.seeds)), methods, call, args.batch_size, keep_images=args.keep)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(table(result["summary"]))
+        config = {k: v for k, v in vars(args).items() if k != "run"}
+        for path in write(result, args.out, {**config, "prompts": len(prompts)}):
             print(path)
 
 
@@ -93,6 +127,15 @@ def parser() -> argparse.ArgumentParser:
     main = argparse.ArgumentParser(prog="attnsteer", description=__doc__)
     commands = main.add_subparsers(dest="command", required=True)
 
+    def steering_options(p):
+        p.add_argument("--heads", default=None, help="'LAYER:HEADS ...' spec or head-set JSON (see `attnsteer layers`)")
+        p.add_argument("--scale", type=float, default=None, help="perturbation scale w (default 5, or the head-set file's)")
+        p.add_argument("--u", type=float, default=None, help="SoftPAG u in [0, 1] (default 1, or the head-set file's)")
+        p.add_argument("--mode", default=None, help="joint or image")
+        p.add_argument("--window", type=float, nargs=2, default=(0.0, 1.0), metavar=("START", "STOP"))
+        p.add_argument("--batching", default="batched", help="batched or sequential")
+        p.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the pipeline's)")
+
     def model_options(p):
         p.add_argument("--model", required=True,
                        help="model id, local diffusers folder, or tiny-sd|tiny-sdxl|tiny-sd3|tiny-flux|tiny-wan (random weights)")
@@ -106,18 +149,26 @@ def parser() -> argparse.ArgumentParser:
     model_options(g)
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative-prompt", default=None)
-    g.add_argument("--heads", default=None, help="'LAYER:HEADS ...' spec or head-set JSON (see `attnsteer layers`)")
-    g.add_argument("--scale", type=float, default=None, help="perturbation scale w (default 5, or the head-set file's)")
-    g.add_argument("--u", type=float, default=None, help="SoftPAG u in [0, 1] (default 1, or the head-set file's)")
-    g.add_argument("--mode", default=None, help="joint or image")
-    g.add_argument("--window", type=float, nargs=2, default=(0.0, 1.0), metavar=("START", "STOP"))
-    g.add_argument("--batching", default="batched", help="batched or sequential")
-    g.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the pipeline's)")
+    steering_options(g)
     g.add_argument("--steps", type=int, default=28)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--baseline", action="store_true", help="also write the unsteered picture of the same seed")
     g.add_argument("--out", default="out")
     g.set_defaults(run=generate)
+
+    e = commands.add_parser("eval", help="measure baseline and steering on a shapes prompt set x seeds")
+    model_options(e)
+    steering_options(e)
+    e.add_argument("--set", default="two", choices=["one", "two", "three"], help="named shapes prompt set")
+    e.add_argument("--split", default="heldout", choices=["tune", "heldout"])
+    e.add_argument("--prompts", default=None, help="a file of prompts, one per line, instead of --set")
+    e.add_argument("--limit", type=int, default=None, help="use the first N prompts")
+    e.add_argument("--seeds", type=int, default=4, help="seeds 0..N-1 per prompt")
+    e.add_argument("--steps", type=int, default=20)
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--keep", type=int, default=8, help="items shown on the contact sheet")
+    e.add_argument("--out", default="eval")
+    e.set_defaults(run=evaluate)
 
     ls = commands.add_parser("layers", help="list a model's attention layers, heads and token layouts")
     model_options(ls)
