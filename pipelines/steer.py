@@ -42,6 +42,10 @@ class SteerMixin:
         perturbation_mode: "joint" (identity on the whole joint map) or "image" (image-image block).
         perturbation_window: (start, stop) fractions of the steps where it acts; default all steps.
         perturbation_batching: "batched" (one forward) or "sequential" (less memory).
+
+    The pipeline's own CFG step is left as it is: the conditional prediction it receives is
+    eps_c + (w / g)(eps_c - eps_perturbed). With SD/SDXL's ``guidance_rescale`` the rescale therefore
+    references that prediction rather than eps_c.
     """
 
     def steer_denoisers(self):
