@@ -65,11 +65,19 @@ def generate(args) -> None:
         call["num_frames"] = args.frames
     runs = [("baseline", {})] if args.baseline else []
     runs.append(("steered" if args.heads else "output", steering))
+    firsts = []
     for name, extra in runs:
         generator = torch.Generator(args.device).manual_seed(args.seed)
         result = pipe(**call, **extra, generator=generator)
+        firsts.append(result.frames[0][0] if is_video else result.images[0])
         for path in _save(result, is_video, Path(args.out), f"seed{args.seed}_{name}"):
             print(path)
+    if len(runs) > 1:
+        from .evaluate import contact_sheet
+
+        grid = Path(args.out) / f"seed{args.seed}_grid.png"
+        contact_sheet({"": firsts}, [name for name, _ in runs]).save(grid)
+        print(grid)
 
 
 def evaluate(args) -> None:

@@ -70,10 +70,10 @@ def table(summary: dict) -> str:
 
 
 def contact_sheet(images: dict[str, list[Image.Image]], labels: list[str] | None = None) -> Image.Image:
-    """One row per method (its name at the left), the same items in each column."""
+    """One row per method (its name at the left, if named), the same items in each column."""
     rows = [(m, row) for m, row in images.items() if row]
     width, height = rows[0][1][0].size
-    margin = 90
+    margin = 90 if any(m for m, _ in rows) else 0
     sheet = Image.new("RGB", (margin + width * max(len(r) for _, r in rows), height * len(rows) + 14), "white")
     draw = ImageDraw.Draw(sheet)
     for y, (method, row) in enumerate(rows):

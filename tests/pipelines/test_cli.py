@@ -10,8 +10,9 @@ from attnsteer.pipelines.cli import main
 def test_generate_writes_baseline_and_steered_pngs(tmp_path, capsys):
     main(["generate", "--model", "tiny-sd3", "--prompt", "a red circle", "--steps", "2", "--heads", "1:0,2",
           "--u", "0.5", "--baseline", "--out", str(tmp_path)])
-    written = sorted(p.name for p in tmp_path.iterdir())
+    written = sorted(p.name for p in tmp_path.iterdir() if "grid" not in p.name)
     assert written == ["seed0_baseline_0.png", "seed0_steered_0.png"]
+    assert Image.open(tmp_path / "seed0_grid.png").size == (2 * 32, 32 + 14)
     baseline, steered = (Image.open(tmp_path / name) for name in written)
     assert baseline.size == (32, 32) and not np.array_equal(np.asarray(baseline), np.asarray(steered))
     assert str(tmp_path / "seed0_steered_0.png") in capsys.readouterr().out
