@@ -23,6 +23,7 @@ def load_pipeline(model: str, device: str, dtype: str):
         if kind not in KINDS:
             raise SystemExit(f"unknown tiny model {model!r}; choose one of {', '.join(TINY_PREFIX + k for k in KINDS)}")
         pipe = tiny_pipeline(kind, STEER_PIPELINES[PIPELINE_CLASSES[kind].__name__])
+        pipe.set_progress_bar_config(disable=False)
         if dtype != "float32":
             pipe.to(getattr(torch, dtype))
     else:

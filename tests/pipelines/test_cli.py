@@ -15,7 +15,9 @@ def test_generate_writes_baseline_and_steered_pngs(tmp_path, capsys):
     assert Image.open(tmp_path / "seed0_grid.png").size == (2 * 32, 32 + 14)
     baseline, steered = (Image.open(tmp_path / name) for name in written)
     assert baseline.size == (32, 32) and not np.array_equal(np.asarray(baseline), np.asarray(steered))
-    assert str(tmp_path / "seed0_steered_0.png") in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert str(tmp_path / "seed0_steered_0.png") in captured.out
+    assert "2/2" in captured.err  # the pipeline's progress bar
 
 
 def test_generate_writes_video_frames(tmp_path):
