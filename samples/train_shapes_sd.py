@@ -234,8 +234,9 @@ def build_pipeline(vae, text_encoder, unet, tokenizer):
     )
 
 
-def main():
-    args = parse_args()
+def start_run(args):
+    """Threads, work folder, a logger to stdout and work/train.log, timings of a resumed run, and
+    the drawn scenes: (work, out, state_path, log, timings, images, captions)."""
     torch.set_num_threads(args.threads)
     work, out = Path(args.work), Path(args.output)
     work.mkdir(parents=True, exist_ok=True)
@@ -258,6 +259,37 @@ def main():
     images, captions = draw_dataset(args.n_images, args.seed, weights)
     timings.setdefault("draw_s", time.time() - t)
     log(f"drew {len(images)} scenes in {time.time() - t:.0f}s")
+    return work, out, state_path, log, timings, images, captions
+
+
+def cosine_lr(args, step):
+    """Linear warm-up to --lr, then cosine decay to --min-lr-frac of it at --steps."""
+    lr = args.lr * min(1.0, (step + 1) / args.warmup)
+    progress = max(0.0, (step - args.warmup) / max(1, args.steps - args.warmup))
+    return lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def optimizer_step(opt, loss, params, ema_params, ema, step):
+    """Backward, clip to norm 1, step, and move the EMA copy (decay warmed up over the first steps)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    decay = min(ema, (1 + step) / (10 + step))
+    with torch.no_grad():
+        torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - decay)
+
+
+def progress_line(args, step, start, t0, running, lr):
+    done = step + 1 - start
+    eta = (time.time() - t0) / done * (args.steps - step - 1)
+    return (f"step {step + 1}/{args.steps} loss {np.mean(running):.4f} lr {lr:.2e} "
+            f"{(time.time() - t0) / done:.2f}s/step eta {eta / 60:.1f} min")
+
+
+def main():
+    args = parse_args()
+    work, out, state_path, log, timings, images, captions = start_run(args)
 
     tokenizer = clip_tokenizer(model_max_length=MAX_TOKENS)
 
@@ -327,9 +359,7 @@ def main():
     t0, running = time.time(), []
     unet_s0 = timings.get("unet_s", 0.0)
     for step in range(start, args.steps):
-        lr = args.lr * min(1.0, (step + 1) / args.warmup)
-        progress = max(0.0, (step - args.warmup) / max(1, args.steps - args.warmup))
-        lr *= args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
+        lr = cosine_lr(args, step)
         for g in opt.param_groups:
             g["lr"] = lr
         idx = torch.from_numpy(rng.integers(0, len(means), args.batch))
@@ -345,20 +375,11 @@ def main():
         if args.snr_gamma > 0:
             per = per * (snr[ts].clamp(max=args.snr_gamma) / snr[ts])
         loss = per.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - decay)
+        optimizer_step(opt, loss, params, ema_params, args.ema, step)
         running.append(loss.item())
         timings["unet_s"] = unet_s0 + time.time() - t0
         if (step + 1) % args.log_every == 0 or step == start:
-            done = step + 1 - start
-            eta = (time.time() - t0) / done * (args.steps - step - 1)
-            log(f"step {step + 1}/{args.steps} loss {np.mean(running):.4f} lr {lr:.2e} "
-                f"{(time.time() - t0) / done:.2f}s/step eta {eta / 60:.1f} min")
+            log(progress_line(args, step, start, t0, running, lr))
             running = []
         if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps or step + 1 == args.stop_after:
             save(step + 1)

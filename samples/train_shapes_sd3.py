@@ -28,7 +28,6 @@ A state checkpoint is written under --work every --ckpt-every steps (and the pip
 
 import argparse
 import json
-import math
 import os
 import platform
 import subprocess
@@ -49,7 +48,9 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 from attnsteer.pipelines.tiny import clip_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_shapes_sd import check_vae, draw_dataset, encode_dataset, n_params, train_vae  # noqa: E402
+from train_shapes_sd import (  # noqa: E402
+    cosine_lr, encode_dataset, n_params, optimizer_step, progress_line, start_run, train_vae,
+)
 
 VOCAB_SIZE, BOS_ID, EOS_ID = 49408, 49406, 49407
 MAX_TOKENS = 16  # CLIP tokens; the longest three-object caption is 14 with BOS/EOS
@@ -178,28 +179,7 @@ def final_vae(args, vae, shift, scale, log):
 
 def main():
     args = parse_args()
-    torch.set_num_threads(args.threads)
-    work, out = Path(args.work), Path(args.output)
-    work.mkdir(parents=True, exist_ok=True)
-    logfile = open(work / "train.log", "a")
-
-    def log(msg):
-        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
-        print(line, flush=True)
-        logfile.write(line + "\n")
-        logfile.flush()
-
-    timings = {}
-    state_path = work / "state.pt"
-    if state_path.exists():
-        timings = torch.load(state_path, weights_only=False)["timings"]
-    log(f"args {vars(args)}")
-
-    t = time.time()
-    weights = [float(w) for w in args.object_weights.split(",")]
-    images, captions = draw_dataset(args.n_images, args.seed, weights)
-    timings.setdefault("draw_s", time.time() - t)
-    log(f"drew {len(images)} scenes in {time.time() - t:.0f}s")
+    work, out, state_path, log, timings, images, captions = start_run(args)
 
     t = time.time()
     vae, means, stds = load_vae(args, images, log)
@@ -264,9 +244,7 @@ def main():
     tr_s0 = timings.get("transformer_s", 0.0)
     step = start
     for step in range(start, args.steps):
-        lr = args.lr * min(1.0, (step + 1) / args.warmup)
-        progress = max(0.0, (step - args.warmup) / max(1, args.steps - args.warmup))
-        lr *= args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
+        lr = cosine_lr(args, step)
         for g in opt.param_groups:
             g["lr"] = lr
         idx = torch.from_numpy(rng.integers(0, len(means), args.batch))
@@ -284,20 +262,11 @@ def main():
         pred = transformer(hidden_states=zt, timestep=sigma * 1000, encoder_hidden_states=prompt_embeds,
                            pooled_projections=pooled, return_dict=False)[0]
         loss = F.mse_loss(pred, noise - z0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - decay)
+        optimizer_step(opt, loss, params, ema_params, args.ema, step)
         running.append(loss.item())
         timings["transformer_s"] = tr_s0 + time.time() - t0
         if (step + 1) % args.log_every == 0 or step == start:
-            done = step + 1 - start
-            eta = (time.time() - t0) / done * (args.steps - step - 1)
-            log(f"step {step + 1}/{args.steps} loss {np.mean(running):.4f} lr {lr:.2e} "
-                f"{(time.time() - t0) / done:.2f}s/step eta {eta / 60:.1f} min")
+            log(progress_line(args, step, start, t0, running, lr))
             running = []
         stop = args.max_minutes > 0 and timings["transformer_s"] > 60 * args.max_minutes
         if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps or stop:
