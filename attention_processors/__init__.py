@@ -2,12 +2,12 @@
 
 from .architectures import CROSS, JOINT, SELF, LayerInfo, TokenLayout, architecture_of, list_layers
 from .core import AttentionCall, LayoutRecorder, Steer, SteeredProcessor, SteeringSession, patched_attribute, steering
-from .heads import HeadSet, HeadSetFile, format_heads, resolve_heads
+from .heads import HeadSet, HeadSetFile, resolve_heads
 from .perturb import MODES, HeadPerturbation, head_weights, identity_output, image_identity
 
 __all__ = [
     "CROSS", "JOINT", "SELF", "MODES", "AttentionCall", "HeadPerturbation", "HeadSet", "HeadSetFile",
     "LayerInfo", "LayoutRecorder", "Steer", "SteeredProcessor", "SteeringSession", "TokenLayout", "architecture_of",
-    "format_heads", "head_weights", "identity_output", "image_identity", "list_layers", "patched_attribute",
+    "head_weights", "identity_output", "image_identity", "list_layers", "patched_attribute",
     "resolve_heads", "steering",
 ]

@@ -122,7 +122,3 @@ def resolve_heads(spec, layers: dict[str, LayerInfo]) -> HeadSet:
         result.setdefault(name, set()).update(_head_numbers(heads, layers[name]))
     return {name: tuple(sorted(result[name])) for name in names if name in result}
 
-
-def format_heads(heads: HeadSet) -> list[str]:
-    """``"layer:h"`` strings, the form head-set files store."""
-    return [f"{layer}:{head}" for layer, hs in heads.items() for head in hs]

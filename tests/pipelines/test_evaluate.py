@@ -6,10 +6,8 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 from PIL import Image
 
-from attnsteer.guidance.shapes import draw
 from attnsteer.pipelines.cli import main
 from attnsteer.pipelines.evaluate import evaluate, table
 
