@@ -73,22 +73,39 @@ def _with_prediction(out, pred):
 class HeadPerturbationGuidance:
     """Head-level perturbed-attention guidance with SoftPAG weight u.
 
-    heads: ``{layer: heads}`` as resolved by ``resolve_heads``; scale: w; u: SoftPAG weight in [0, 1];
+    heads: ``{layer: heads}`` as resolved by ``resolve_heads``, or a list of them, one per prompt (each
+    prompt's conditional rows get their own head set: how the head search scores several candidates
+    in one forward); scale: w; u: SoftPAG weight in [0, 1];
     mode: "joint" or "image"; window: (start, stop) fractions of the denoising steps where the
     guidance acts (default every step); batching: "batched" (one forward, more memory) or
     "sequential" (a second forward).
     """
 
-    def __init__(self, heads: HeadSet, scale: float, u: float, mode: str = "joint",
+    def __init__(self, heads: HeadSet | list[HeadSet], scale: float, u: float, mode: str = "joint",
                  window: tuple[float, float] = (0.0, 1.0), batching: str = "batched"):
         check_options(scale, u, mode, window, batching)
-        self.heads, self.scale, self.u, self.mode = dict(heads), float(scale), float(u), mode
+        self.per_prompt = isinstance(heads, list)
+        self.heads = [dict(h) for h in heads] if self.per_prompt else dict(heads)
+        self.scale, self.u, self.mode = float(scale), float(u), mode
         self.window, self.batching = tuple(window), batching
         self.step = 0
 
     @property
     def enabled(self) -> bool:
-        return bool(self.heads) and self.u > 0 and self.scale != 0
+        used = any(self.heads) if self.per_prompt else bool(self.heads)
+        return used and self.u > 0 and self.scale != 0
+
+    def row_weights(self, layers, rows: int) -> dict[str, torch.Tensor]:
+        """Per layer, the [rows, heads] SoftPAG weights of the conditional rows."""
+        if not self.per_prompt:
+            return {layer: w.expand(rows, -1) for layer, w in head_weights(self.heads, layers, self.u).items()}
+        if rows % len(self.heads):
+            raise ValueError(f"{len(self.heads)} per-prompt head sets do not divide the {rows} conditional rows")
+        names = [name for name in layers if any(name in h for h in self.heads)]
+        zero = {name: torch.zeros(layers[name].heads) for name in names}
+        per_set = [{**zero, **head_weights(h, layers, self.u)} for h in self.heads]
+        return {name: torch.stack([w[name] for w in per_set]).repeat_interleave(rows // len(self.heads), 0)
+                for name in names}
 
     def in_window(self, step: int, num_steps: int) -> bool:
         start, stop = self.window
@@ -98,7 +115,8 @@ class HeadPerturbationGuidance:
     def attached(self, model: torch.nn.Module, branch_info: Callable[[torch.nn.Module], BranchInfo]):
         """Guide ``model`` (a pipeline's denoiser) for a ``with`` block; ``branch_info`` tells how the
         pipeline uses each call's prediction. Several models may share this guidance's step count."""
-        steer = HeadPerturbation(self.heads, self.mode)
+        layers = set().union(*self.heads) if self.per_prompt else self.heads
+        steer = HeadPerturbation(layers, self.mode)
         context = {"name": None}
 
         def cache_context(original):
@@ -143,15 +161,15 @@ class HeadPerturbationGuidance:
 
     def _branches(self, forward, steer, layers, args, kwargs, n, cond):
         """(output of the unperturbed call, perturbed prediction of the ``cond`` rows)."""
-        per_head = head_weights(self.heads, layers, self.u)
+        per_row = self.row_weights(layers, len(cond))
         if self.batching == "batched":
             rows = torch.cat([torch.arange(n), cond])
-            steer.set_weights({layer: torch.cat([torch.zeros(n, len(w)), w.expand(len(cond), -1)]) for layer, w in per_head.items()})
+            steer.set_weights({layer: torch.cat([torch.zeros(n, w.shape[1]), w]) for layer, w in per_row.items()})
             out = forward(*_take_rows(args, rows, n), **_take_rows(kwargs, rows, n))
             pred = _prediction(out)
             return _with_prediction(out, pred[:n]), pred[n:]
         out = forward(*args, **kwargs)
-        steer.set_weights(per_head)
+        steer.set_weights(per_row)
         perturbed = _prediction(forward(*_take_rows(args, cond, n), **_take_rows(kwargs, cond, n)))
         return out, perturbed
 

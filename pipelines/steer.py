@@ -42,6 +42,9 @@ class SteerMixin:
         perturbation_mode: "joint" (identity on the whole joint map) or "image" (image-image block).
         perturbation_window: (start, stop) fractions of the steps where it acts; default all steps.
         perturbation_batching: "batched" (one forward) or "sequential" (less memory).
+        perturbed_heads_per_prompt: instead of ``perturbed_heads``, a list with one head spec per
+            prompt (``None`` or ``[]`` for none): each prompt's images get their own head set. The
+            head search uses it to score several candidate sets in one batched call.
 
     The pipeline's own CFG step is left as it is: the conditional prediction it receives is
     eps_c + (w / g)(eps_c - eps_perturbed). With SD/SDXL's ``guidance_rescale`` the rescale therefore
@@ -72,13 +75,24 @@ class SteerMixin:
 
     def perturbation_guidance(self, perturbed_heads=None, perturbation_scale=None, softpag_u=None,
                               perturbation_mode=None, perturbation_window=(0.0, 1.0),
-                              perturbation_batching="batched") -> HeadPerturbationGuidance:
+                              perturbation_batching="batched", perturbed_heads_per_prompt=None,
+                              prompt=None) -> HeadPerturbationGuidance:
         """Check the perturbation arguments against this pipeline's model; raises ValueError."""
         stored = HeadSetFile(heads=[])
         if isinstance(perturbed_heads, str) and perturbed_heads.endswith(".json"):
             stored = HeadSetFile.load(perturbed_heads)
             perturbed_heads = stored.heads
-        heads = resolve_heads(perturbed_heads or [], self.steer_layers())
+        if perturbed_heads_per_prompt is not None:
+            if perturbed_heads:
+                raise ValueError("give perturbed_heads or perturbed_heads_per_prompt, not both")
+            prompts = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else None
+            if not isinstance(perturbed_heads_per_prompt, (list, tuple)) or (
+                    prompts is not None and len(perturbed_heads_per_prompt) != prompts):
+                raise ValueError(f"perturbed_heads_per_prompt must be a list with one head spec per prompt "
+                                 f"({prompts} prompts), got {perturbed_heads_per_prompt!r}")
+            heads = [resolve_heads(h or [], self.steer_layers()) for h in perturbed_heads_per_prompt]
+        else:
+            heads = resolve_heads(perturbed_heads or [], self.steer_layers())
         pick = lambda given, saved, default: given if given is not None else saved if saved is not None else default
         return HeadPerturbationGuidance(
             heads,
@@ -90,14 +104,16 @@ class SteerMixin:
         )
 
     def __call__(self, *args, perturbed_heads=None, perturbation_scale=None, softpag_u=None,
-                 perturbation_mode=None, perturbation_window=(0.0, 1.0), perturbation_batching="batched", **kwargs):
-        guidance = self.perturbation_guidance(perturbed_heads, perturbation_scale, softpag_u, perturbation_mode,
-                                              perturbation_window, perturbation_batching)
+                 perturbation_mode=None, perturbation_window=(0.0, 1.0), perturbation_batching="batched",
+                 perturbed_heads_per_prompt=None, **kwargs):
         parent_call = super().__call__
-        if not guidance.enabled:
-            return parent_call(*args, **kwargs)
         bound = inspect.signature(parent_call).bind(*args, **kwargs)
         bound.apply_defaults()
+        guidance = self.perturbation_guidance(perturbed_heads, perturbation_scale, softpag_u, perturbation_mode,
+                                              perturbation_window, perturbation_batching, perturbed_heads_per_prompt,
+                                              bound.arguments.get("prompt"))
+        if not guidance.enabled:
+            return parent_call(*args, **kwargs)
         with ExitStack() as stack:
             for model in self.steer_denoisers().values():
                 stack.enter_context(guidance.attached(model, lambda m: self.branch_info(m, bound.arguments)))
