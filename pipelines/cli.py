@@ -1,12 +1,23 @@
-"""The ``attnsteer`` command line: ``generate`` pictures with steering, list a model's ``layers``."""
+"""The ``attnsteer`` command line: ``generate`` pictures with steering, ``eval`` them on shapes prompts,
+``search-heads`` (HeadHunter), list a model's ``layers``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
+from attnsteer.guidance.distributed import process_state
+
 TINY_PREFIX = "tiny-"
+CALL_DEFAULTS = "attnsteer.json"  # in a model folder: {"call": {pipeline keyword arguments it needs}}
+
+
+def call_defaults(model: str) -> dict:
+    """Pipeline call arguments a local model folder asks for (e.g. shapes-sd3's max_sequence_length)."""
+    path = Path(model) / CALL_DEFAULTS
+    return json.loads(path.read_text()).get("call", {}) if path.is_file() else {}
 
 
 def load_pipeline(model: str, device: str, dtype: str):
@@ -31,6 +42,8 @@ def load_pipeline(model: str, device: str, dtype: str):
         if class_name not in STEER_PIPELINES:
             raise SystemExit(f"{model}: pipeline class {class_name} is not supported; supported: {', '.join(STEER_PIPELINES)}")
         pipe = STEER_PIPELINES[class_name].from_pretrained(model, torch_dtype=getattr(torch, dtype))
+    if device == "cuda":  # under accelerate / torchrun, each process its own GPU
+        device = process_state().device
     return pipe.to(device), isinstance(pipe, WanSteerPipeline)
 
 
@@ -58,8 +71,8 @@ def generate(args) -> None:
 
     pipe, is_video = load_pipeline(args.model, args.device, args.dtype)
     steering = _steering(args, pipe)
-    call = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
-                height=args.height, width=args.width, output_type="pil")
+    call = dict(call_defaults(args.model), prompt=args.prompt, negative_prompt=args.negative_prompt,
+                num_inference_steps=args.steps, height=args.height, width=args.width, output_type="pil")
     if args.guidance_scale is not None:
         call["guidance_scale"] = args.guidance_scale
     if is_video:
@@ -82,31 +95,64 @@ def generate(args) -> None:
 
 
 def evaluate(args) -> None:
-    from attnsteer.guidance.shapes import prompt_set
-
     from .evaluate import evaluate as run, table, write
 
-    if args.prompts:
-        prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
-    else:
-        prompts = prompt_set(args.set, args.split)
-    prompts = prompts[:args.limit] if args.limit else prompts
+    prompts = _prompts(args)
     pipe, is_video = load_pipeline(args.model, args.device, args.dtype)
     if is_video:
         raise SystemExit("attnsteer eval: video pipelines are not supported yet")
     steering = _steering(args, pipe)
     methods = {"baseline": {}, **({"heads": steering} if args.heads else {})}
-    call = dict(num_inference_steps=args.steps, height=args.height, width=args.width, output_type="pil")
+    call = dict(call_defaults(args.model), num_inference_steps=args.steps, height=args.height, width=args.width,
+                output_type="pil")
     if args.guidance_scale is not None:
         call["guidance_scale"] = args.guidance_scale
     result = run(pipe, prompts, list(range(args.seeds)), methods, call, args.batch_size, keep_images=args.keep)
-    from accelerate import PartialState
-
-    if PartialState().is_main_process:
+    state = process_state()
+    if state.is_main_process:
         print(table(result["summary"]))
         config = {k: v for k, v in vars(args).items() if k != "run"}
-        for path in write(result, args.out, {**config, "prompts": len(prompts)}):
+        for path in write(result, args.out, {**config, "prompts": len(prompts), "processes": state.num_processes}):
             print(path)
+
+
+def _prompts(args) -> list[str]:
+    from attnsteer.guidance.shapes import prompt_set
+
+    if args.prompts:
+        prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    else:
+        prompts = prompt_set(args.set, args.split)
+    return prompts[:args.limit] if args.limit else prompts
+
+
+def search(args) -> None:
+    from attnsteer.guidance.objectives import load_objective
+
+    from .search import read_items, run_search
+
+    items = read_items(_prompts(args), args.seeds)
+    objective = load_objective(args.objective, args.device)
+    pipe, is_video = load_pipeline(args.model, args.device, args.dtype)
+    if is_video:
+        raise SystemExit("attnsteer search-heads: video pipelines are not supported yet")
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(call_defaults(args.model), height=args.height, width=args.width, guidance_scale=args.guidance_scale)
+    pipe.perturbation_guidance(perturbation_scale=args.scale, softpag_u=args.u, perturbation_mode=args.mode)
+    summary = run_search(pipe, model=args.model, revision=args.revision, objective=objective,
+                         objective_name=args.objective, items=items, out=args.out, rounds=args.rounds,
+                         top_k=args.top_k, layers=args.layers.split(",") if args.layers else None, w=args.scale,
+                         u=args.u, mode=args.mode, steps=args.steps, call_kwargs=call, batch_size=args.batch_size,
+                         halving_keep=args.halving_keep, screen_items=args.screen_items,
+                         screen_steps=args.screen_steps)
+    if process_state().is_main_process:
+        print(f"baseline (no heads) score {summary['baseline_score']:.4f}")
+        for r in summary["rounds"]:
+            print(f"round {r['round']}: + {' '.join(r['selected'])}  (best candidate {r['score']:.4f})")
+        print(f"heads: {' '.join(summary['heads'])}")
+        cost = summary["search"]
+        print(f"{cost['image_steps']} image-steps ({cost['computed_image_steps']} computed now) in {cost['wall_s']} s")
+        print(Path(args.out) / "heads.json")
 
 
 def layers(args) -> None:
@@ -145,6 +191,13 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--batching", default="batched", help="batched or sequential")
         p.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the pipeline's)")
 
+    def prompt_options(p, split, seeds):
+        p.add_argument("--set", default="two", choices=["one", "two", "three"], help="named shapes prompt set")
+        p.add_argument("--split", default=split, choices=["tune", "heldout"])
+        p.add_argument("--prompts", default=None, help="a file of prompts, one per line, instead of --set")
+        p.add_argument("--limit", type=int, default=None, help="use the first N prompts")
+        p.add_argument("--seeds", type=int, default=seeds, help="seeds 0..N-1 per prompt")
+
     def model_options(p):
         p.add_argument("--model", required=True,
                        help="model id, local diffusers folder, or tiny-sd|tiny-sdxl|tiny-sd3|tiny-flux|tiny-wan (random weights)")
@@ -168,16 +221,35 @@ def parser() -> argparse.ArgumentParser:
     e = commands.add_parser("eval", help="measure baseline and steering on a shapes prompt set x seeds")
     model_options(e)
     steering_options(e)
-    e.add_argument("--set", default="two", choices=["one", "two", "three"], help="named shapes prompt set")
-    e.add_argument("--split", default="heldout", choices=["tune", "heldout"])
-    e.add_argument("--prompts", default=None, help="a file of prompts, one per line, instead of --set")
-    e.add_argument("--limit", type=int, default=None, help="use the first N prompts")
-    e.add_argument("--seeds", type=int, default=4, help="seeds 0..N-1 per prompt")
+    prompt_options(e, split="heldout", seeds=4)
     e.add_argument("--steps", type=int, default=20)
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--keep", type=int, default=8, help="items shown on the contact sheet")
     e.add_argument("--out", default="eval")
     e.set_defaults(run=evaluate)
+
+    s = commands.add_parser("search-heads", help="HeadHunter: greedily select the heads whose perturbation "
+                            "best raises an objective; writes heads.json for --heads / perturbed_heads")
+    model_options(s)
+    s.add_argument("--revision", default=None, help="model revision, recorded in heads.json")
+    prompt_options(s, split="tune", seeds=2)
+    s.add_argument("--objective", default="shapes",
+                   help="shapes[-binding|-bound|-coverage|-count_right], clip:LOCAL_CLIP_FOLDER or module:function")
+    s.add_argument("--rounds", type=int, default=1, help="greedy rounds R")
+    s.add_argument("--top-k", type=int, default=3, help="heads added per round")
+    s.add_argument("--layers", default=None, help="comma list of layer names or indices for the pool (default: all)")
+    s.add_argument("--scale", type=float, default=3.0, help="perturbation scale w while searching")
+    s.add_argument("--u", type=float, default=1.0, help="SoftPAG u while searching (HeadHunter: search at 1)")
+    s.add_argument("--mode", default="joint", help="joint or image")
+    s.add_argument("--guidance-scale", type=float, default=1.0, help="CFG scale while searching (1: off, as HeadHunter)")
+    s.add_argument("--steps", type=int, default=20)
+    s.add_argument("--batch-size", type=int, default=16, help="prompts per pipeline call; candidates share calls")
+    s.add_argument("--halving-keep", type=float, default=0.0,
+                   help="successive halving: keep this fraction of each round's candidates after a cheap screen")
+    s.add_argument("--screen-items", type=int, default=None, help="screen on the first N prompt-seed items")
+    s.add_argument("--screen-steps", type=int, default=None, help="screen with this many denoising steps")
+    s.add_argument("--out", default="head-search", help="folder for journal.jsonl, heads.json, contact_sheet.png")
+    s.set_defaults(run=search)
 
     ls = commands.add_parser("layers", help="list a model's attention layers, heads and token layouts")
     model_options(ls)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from attnsteer.guidance.distributed import process_state
 from attnsteer.guidance.shapes import detect, score, summarize
 
 METRICS = ("coverage", "bound", "binding", "count_right")
@@ -31,10 +32,9 @@ def evaluate(pipe, prompts: list[str], seeds: list[int], methods: dict[str, dict
     Returns ``{"records": [...], "summary": {method: rates}, "images": {method: [first keep_images PIL]}}``,
     complete on every process.
     """
-    from accelerate import PartialState
     from accelerate.utils import gather_object
 
-    state = PartialState()
+    state = process_state()
     items = [(i, prompt, seed) for i, (prompt, seed) in enumerate((p, s) for p in prompts for s in seeds)]
     batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
     records, kept = [], []

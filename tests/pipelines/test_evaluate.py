@@ -56,11 +56,12 @@ def test_two_accelerate_processes_give_the_same_table(tmp_path):
             "--heads", "0:*", "--batch-size", "2", "--keep", "0"]
     main([*args, "--out", str(tmp_path / "one")])
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+    subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                     "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                     "-m", "attnsteer.pipelines.cli", *args, "--out", str(tmp_path / "two")],
                    check=True, env=env, capture_output=True)
     one, two = (json.loads((tmp_path / name / "eval.json").read_text()) for name in ("one", "two"))
+    assert (one["config"]["processes"], two["config"]["processes"]) == (1, 2)
     assert one["summary"] == two["summary"]
     strip = lambda records: [{k: v for k, v in r.items() if k != "pixel_mean"} for r in records]
     assert strip(one["records"]) == strip(two["records"])

@@ -1,0 +1,112 @@
+"""The head search on real (tiny) pipelines: per-prompt head sets, the command, its journal, accelerate."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from attnsteer.pipelines import StableDiffusion3SteerPipeline
+from attnsteer.pipelines.cli import main
+from attnsteer.pipelines.tiny import tiny_pipeline
+
+OBJECTIVE = f"{Path(__file__).with_name('redness.py')}:redness"
+A = ["transformer_blocks.0.attn:1", "transformer_blocks.1.attn:0"]
+B = ["transformer_blocks.1.attn:2"]
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    return tiny_pipeline("sd3", StableDiffusion3SteerPipeline)
+
+
+def images(pipe, prompts, seeds, **kwargs):
+    out = pipe(prompt=prompts, generator=[torch.Generator().manual_seed(s) for s in seeds], num_inference_steps=3,
+               output_type="np", perturbation_scale=2.0, softpag_u=0.7, **kwargs)
+    return out.images
+
+
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+@pytest.mark.parametrize("batching", ["batched", "sequential"])
+def test_a_head_set_per_prompt_equals_separate_calls(sd3, cfg, batching):
+    prompts = ["a red circle", "a blue square", "a green star"]
+    together = images(sd3, prompts, [0, 1, 2], perturbed_heads_per_prompt=[A, B, None], guidance_scale=cfg,
+                      perturbation_batching=batching)
+    alone = [images(sd3, [p], [s], perturbed_heads=h, guidance_scale=cfg, perturbation_batching=batching)[0]
+             for p, s, h in zip(prompts, [0, 1, 2], [A, B, None])]
+    np.testing.assert_allclose(together, np.stack(alone), atol=2e-5)
+    assert np.abs(together[0] - images(sd3, prompts[:1], [0], guidance_scale=cfg)[0]).max() > 1e-3
+
+
+def test_per_prompt_head_sets_are_checked_before_compute(sd3):
+    with pytest.raises(ValueError, match=r"one head spec per prompt \(2 prompts\)"):
+        images(sd3, ["a red circle", "a blue square"], [0, 1], perturbed_heads_per_prompt=[A])
+    with pytest.raises(ValueError, match="not both"):
+        images(sd3, ["a red circle"], [0], perturbed_heads=A, perturbed_heads_per_prompt=[B])
+    with pytest.raises(ValueError, match="head 9 of layer 'transformer_blocks.1.attn' is out of range"):
+        images(sd3, ["a red circle"], [0], perturbed_heads_per_prompt=[["transformer_blocks.1.attn:9"]])
+
+
+SEARCH = ["search-heads", "--model", "tiny-sd3", "--device", "cpu", "--set", "two", "--limit", "2", "--seeds", "2",
+          "--rounds", "2", "--top-k", "2", "--steps", "2", "--batch-size", "4", "--objective", OBJECTIVE]
+
+
+def test_search_writes_a_head_set_the_pipeline_takes_as_it_is(sd3, tmp_path, capsys):
+    main([*SEARCH, "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "heads.json").read_text())
+    assert len(saved["heads"]) == 4 and saved["w"] == 3.0 and saved["u"] == 1.0 and saved["mode"] == "joint"
+    assert saved["model"] == "tiny-sd3" and saved["objective"] == OBJECTIVE
+    assert [len(r["scores"]) for r in saved["rounds"]] == [8, 6]
+    assert saved["search"]["image_steps"] == (1 + 8 + 6) * 4 * 2
+    assert (tmp_path / "contact_sheet.png").exists()
+    from_file = images(sd3, ["a red circle"], [0], perturbed_heads=str(tmp_path / "heads.json"))
+    explicit = images(sd3, ["a red circle"], [0], perturbed_heads=saved["heads"], perturbation_mode="joint")
+    np.testing.assert_array_equal(from_file, explicit)
+    capsys.readouterr()
+    main([*SEARCH, "--out", str(tmp_path)])  # the same command again: all from the journal
+    assert f"{(1 + 8 + 6) * 4 * 2} image-steps (0 computed now)" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"other settings \(w: journal 3.0, now 5.0\)"):
+        main([*SEARCH, "--out", str(tmp_path), "--scale", "5"])
+
+
+def cli(args, **kwargs):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "attnsteer.pipelines.cli", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kwargs)
+
+
+def test_sigkilled_search_rerun_ends_with_the_same_head_set(tmp_path):
+    assert cli([*SEARCH, "--out", str(tmp_path / "clean")]).wait() == 0
+    journal = tmp_path / "killed" / "journal.jsonl"
+    proc = cli([*SEARCH, "--out", str(tmp_path / "killed")])
+    while not journal.exists() or len(journal.read_text().splitlines()) < 6:
+        assert proc.poll() is None, "the search ended before it could be killed"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert cli([*SEARCH, "--out", str(tmp_path / "killed")]).wait() == 0
+    clean, resumed = (json.loads((tmp_path / d / "heads.json").read_text()) for d in ("clean", "killed"))
+    assert resumed["heads"] == clean["heads"] and resumed["rounds"] == clean["rounds"]
+    assert 0 < resumed["search"]["computed_image_steps"] < clean["search"]["computed_image_steps"]
+
+
+def test_two_accelerate_processes_find_the_same_heads(tmp_path):
+    main([*SEARCH, "--out", str(tmp_path / "one")])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                    "-m", "attnsteer.pipelines.cli", *SEARCH, "--out", str(tmp_path / "two")],
+                   check=True, env=env, capture_output=True)
+    one, two = (json.loads((tmp_path / d / "heads.json").read_text()) for d in ("one", "two"))
+    assert one["heads"] == two["heads"] and two["search"]["processes"] == 2
+    for r1, r2 in zip(one["rounds"], two["rounds"]):
+        assert r1["selected"] == r2["selected"]
+        np.testing.assert_allclose(list(r1["scores"].values()), list(r2["scores"].values()), atol=1e-3)
+    journal = (tmp_path / "two" / "journal.jsonl").read_text().splitlines()
+    assert len(journal) == 1 + 1 + 4 + 3  # header, baseline, ceil(8/2) + ceil(6/2) chunks of 2 candidates
