@@ -48,7 +48,7 @@ from attnsteer.pipelines.tiny import clip_tokenizer
 VOCAB_SIZE, BOS_ID, EOS_ID = 49408, 49406, 49407
 MAX_TOKENS = 20  # "a red circle, a blue square and a green triangle" is 14 with BOS/EOS
 SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                 clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+                 clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 
 def parse_args():
@@ -59,6 +59,8 @@ def parse_args():
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--n-images", type=int, default=24000, help="drawn training scenes")
     p.add_argument("--object-weights", default="0.4,0.35,0.25", help="P(1, 2, 3 objects) per scene")
+    p.add_argument("--sample-weights", default="2,1,1",
+                   help="relative weight of a 1-, 2- and 3-object scene when drawing a training batch")
     # VAE
     p.add_argument("--vae-steps", type=int, default=1500, help="steps on 32x32 crops")
     p.add_argument("--vae-full-steps", type=int, default=150, help="then steps on full 64x64 images")
@@ -68,18 +70,25 @@ def parse_args():
     p.add_argument("--decoder-steps", type=int, default=300, help="decoder-only steps after the UNet")
     p.add_argument("--decoder-lr", type=float, default=5e-4)
     # UNet + text encoder
-    p.add_argument("--steps", type=int, default=1900)
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=4500)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--prediction", default="v_prediction", choices=("v_prediction", "epsilon"),
+                   help="v-prediction weights the high-noise steps, where colour and layout are decided, "
+                        "far more than epsilon-prediction does")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--min-lr-frac", type=float, default=0.1, help="cosine decay floor, fraction of --lr")
-    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--ema", type=float, default=0.995)
     p.add_argument("--snr-gamma", type=float, default=5.0, help="min-SNR weighting; 0 for plain MSE")
     p.add_argument("--drop", type=float, default=0.1, help="caption dropout to the empty prompt")
+    p.add_argument("--default-cfg", type=float, default=3.0,
+                   help="guidance_scale written to attnsteer.json, the call defaults attnsteer's CLI reads")
     p.add_argument("--stop-after", type=int, default=0,
                    help="save and exit after this step (to replay an interrupted run exactly, see TRAINING.md)")
-    p.add_argument("--ckpt-every", type=int, default=200)
+    p.add_argument("--ckpt-every", type=int, default=250)
     p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--max-minutes", type=float, default=0,
+                   help="if > 0, stop early (saving) once the UNet stage has run this long")
     return p.parse_args()
 
 
@@ -226,10 +235,10 @@ def check_vae(vae, log, n=60):
             f"{m} {summary[m]['rate']:.2f}" for m in ("coverage", "bound", "binding", "count_right")))
 
 
-def build_pipeline(vae, text_encoder, unet, tokenizer):
+def build_pipeline(vae, text_encoder, unet, tokenizer, prediction):
     return StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=DDIMScheduler(**SCHEDULER), safety_checker=None, feature_extractor=None,
+        scheduler=DDIMScheduler(**SCHEDULER, prediction_type=prediction), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
 
@@ -260,6 +269,15 @@ def start_run(args):
     timings.setdefault("draw_s", time.time() - t)
     log(f"drew {len(images)} scenes in {time.time() - t:.0f}s")
     return work, out, state_path, log, timings, images, captions
+
+
+def scene_sampler(args, captions):
+    """Draws training-batch indices, a scene with k objects weighted by --sample-weights[k - 1]."""
+    from attnsteer.guidance.shapes import parse_caption
+    weights = np.asarray([float(w) for w in args.sample_weights.split(",")])
+    p = weights[[len(parse_caption(c)) - 1 for c in captions]]
+    p = p / p.sum()
+    return lambda rng: torch.from_numpy(rng.choice(len(captions), args.batch, p=p))
 
 
 def cosine_lr(args, step):
@@ -332,7 +350,8 @@ def main():
     params = list(text_encoder.parameters()) + list(unet.parameters())
     ema_params = list(ema_te.parameters()) + list(ema_unet.parameters())
     opt = torch.optim.AdamW(params, args.lr, weight_decay=0.01)
-    sched = DDIMScheduler(**SCHEDULER)
+    sched = DDIMScheduler(**SCHEDULER, prediction_type=args.prediction)
+    sample = scene_sampler(args, captions)
     alphas = sched.alphas_cumprod
     snr = alphas / (1 - alphas)
     rng = np.random.default_rng(args.seed + 3)
@@ -347,8 +366,9 @@ def main():
         log(f"resumed at step {start}")
 
     def save(step):
-        pipe = build_pipeline(vae, ema_te, ema_unet, tokenizer)
+        pipe = build_pipeline(vae, ema_te, ema_unet, tokenizer, args.prediction)
         pipe.save_pretrained(out, safe_serialization=True)
+        (out / "attnsteer.json").write_text(json.dumps({"call": {"guidance_scale": args.default_cfg}}) + "\n")
         torch.save({"te": text_encoder.state_dict(), "unet": unet.state_dict(), "ema_te": ema_te.state_dict(),
                     "ema_unet": ema_unet.state_dict(), "opt": opt.state_dict(), "rng": rng.bit_generator.state,
                     "gen": gen.get_state(), "step": step, "timings": timings}, str(state_path) + ".tmp")
@@ -358,11 +378,12 @@ def main():
     text_encoder.train(); unet.train()
     t0, running = time.time(), []
     unet_s0 = timings.get("unet_s", 0.0)
+    trained = start
     for step in range(start, args.steps):
         lr = cosine_lr(args, step)
         for g in opt.param_groups:
             g["lr"] = lr
-        idx = torch.from_numpy(rng.integers(0, len(means), args.batch))
+        idx = sample(rng)
         z0 = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * scale
         tok = ids[idx].clone()
         tok[torch.from_numpy(rng.random(args.batch) < args.drop)] = empty_ids[0]
@@ -371,23 +392,29 @@ def main():
         zt = sched.add_noise(z0, noise, ts)
         cond = text_encoder(tok).last_hidden_state
         pred = unet(zt, ts, cond).sample
-        per = F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3))
-        if args.snr_gamma > 0:
-            per = per * (snr[ts].clamp(max=args.snr_gamma) / snr[ts])
+        target = noise if args.prediction == "epsilon" else sched.get_velocity(z0, noise, ts)
+        per = F.mse_loss(pred, target, reduction="none").mean((1, 2, 3))
+        if args.snr_gamma > 0:  # min-SNR-gamma; for v the loss already carries a factor snr + 1
+            per = per * snr[ts].clamp(max=args.snr_gamma) / (snr[ts] + (args.prediction != "epsilon"))
         loss = per.mean()
         optimizer_step(opt, loss, params, ema_params, args.ema, step)
         running.append(loss.item())
+        trained = step + 1
         timings["unet_s"] = unet_s0 + time.time() - t0
         if (step + 1) % args.log_every == 0 or step == start:
             log(progress_line(args, step, start, t0, running, lr))
             running = []
-        if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps or step + 1 == args.stop_after:
+        out_of_time = args.max_minutes > 0 and timings["unet_s"] > 60 * args.max_minutes
+        if (step + 1) % args.ckpt_every == 0 or step + 1 in (args.steps, args.stop_after) or out_of_time:
             save(step + 1)
         if step + 1 == args.stop_after:
             log(f"stopping after step {step + 1} (--stop-after)")
             return
-    if start >= args.steps and not (work / "vae_decoder" / "config.json").exists():
-        save(args.steps)
+        if out_of_time:
+            log(f"stopping at step {step + 1}: --max-minutes {args.max_minutes} reached")
+            break
+    if trained == start and not (work / "vae_decoder" / "config.json").exists():
+        save(trained)
 
     # ---- stage 4: decoder fine-tune (encoder frozen: the UNet's latent space is unchanged)
     dec_path = work / "vae_decoder"
@@ -401,7 +428,7 @@ def main():
         timings["decoder_s"] = time.time() - t
         vae.save_pretrained(dec_path)
         check_vae(vae, log)
-    save(args.steps)
+    save(trained)
 
     # ---- record
     total = sum(v for k, v in timings.items() if k.endswith("_s"))
@@ -409,7 +436,8 @@ def main():
     cpu = subprocess.run("lscpu | grep 'Model name' | sed 's/.*: *//'", shell=True, capture_output=True,
                          text=True).stdout.strip()
     record = {
-        "seed": args.seed, "args": vars(args), "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "seed": args.seed, "args": vars(args), "steps_trained": trained,
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "wall_time_min": round(total / 60, 1), "torch_threads": args.threads, "cpu": cpu,
         "machine": platform.platform(), "torch": torch.__version__, "size_bytes": size,
         "params": {"vae": n_params(vae), "text_encoder": n_params(ema_te), "unet": n_params(ema_unet)},
@@ -420,11 +448,14 @@ def main():
         f"# shapes-sd training record\n\n"
         f"Trained by `samples/train_shapes_sd.py` "
         f"(`python samples/train_shapes_sd.py --output {args.output} --steps {args.steps} --batch {args.batch} "
-        f"--lr {args.lr} --decoder-steps {args.decoder_steps} --seed {args.seed}`).\n\n"
-        f"- seed: {args.seed}\n- UNet + text encoder steps: {args.steps} at batch {args.batch}, lr {args.lr}\n"
+        f"--lr {args.lr} --decoder-steps {args.decoder_steps} --seed {args.seed}"
+        + (f" --max-minutes {args.max_minutes}" if args.max_minutes else "") + "`).\n\n"
+        f"- seed: {args.seed}\n- UNet + text encoder steps: {trained} of {args.steps} scheduled at batch {args.batch}, "
+        f"lr {args.lr}, {args.prediction} objective, min-SNR gamma {args.snr_gamma}\n"
         f"- VAE steps: {args.vae_steps} (32x32 crops) + {args.vae_full_steps} (64x64), batch {args.vae_batch}; "
         f"then {args.decoder_steps} decoder-only steps (encoder frozen) after the UNet\n"
-        f"- training scenes: {args.n_images} (object weights {args.object_weights}), caption dropout {args.drop}\n"
+        f"- training scenes: {args.n_images} (object weights {args.object_weights}, sampled with weights "
+        f"{args.sample_weights} by object count), caption dropout {args.drop}\n"
         f"- wall time: {total / 60:.1f} min on {cpu}, torch {torch.__version__}, {args.threads} thread(s) "
         f"(stages: {', '.join(f'{k} {v / 60:.1f} min' for k, v in timings.items())})\n"
         f"- parameters: VAE {n_params(vae)}, text encoder {n_params(ema_te)}, UNet {n_params(ema_unet)}; "

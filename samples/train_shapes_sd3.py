@@ -49,12 +49,12 @@ from attnsteer.pipelines.tiny import clip_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_shapes_sd import (  # noqa: E402
-    cosine_lr, encode_dataset, n_params, optimizer_step, progress_line, start_run, train_vae,
+    cosine_lr, encode_dataset, n_params, optimizer_step, progress_line, scene_sampler, start_run, train_vae,
 )
 
 VOCAB_SIZE, BOS_ID, EOS_ID = 49408, 49406, 49407
 MAX_TOKENS = 16  # CLIP tokens; the longest three-object caption is 14 with BOS/EOS
-SCHEDULER = dict(num_train_timesteps=1000, shift=1.0)
+SCHEDULER = dict(num_train_timesteps=1000, shift=2.0)  # sampling only: training draws sigma itself
 
 
 def parse_args():
@@ -67,6 +67,8 @@ def parse_args():
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--n-images", type=int, default=24000, help="drawn training scenes")
     p.add_argument("--object-weights", default="0.4,0.35,0.25", help="P(1, 2, 3 objects) per scene")
+    p.add_argument("--sample-weights", default="2,1,1",
+                   help="relative weight of a 1-, 2- and 3-object scene when drawing a training batch")
     # model
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
@@ -76,14 +78,16 @@ def parse_args():
     p.add_argument("--max-seq", default="8",
                    help="max_sequence_length(s) (zero T5 tokens) used in training, one drawn per step")
     # training
-    p.add_argument("--steps", type=int, default=2400)
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=5000)
+    p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--min-lr-frac", type=float, default=0.1, help="cosine decay floor, fraction of --lr")
-    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--ema", type=float, default=0.995)
     p.add_argument("--drop", type=float, default=0.1, help="caption dropout to the empty prompt")
-    p.add_argument("--ckpt-every", type=int, default=200)
+    p.add_argument("--default-cfg", type=float, default=4.0,
+                   help="guidance_scale written to attnsteer.json, the call defaults attnsteer's CLI reads")
+    p.add_argument("--ckpt-every", type=int, default=250)
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--max-minutes", type=float, default=0,
                    help="if > 0, stop early (saving) once the transformer stage has run this long")
@@ -107,7 +111,9 @@ def make_text_encoder(hidden, layers, act):
 
 
 def make_transformer(args, te_hidden):
-    return SD3Transformer2DModel(
+    """adaLN-zero initialisation (as in DiT): every block starts as the identity and the output as
+    zero, which DiT found to train faster than a default init."""
+    model = SD3Transformer2DModel(
         sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=args.layers,
         attention_head_dim=args.head_dim, num_attention_heads=args.heads,
         caption_projection_dim=args.heads * args.head_dim,
@@ -116,6 +122,11 @@ def make_transformer(args, te_hidden):
         pos_embed_max_size=8,  # 16x16 latent / patch 2; the (saved) sin-cos table stays small
         qk_norm="rms_norm",
     )
+    for name, module in model.named_modules():
+        if name.endswith(("norm1.linear", "norm1_context.linear", "norm_out.linear")) or name == "proj_out":
+            torch.nn.init.zeros_(module.weight)
+            torch.nn.init.zeros_(module.bias)
+    return model
 
 
 def build_pipeline(vae, te1, te2, transformer, tokenizer):
@@ -216,6 +227,7 @@ def main():
     train_pipe = build_pipeline(vae, te1, te2, transformer, tokenizer)
     rng = np.random.default_rng(args.seed + 3)
     gen = torch.Generator().manual_seed(args.seed + 4)
+    sample = scene_sampler(args, captions)
     start = 0
     if state_path.exists():
         st = torch.load(state_path, weights_only=False)
@@ -230,6 +242,7 @@ def main():
     def save(step):
         pipe = build_pipeline(final_vae(args, vae, shift, scale, log), *ema, tokenizer)
         pipe.save_pretrained(out, safe_serialization=True)
+        (out / "attnsteer.json").write_text(json.dumps({"call": {"guidance_scale": args.default_cfg, "max_sequence_length": max_seqs[0]}}) + "\n")
         torch.save({"te1": te1.state_dict(), "te2": te2.state_dict(), "transformer": transformer.state_dict(),
                     "ema_te1": ema[0].state_dict(), "ema_te2": ema[1].state_dict(),
                     "ema_transformer": ema[2].state_dict(), "opt": opt.state_dict(),
@@ -247,7 +260,7 @@ def main():
         lr = cosine_lr(args, step)
         for g in opt.param_groups:
             g["lr"] = lr
-        idx = torch.from_numpy(rng.integers(0, len(means), args.batch))
+        idx = sample(rng)
         z0 = ((means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) - shift) * scale
         drop = rng.random(args.batch) < args.drop
         caps = ["" if d else captions[i] for d, i in zip(drop, idx.tolist())]
@@ -306,11 +319,12 @@ def main():
         f"- seed: {args.seed}\n"
         f"- transformer + text encoder steps: {trained} of {args.steps} scheduled, batch {args.batch}, "
         f"lr {args.lr} (warmup {args.warmup}, cosine to {args.min_lr_frac}x), AdamW wd 0.01, grad clip 1\n"
-        f"- objective: rectified flow (FlowMatchEulerDiscreteScheduler, shift {SCHEDULER['shift']}), "
-        f"sigma logit-normal(0, 1), target noise - x0; caption dropout {args.drop}\n"
+        f"- objective: rectified flow, sigma logit-normal(0, 1), target noise - x0; caption dropout {args.drop}; "
+        f"sampling: FlowMatchEulerDiscreteScheduler shift {SCHEDULER['shift']}\n"
         f"- text conditioning: the pipeline's own encode_prompt, CLIP {MAX_TOKENS} tokens, "
         f"max_sequence_length {args.max_seq} zero T5 tokens: generate with the same max_sequence_length\n"
-        f"- training scenes: {args.n_images} (object weights {args.object_weights})\n"
+        f"- training scenes: {args.n_images} (object weights {args.object_weights}, sampled with weights "
+        f"{args.sample_weights} by object count); adaLN-zero initialisation\n"
         f"- VAE: from the shapes-sd run ({args.vae_from or 'trained here'}); shipped decoder: {dec_note}; "
         f"shift_factor {shift:.4f}, scaling_factor {scale:.4f}\n"
         f"- wall time: {total / 60:.1f} min on {cpu}, torch {torch.__version__}, {args.threads} thread(s) "
