@@ -11,12 +11,26 @@ from pathlib import Path
 from attnsteer.guidance.distributed import process_state
 
 TINY_PREFIX = "tiny-"
+SHIPPED = ("shapes-sd", "shapes-sd3")  # small models trained on drawn shapes, in the repository's samples/models
+SHIPPED_DIR = Path(__file__).resolve().parents[1] / "samples" / "models"
+DEFAULT_MODEL = "shapes-sd"
 CALL_DEFAULTS = "attnsteer.json"  # in a model folder: {"call": {pipeline keyword arguments it needs}}
+
+
+def model_path(model: str) -> str:
+    """A shipped model's folder for its name; any other model as given."""
+    if model not in SHIPPED:
+        return model
+    folder = SHIPPED_DIR / model
+    if not (folder / "model_index.json").is_file():
+        raise SystemExit(f"shipped model {model!r} not found at {folder}: it lives in the attnsteer repository's "
+                         f"samples/models (install from a clone), or pass --model PATH")
+    return str(folder)
 
 
 def call_defaults(model: str) -> dict:
     """Pipeline call arguments a local model folder asks for (e.g. shapes-sd3's max_sequence_length)."""
-    path = Path(model) / CALL_DEFAULTS
+    path = Path(model_path(model)) / CALL_DEFAULTS
     return json.loads(path.read_text()).get("call", {}) if path.is_file() else {}
 
 
@@ -38,10 +52,11 @@ def load_pipeline(model: str, device: str, dtype: str):
         if dtype != "float32":
             pipe.to(getattr(torch, dtype))
     else:
+        model = model_path(model)
         class_name = DiffusionPipeline.load_config(model)["_class_name"]
         if class_name not in STEER_PIPELINES:
             raise SystemExit(f"{model}: pipeline class {class_name} is not supported; supported: {', '.join(STEER_PIPELINES)}")
-        pipe = STEER_PIPELINES[class_name].from_pretrained(model, torch_dtype=getattr(torch, dtype))
+        pipe = STEER_PIPELINES[class_name].from_pretrained(model, dtype=getattr(torch, dtype))
     if device == "cuda":  # under accelerate / torchrun, each process its own GPU
         device = process_state().device
     return pipe.to(device), isinstance(pipe, WanSteerPipeline)
@@ -72,7 +87,8 @@ def generate(args) -> None:
     pipe, is_video = load_pipeline(args.model, args.device, args.dtype)
     steering = _steering(args, pipe)
     call = dict(call_defaults(args.model), prompt=args.prompt, negative_prompt=args.negative_prompt,
-                num_inference_steps=args.steps, height=args.height, width=args.width, output_type="pil")
+                height=args.height, width=args.width, output_type="pil")
+    call["num_inference_steps"] = args.steps or call.get("num_inference_steps", 28)
     if args.guidance_scale is not None:
         call["guidance_scale"] = args.guidance_scale
     if is_video:
@@ -103,8 +119,8 @@ def evaluate(args) -> None:
         raise SystemExit("attnsteer eval: video pipelines are not supported yet")
     steering = _steering(args, pipe)
     methods = {"baseline": {}, **({"heads": steering} if args.heads else {})}
-    call = dict(call_defaults(args.model), num_inference_steps=args.steps, height=args.height, width=args.width,
-                output_type="pil")
+    call = dict(call_defaults(args.model), height=args.height, width=args.width, output_type="pil")
+    call["num_inference_steps"] = args.steps or call.get("num_inference_steps", 20)
     if args.guidance_scale is not None:
         call["guidance_scale"] = args.guidance_scale
     result = run(pipe, prompts, list(range(args.seeds)), methods, call, args.batch_size, keep_images=args.keep)
@@ -139,10 +155,11 @@ def search(args) -> None:
     pipe.set_progress_bar_config(disable=True)
     call = dict(call_defaults(args.model), height=args.height, width=args.width, guidance_scale=args.guidance_scale)
     pipe.perturbation_guidance(perturbation_scale=args.scale, softpag_u=args.u, perturbation_mode=args.mode)
+    steps = args.steps or call.get("num_inference_steps", 20)
     summary = run_search(pipe, model=args.model, revision=args.revision, objective=objective,
                          objective_name=args.objective, items=items, out=args.out, rounds=args.rounds,
                          top_k=args.top_k, layers=args.layers.split(",") if args.layers else None, w=args.scale,
-                         u=args.u, mode=args.mode, steps=args.steps, call_kwargs=call, batch_size=args.batch_size,
+                         u=args.u, mode=args.mode, steps=steps, call_kwargs=call, batch_size=args.batch_size,
                          halving_keep=args.halving_keep, screen_items=args.screen_items,
                          screen_steps=args.screen_steps)
     if process_state().is_main_process:
@@ -194,13 +211,16 @@ def parser() -> argparse.ArgumentParser:
     def prompt_options(p, split, seeds):
         p.add_argument("--set", default="two", choices=["one", "two", "three"], help="named shapes prompt set")
         p.add_argument("--split", default=split, choices=["tune", "heldout"])
-        p.add_argument("--prompts", default=None, help="a file of prompts, one per line, instead of --set")
+        p.add_argument("--prompts", default=None,
+                       help="a file of prompts, one per line, instead of --set (search-heads: 'prompt<TAB>seed' lines "
+                            "fix the seed)")
         p.add_argument("--limit", type=int, default=None, help="use the first N prompts")
         p.add_argument("--seeds", type=int, default=seeds, help="seeds 0..N-1 per prompt")
 
     def model_options(p):
-        p.add_argument("--model", required=True,
-                       help="model id, local diffusers folder, or tiny-sd|tiny-sdxl|tiny-sd3|tiny-flux|tiny-wan (random weights)")
+        p.add_argument("--model", default=DEFAULT_MODEL,
+                       help=f"model id, local diffusers folder, a shipped shapes model ({', '.join(SHIPPED)}; default "
+                            f"{DEFAULT_MODEL}) or tiny-sd|tiny-sdxl|tiny-sd3|tiny-flux|tiny-wan (random weights)")
         p.add_argument("--device", default=device)
         p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
         p.add_argument("--height", type=int, default=None)
@@ -212,7 +232,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative-prompt", default=None)
     steering_options(g)
-    g.add_argument("--steps", type=int, default=28)
+    g.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model folder's, else 28)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--baseline", action="store_true", help="also write the unsteered picture of the same seed")
     g.add_argument("--out", default="out")
@@ -222,7 +242,7 @@ def parser() -> argparse.ArgumentParser:
     model_options(e)
     steering_options(e)
     prompt_options(e, split="heldout", seeds=4)
-    e.add_argument("--steps", type=int, default=20)
+    e.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model folder's, else 20)")
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--keep", type=int, default=8, help="items shown on the contact sheet")
     e.add_argument("--out", default="eval")
@@ -242,7 +262,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--u", type=float, default=1.0, help="SoftPAG u while searching (HeadHunter: search at 1)")
     s.add_argument("--mode", default="joint", help="joint or image")
     s.add_argument("--guidance-scale", type=float, default=1.0, help="CFG scale while searching (1: off, as HeadHunter)")
-    s.add_argument("--steps", type=int, default=20)
+    s.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model folder's, else 20)")
     s.add_argument("--batch-size", type=int, default=16, help="prompts per pipeline call; candidates share calls")
     s.add_argument("--halving-keep", type=float, default=0.0,
                    help="successive halving: keep this fraction of each round's candidates after a cheap screen")

@@ -62,7 +62,7 @@ def run_search(pipe, *, model: str, revision: str | None, objective, objective_n
     """Search, then write ``heads.json`` (a head-set file the pipelines take as it is) and
     ``contact_sheet.png`` under ``out`` (main process). Returns the head-set file's contents."""
     state = process_state()
-    call_kwargs = dict(call_kwargs or {})
+    call_kwargs = {k: v for k, v in (call_kwargs or {}).items() if k != "num_inference_steps"}  # steps: ``steps``
     pool = head_pool(pipe, layers)
     full = Fidelity("full", tuple(items), steps)
     screen = None
@@ -105,5 +105,13 @@ def run_search(pipe, *, model: str, revision: str | None, objective, objective_n
 
 
 def read_items(prompts: list[str], seeds: int) -> list[tuple[str, int]]:
-    """Every (prompt, seed) for seeds 0..seeds-1, prompt-major."""
-    return [(p, s) for p in prompts for s in range(seeds)]
+    """(prompt, seed) items, prompt-major: a line "prompt<TAB>seed" is one item as it is, any other
+    prompt is taken with seeds 0..seeds-1."""
+    items = []
+    for line in prompts:
+        prompt, tab, seed = line.rpartition("\t")
+        if tab and seed.strip().isdigit():
+            items.append((prompt.strip(), int(seed)))
+        else:
+            items.extend((line, s) for s in range(seeds))
+    return items

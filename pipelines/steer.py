@@ -129,7 +129,10 @@ class StableDiffusionXLSteerPipeline(SteerMixin, StableDiffusionXLPipeline):
 
 
 class StableDiffusion3SteerPipeline(SteerMixin, StableDiffusion3Pipeline):
-    """StableDiffusion3Pipeline with attnsteer's keyword arguments."""
+    """StableDiffusion3Pipeline with attnsteer's keyword arguments. T5 is optional: a folder saved
+    without it loads as it is (the parent needs ``text_encoder_3=None, tokenizer_3=None``)."""
+
+    _optional_components = [*StableDiffusion3Pipeline._optional_components, "text_encoder_3", "tokenizer_3"]
 
 
 class FluxSteerPipeline(SteerMixin, FluxPipeline):
