@@ -110,3 +110,10 @@ def test_two_accelerate_processes_find_the_same_heads(tmp_path):
         np.testing.assert_allclose(list(r1["scores"].values()), list(r2["scores"].values()), atol=1e-3)
     journal = (tmp_path / "two" / "journal.jsonl").read_text().splitlines()
     assert len(journal) == 1 + 1 + 4 + 3  # header, baseline, ceil(8/2) + ceil(6/2) chunks of 2 candidates
+
+
+def test_items_take_fixed_seeds_from_tab_separated_lines():
+    from attnsteer.pipelines.search import read_items
+
+    assert read_items(["a red circle\t7", "a blue square"], 2) == [
+        ("a red circle", 7), ("a blue square", 0), ("a blue square", 1)]
