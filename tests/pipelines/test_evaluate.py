@@ -1,15 +1,13 @@
 """The eval harness: scores from the detector, tables, files, and the same table under accelerate."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 from PIL import Image
 
 from attnsteer.pipelines.cli import main
 from attnsteer.pipelines.evaluate import evaluate, table
+from launch import accelerate_cli
 
 
 class DrawingPipeline:
@@ -55,11 +53,7 @@ def test_two_accelerate_processes_give_the_same_table(tmp_path):
     args = ["eval", "--model", "tiny-sd", "--set", "two", "--limit", "2", "--seeds", "3", "--steps", "2",
             "--heads", "0:*", "--batch-size", "2", "--keep", "0"]
     main([*args, "--out", str(tmp_path / "one")])
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                    "-m", "attnsteer.pipelines.cli", *args, "--out", str(tmp_path / "two")],
-                   check=True, env=env, capture_output=True)
+    accelerate_cli([*args, "--out", str(tmp_path / "two")])
     one, two = (json.loads((tmp_path / name / "eval.json").read_text()) for name in ("one", "two"))
     assert (one["config"]["processes"], two["config"]["processes"]) == (1, 2)
     assert one["summary"] == two["summary"]

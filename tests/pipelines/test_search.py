@@ -15,6 +15,7 @@ import torch
 from attnsteer.pipelines import StableDiffusion3SteerPipeline
 from attnsteer.pipelines.cli import main
 from attnsteer.pipelines.tiny import tiny_pipeline
+from launch import accelerate_cli
 
 OBJECTIVE = f"{Path(__file__).with_name('redness.py')}:redness"
 A = ["transformer_blocks.0.attn:1", "transformer_blocks.1.attn:0"]
@@ -98,11 +99,7 @@ def test_sigkilled_search_rerun_ends_with_the_same_head_set(tmp_path):
 
 def test_two_accelerate_processes_find_the_same_heads(tmp_path):
     main([*SEARCH, "--out", str(tmp_path / "one")])
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                    "-m", "attnsteer.pipelines.cli", *SEARCH, "--out", str(tmp_path / "two")],
-                   check=True, env=env, capture_output=True)
+    accelerate_cli([*SEARCH, "--out", str(tmp_path / "two")])
     one, two = (json.loads((tmp_path / d / "heads.json").read_text()) for d in ("one", "two"))
     assert one["heads"] == two["heads"] and two["search"]["processes"] == 2
     for r1, r2 in zip(one["rounds"], two["rounds"]):
