@@ -55,7 +55,7 @@ class Journal:
     chunk ``{"scores": {key: [per-item scores]}}``. A last line cut short by a kill is dropped."""
 
     def __init__(self, path: str | Path, settings: dict, writer: bool = True):
-        self.path, self.settings, self.writer = Path(path), settings, writer
+        self.path, self.writer = Path(path), writer
         self.scores: dict[str, list[float]] = {}
         lines = self.path.read_text().splitlines() if self.path.exists() else []
         good = []

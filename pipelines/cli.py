@@ -81,16 +81,21 @@ def _steering(args, pipe) -> dict:
     return steering
 
 
+def _call(args, default_steps: int) -> dict:
+    """Pipeline call arguments: the model folder's defaults, then the command line's size, steps and CFG."""
+    call = {**call_defaults(args.model), "height": args.height, "width": args.width}
+    call["num_inference_steps"] = args.steps or call.get("num_inference_steps", default_steps)
+    if args.guidance_scale is not None:
+        call["guidance_scale"] = args.guidance_scale
+    return call
+
+
 def generate(args) -> None:
     import torch
 
     pipe, is_video = load_pipeline(args.model, args.device, args.dtype)
     steering = _steering(args, pipe)
-    call = dict(call_defaults(args.model), prompt=args.prompt, negative_prompt=args.negative_prompt,
-                height=args.height, width=args.width, output_type="pil")
-    call["num_inference_steps"] = args.steps or call.get("num_inference_steps", 28)
-    if args.guidance_scale is not None:
-        call["guidance_scale"] = args.guidance_scale
+    call = dict(_call(args, 28), prompt=args.prompt, negative_prompt=args.negative_prompt, output_type="pil")
     if is_video:
         call["num_frames"] = args.frames
     runs = [("baseline", {})] if args.baseline else []
@@ -119,10 +124,7 @@ def evaluate(args) -> None:
         raise SystemExit("attnsteer eval: video pipelines are not supported yet")
     steering = _steering(args, pipe)
     methods = {"baseline": {}, **({"heads": steering} if args.heads else {})}
-    call = dict(call_defaults(args.model), height=args.height, width=args.width, output_type="pil")
-    call["num_inference_steps"] = args.steps or call.get("num_inference_steps", 20)
-    if args.guidance_scale is not None:
-        call["guidance_scale"] = args.guidance_scale
+    call = dict(_call(args, 20), output_type="pil")
     result = run(pipe, prompts, list(range(args.seeds)), methods, call, args.batch_size, keep_images=args.keep)
     state = process_state()
     if state.is_main_process:
@@ -153,9 +155,9 @@ def search(args) -> None:
     if is_video:
         raise SystemExit("attnsteer search-heads: video pipelines are not supported yet")
     pipe.set_progress_bar_config(disable=True)
-    call = dict(call_defaults(args.model), height=args.height, width=args.width, guidance_scale=args.guidance_scale)
+    call = _call(args, 20)
+    steps = call.pop("num_inference_steps")
     pipe.perturbation_guidance(perturbation_scale=args.scale, softpag_u=args.u, perturbation_mode=args.mode)
-    steps = args.steps or call.get("num_inference_steps", 20)
     summary = run_search(pipe, model=args.model, revision=args.revision, objective=objective,
                          objective_name=args.objective, items=items, out=args.out, rounds=args.rounds,
                          top_k=args.top_k, layers=args.layers.split(",") if args.layers else None, w=args.scale,
