@@ -298,6 +298,16 @@ def optimizer_step(opt, loss, params, ema_params, ema, step):
         torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - decay)
 
 
+def end_step(args, step, start, t0, running, lr, timings, stage, stage_s0, log):
+    """After a training step: the stage's time so far into ``timings[stage]``, a progress line every
+    --log-every steps (emptying ``running``), and whether the stage has used up --max-minutes."""
+    timings[stage] = stage_s0 + time.time() - t0
+    if (step + 1) % args.log_every == 0 or step == start:
+        log(progress_line(args, step, start, t0, running, lr))
+        running.clear()
+    return args.max_minutes > 0 and timings[stage] > 60 * args.max_minutes
+
+
 def progress_line(args, step, start, t0, running, lr):
     done = step + 1 - start
     eta = (time.time() - t0) / done * (args.steps - step - 1)
@@ -400,11 +410,7 @@ def main():
         optimizer_step(opt, loss, params, ema_params, args.ema, step)
         running.append(loss.item())
         trained = step + 1
-        timings["unet_s"] = unet_s0 + time.time() - t0
-        if (step + 1) % args.log_every == 0 or step == start:
-            log(progress_line(args, step, start, t0, running, lr))
-            running = []
-        out_of_time = args.max_minutes > 0 and timings["unet_s"] > 60 * args.max_minutes
+        out_of_time = end_step(args, step, start, t0, running, lr, timings, "unet_s", unet_s0, log)
         if (step + 1) % args.ckpt_every == 0 or step + 1 in (args.steps, args.stop_after) or out_of_time:
             save(step + 1)
         if step + 1 == args.stop_after:

@@ -49,7 +49,7 @@ from attnsteer.pipelines.tiny import clip_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_shapes_sd import (  # noqa: E402
-    cosine_lr, encode_dataset, n_params, optimizer_step, progress_line, scene_sampler, start_run, train_vae,
+    cosine_lr, encode_dataset, end_step, n_params, optimizer_step, scene_sampler, start_run, train_vae,
 )
 
 VOCAB_SIZE, BOS_ID, EOS_ID = 49408, 49406, 49407
@@ -277,11 +277,7 @@ def main():
         loss = F.mse_loss(pred, noise - z0)
         optimizer_step(opt, loss, params, ema_params, args.ema, step)
         running.append(loss.item())
-        timings["transformer_s"] = tr_s0 + time.time() - t0
-        if (step + 1) % args.log_every == 0 or step == start:
-            log(progress_line(args, step, start, t0, running, lr))
-            running = []
-        stop = args.max_minutes > 0 and timings["transformer_s"] > 60 * args.max_minutes
+        stop = end_step(args, step, start, t0, running, lr, timings, "transformer_s", tr_s0, log)
         if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps or stop:
             save(step + 1)
         if stop:
