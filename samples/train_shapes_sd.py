@@ -59,7 +59,7 @@ def parse_args():
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--n-images", type=int, default=24000, help="drawn training scenes")
     p.add_argument("--object-weights", default="0.4,0.35,0.25", help="P(1, 2, 3 objects) per scene")
-    p.add_argument("--sample-weights", default="2,1,1",
+    p.add_argument("--sample-weights", type=sample_weights, default="2,1,1",
                    help="relative weight of a 1-, 2- and 3-object scene when drawing a training batch")
     # VAE
     p.add_argument("--vae-steps", type=int, default=1500, help="steps on 32x32 crops")
@@ -271,10 +271,22 @@ def start_run(args):
     return work, out, state_path, log, timings, images, captions
 
 
+def sample_weights(text):
+    """--sample-weights: three non-negative numbers, not all zero, one per object count."""
+    try:
+        weights = tuple(float(w) for w in text.split(","))
+    except ValueError:
+        weights = ()
+    if len(weights) != 3 or min(weights) < 0 or sum(weights) <= 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not three non-negative weights, not all zero, for 1-, 2- and 3-object scenes (e.g. 2,1,1)")
+    return weights
+
+
 def scene_sampler(args, captions):
     """Draws training-batch indices, a scene with k objects weighted by --sample-weights[k - 1]."""
     from attnsteer.guidance.shapes import parse_caption
-    weights = np.asarray([float(w) for w in args.sample_weights.split(",")])
+    weights = np.asarray(args.sample_weights)
     p = weights[[len(parse_caption(c)) - 1 for c in captions]]
     p = p / p.sum()
     return lambda rng: torch.from_numpy(rng.choice(len(captions), args.batch, p=p))

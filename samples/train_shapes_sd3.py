@@ -49,7 +49,8 @@ from attnsteer.pipelines.tiny import clip_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_shapes_sd import (  # noqa: E402
-    cosine_lr, encode_dataset, end_step, n_params, optimizer_step, scene_sampler, start_run, train_vae,
+    cosine_lr, encode_dataset, end_step, n_params, optimizer_step, sample_weights, scene_sampler, start_run,
+    train_vae,
 )
 
 VOCAB_SIZE, BOS_ID, EOS_ID = 49408, 49406, 49407
@@ -67,7 +68,7 @@ def parse_args():
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--n-images", type=int, default=24000, help="drawn training scenes")
     p.add_argument("--object-weights", default="0.4,0.35,0.25", help="P(1, 2, 3 objects) per scene")
-    p.add_argument("--sample-weights", default="2,1,1",
+    p.add_argument("--sample-weights", type=sample_weights, default="2,1,1",
                    help="relative weight of a 1-, 2- and 3-object scene when drawing a training batch")
     # model
     p.add_argument("--layers", type=int, default=4)

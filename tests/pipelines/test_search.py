@@ -114,3 +114,12 @@ def test_items_take_fixed_seeds_from_tab_separated_lines():
 
     assert read_items(["a red circle\t7", "a blue square"], 2) == [
         ("a red circle", 7), ("a blue square", 0), ("a blue square", 1)]
+
+
+def test_halving_settings_are_checked_before_any_compute(tmp_path):
+    with pytest.raises(SystemExit, match=r"successive halving needs a cheaper screen: set screen items below the "
+                                         r"4 items or screen steps below 2"):
+        main([*SEARCH, "--out", str(tmp_path), "--halving-keep", "0.5"])
+    with pytest.raises(SystemExit, match=r"keep 1.5 must be a fraction in \(0, 1\)"):
+        main([*SEARCH, "--out", str(tmp_path), "--halving-keep", "1.5", "--screen-steps", "1"])
+    assert not (tmp_path / "heads.json").exists()
