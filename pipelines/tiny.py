@@ -8,12 +8,12 @@ attention layers with several heads so that per-head steering can be exercised.
 
 from __future__ import annotations
 
-import atexit
+import functools
 import gzip
+import hashlib
 import json
 import shutil
 import tempfile
-import threading
 from pathlib import Path
 
 import torch
@@ -61,10 +61,6 @@ VOCAB_SIZE = 49408  # 256 bytes + 256 end-of-word bytes + 48894 merges + 2 speci
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 BOS_ID, EOS_ID = VOCAB_SIZE - 2, VOCAB_SIZE - 1
 
-_vocab_dir: str | None = None
-_vocab_lock = threading.Lock()
-
-
 def _bytes_to_unicode() -> dict[int, str]:
     """CLIP's (and GPT-2's) reversible map from the 256 byte values to printable unicode characters."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
@@ -78,24 +74,30 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs)))
 
 
+@functools.lru_cache(maxsize=None)
 def _clip_vocab_dir() -> str:
-    """Write CLIP's vocab.json and merges.txt, built as CLIP's SimpleTokenizer builds them, once per process."""
-    global _vocab_dir
-    with _vocab_lock:
-        if _vocab_dir is None:
-            lines = gzip.open(BPE_PATH).read().decode("utf-8").split("\n")
-            merges = lines[1 : 49152 - 256 - 2 + 1]
-            byte_chars = list(_bytes_to_unicode().values())
-            vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges] + [BOS, EOS]
-            assert len(vocab) == VOCAB_SIZE, len(vocab)
-            folder = tempfile.mkdtemp(prefix="attnsteer-clip-bpe-")
-            atexit.register(shutil.rmtree, folder, True)
-            with open(Path(folder) / "vocab.json", "w", encoding="utf-8") as f:
-                json.dump({token: i for i, token in enumerate(vocab)}, f, ensure_ascii=False)
-            with open(Path(folder) / "merges.txt", "w", encoding="utf-8") as f:
-                f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-            _vocab_dir = folder
-    return _vocab_dir
+    """CLIP's vocab.json and merges.txt, built as CLIP's SimpleTokenizer builds them, in one folder per BPE
+    file that all processes share. It is written elsewhere and renamed into place, so a killed writer
+    never leaves a half-written folder behind."""
+    digest = hashlib.sha256(BPE_PATH.read_bytes()).hexdigest()[:16]
+    folder = Path(tempfile.gettempdir()) / f"attnsteer-clip-bpe-{digest}"
+    if folder.is_dir():
+        return str(folder)
+    lines = gzip.open(BPE_PATH).read().decode("utf-8").split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]
+    byte_chars = list(_bytes_to_unicode().values())
+    vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges] + [BOS, EOS]
+    assert len(vocab) == VOCAB_SIZE, len(vocab)
+    partial = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    with open(partial / "vocab.json", "w", encoding="utf-8") as f:
+        json.dump({token: i for i, token in enumerate(vocab)}, f, ensure_ascii=False)
+    with open(partial / "merges.txt", "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    try:
+        partial.rename(folder)
+    except OSError:  # another process renamed its own copy first
+        shutil.rmtree(partial, ignore_errors=True)
+    return str(folder)
 
 
 def clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:

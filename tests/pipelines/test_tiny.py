@@ -1,5 +1,8 @@
 import functools
+import hashlib
 import socket
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -7,6 +10,7 @@ import torch
 from diffusers.models.attention import AttentionModuleMixin
 from diffusers.models.attention_processor import Attention
 
+from attnsteer.pipelines import tiny
 from attnsteer.pipelines.tiny import KINDS, PIPELINE_CLASSES, clip_tokenizer, tiny_components, tiny_pipeline
 
 PROMPT = "a red circle and a blue square"
@@ -48,6 +52,25 @@ def test_clip_tokenizer_gives_real_clip_ids():
     padded = tokenizer(PROMPT, padding="max_length", max_length=tokenizer.model_max_length).input_ids
     assert len(padded) == 77 and padded[len(PROMPT_IDS) :] == [49407] * (77 - len(PROMPT_IDS))
     assert clip_tokenizer(model_max_length=512).model_max_length == 512
+
+
+def test_clip_vocab_folder_is_written_once_and_reused(tmp_path, monkeypatch):
+    """Every process that builds the tokenizer shares one folder (cache_clear stands for a new process);
+    a folder half-written by a killed process is never the one used."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    name = "attnsteer-clip-bpe-" + hashlib.sha256(tiny.BPE_PATH.read_bytes()).hexdigest()[:16]
+    (tmp_path / f"{name}.killed").mkdir()
+    try:
+        tiny._clip_vocab_dir.cache_clear()
+        first = tiny._clip_vocab_dir()
+        tiny._clip_vocab_dir.cache_clear()
+        assert tiny._clip_vocab_dir() == first
+        assert Path(first).name == name
+        assert sorted(p.name for p in tmp_path.iterdir()) == [name, f"{name}.killed"]
+        assert sorted(p.name for p in Path(first).iterdir()) == ["merges.txt", "vocab.json"]
+        assert clip_tokenizer()(PROMPT).input_ids == PROMPT_IDS
+    finally:
+        tiny._clip_vocab_dir.cache_clear()
 
 
 @pytest.mark.parametrize("kind", KINDS)
