@@ -15,8 +15,9 @@ all-zero "T5" tokens to the CLIP tokens, and training conditions through the pip
 2. Text encoders + transformer trained jointly from scratch: flow matching (x_t = (1 - s) x0 + s n,
    target n - x0, s logit-normal), 10% caption dropout to "" (so classifier-free guidance works), EMA.
 
-Generation: ``pipe(prompt, max_sequence_length=8, num_inference_steps=25, guidance_scale=5)``
-(max_sequence_length as trained: see TRAINING.md), 64x64 is the default size.
+Generation: ``pipe(prompt, max_sequence_length=8, num_inference_steps=40, guidance_scale=4)``
+(max_sequence_length as trained: see TRAINING.md), 64x64 is the default size; the saved attnsteer.json
+holds these call defaults for attnsteer's CLI.
 
 Usage (the shipped model):
 
@@ -71,6 +72,8 @@ def parse_args():
     p.add_argument("--sample-weights", type=sample_weights, default="2,1,1",
                    help="relative weight of a 1-, 2- and 3-object scene when drawing a training batch")
     # model
+    p.add_argument("--patch", type=int, default=2,
+                   help="patch size (1 learned far slower: single-object tune prompts 0.27 after an hour's 4641 steps)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=32)
@@ -88,6 +91,7 @@ def parse_args():
     p.add_argument("--drop", type=float, default=0.1, help="caption dropout to the empty prompt")
     p.add_argument("--default-cfg", type=float, default=4.0,
                    help="guidance_scale written to attnsteer.json, the call defaults attnsteer's CLI reads")
+    p.add_argument("--default-steps", type=int, default=40, help="num_inference_steps written to attnsteer.json")
     p.add_argument("--ckpt-every", type=int, default=250)
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--max-minutes", type=float, default=0,
@@ -111,16 +115,16 @@ def make_text_encoder(hidden, layers, act):
     ))
 
 
-def make_transformer(args, te_hidden):
+def make_transformer(args, te_hidden, latent_side):
     """adaLN-zero initialisation (as in DiT): every block starts as the identity and the output as
     zero, which DiT found to train faster than a default init."""
     model = SD3Transformer2DModel(
-        sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=args.layers,
+        sample_size=latent_side, patch_size=args.patch, in_channels=4, out_channels=4, num_layers=args.layers,
         attention_head_dim=args.head_dim, num_attention_heads=args.heads,
         caption_projection_dim=args.heads * args.head_dim,
         joint_attention_dim=sum(te_hidden),  # the two CLIP hidden states side by side
         pooled_projection_dim=sum(te_hidden),  # the two pooled (projected) CLIP outputs
-        pos_embed_max_size=8,  # 16x16 latent / patch 2; the (saved) sin-cos table stays small
+        pos_embed_max_size=latent_side // args.patch,  # the (saved) sin-cos table stays small
         qk_norm="rms_norm",
     )
     for name, module in model.named_modules():
@@ -213,7 +217,7 @@ def main():
 
     def make_all():
         return (make_text_encoder(te_hidden[0], te_layers[0], "quick_gelu"),
-                make_text_encoder(te_hidden[1], te_layers[1], "gelu"), make_transformer(args, te_hidden))
+                make_text_encoder(te_hidden[1], te_layers[1], "gelu"), make_transformer(args, te_hidden, means.shape[-1]))
 
     te1, te2, transformer = make_all()
     ema = make_all()
@@ -243,7 +247,9 @@ def main():
     def save(step):
         pipe = build_pipeline(final_vae(args, vae, shift, scale, log), *ema, tokenizer)
         pipe.save_pretrained(out, safe_serialization=True)
-        (out / "attnsteer.json").write_text(json.dumps({"call": {"guidance_scale": args.default_cfg, "max_sequence_length": max_seqs[0]}}) + "\n")
+        (out / "attnsteer.json").write_text(json.dumps({"call": {
+            "guidance_scale": args.default_cfg, "max_sequence_length": max_seqs[0],
+            "num_inference_steps": args.default_steps}}) + "\n")
         torch.save({"te1": te1.state_dict(), "te2": te2.state_dict(), "transformer": transformer.state_dict(),
                     "ema_te1": ema[0].state_dict(), "ema_te2": ema[1].state_dict(),
                     "ema_transformer": ema[2].state_dict(), "opt": opt.state_dict(),
@@ -310,9 +316,12 @@ def main():
     (out / "TRAINING.md").write_text(
         f"# shapes-sd3 training record\n\n"
         f"Trained by `samples/train_shapes_sd3.py`:\n\n"
-        f"    HF_HUB_OFFLINE=1 python samples/train_shapes_sd3.py --output {args.output} --steps {args.steps} "
-        f"--batch {args.batch} --lr {args.lr} --max-seq {args.max_seq} --seed {args.seed}"
-        + (f" --max-minutes {args.max_minutes}" if args.max_minutes else "") + "\n\n"
+        f"    HF_HUB_OFFLINE=1 python samples/train_shapes_sd3.py --output {args.output} --work {args.work} "
+        f"--vae-from {args.vae_from} --steps {args.steps} "
+        f"--batch {args.batch} --lr {args.lr} --max-seq {args.max_seq} --patch {args.patch} --threads {args.threads} "
+        f"--seed {args.seed}"
+        + (f" --max-minutes {args.max_minutes}" if args.max_minutes else "")
+        + "\n\nRerunning the command resumes from the state in --work.\n\n"
         f"- seed: {args.seed}\n"
         f"- transformer + text encoder steps: {trained} of {args.steps} scheduled, batch {args.batch}, "
         f"lr {args.lr} (warmup {args.warmup}, cosine to {args.min_lr_frac}x), AdamW wd 0.01, grad clip 1\n"
@@ -326,7 +335,8 @@ def main():
         f"shift_factor {shift:.4f}, scaling_factor {scale:.4f}\n"
         f"- wall time: {total / 60:.1f} min on {cpu}, torch {torch.__version__}, {args.threads} thread(s) "
         f"(stages: {', '.join(f'{k} {v / 60:.1f} min' for k, v in timings.items())}), "
-        f"sharing 2 cores with other jobs\n"
+        f"on a 2-core machine\n"
+        f"- transformer: {args.layers} joint layers x {args.heads} heads of {args.head_dim}, patch {args.patch}\n"
         f"- parameters: text_encoder {n_params(ema[0])}, text_encoder_2 {n_params(ema[1])}, "
         f"transformer {n_params(ema[2])}, VAE {n_params(shipped_vae)}; saved EMA weights (decay {args.ema}), "
         f"{size / 2**20:.1f} MiB of weights\n"
