@@ -283,6 +283,17 @@ def sample_weights(text):
     return weights
 
 
+def positive_int(text):
+    """An option that counts something (steps): a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
+
+
 def scene_sampler(args, captions):
     """Draws training-batch indices, a scene with k objects weighted by --sample-weights[k - 1]."""
     from attnsteer.guidance.shapes import parse_caption

@@ -50,8 +50,8 @@ from attnsteer.pipelines.tiny import clip_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_shapes_sd import (  # noqa: E402
-    cosine_lr, encode_dataset, end_step, n_params, optimizer_step, sample_weights, scene_sampler, start_run,
-    train_vae,
+    cosine_lr, encode_dataset, end_step, n_params, optimizer_step, positive_int, sample_weights, scene_sampler,
+    start_run, train_vae,
 )
 
 VOCAB_SIZE, BOS_ID, EOS_ID = 49408, 49406, 49407
@@ -72,8 +72,9 @@ def parse_args():
     p.add_argument("--sample-weights", type=sample_weights, default="2,1,1",
                    help="relative weight of a 1-, 2- and 3-object scene when drawing a training batch")
     # model
-    p.add_argument("--patch", type=int, default=2,
-                   help="patch size (1 learned far slower: single-object tune prompts 0.27 after an hour's 4641 steps)")
+    p.add_argument("--patch", type=int, default=2, choices=(1, 2, 4),
+                   help="patch size, a divisor of the 16x16 latent side (1 learned far slower: single-object "
+                        "tune prompts 0.27 after an hour's 4641 steps)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=32)
@@ -91,7 +92,7 @@ def parse_args():
     p.add_argument("--drop", type=float, default=0.1, help="caption dropout to the empty prompt")
     p.add_argument("--default-cfg", type=float, default=4.0,
                    help="guidance_scale written to attnsteer.json, the call defaults attnsteer's CLI reads")
-    p.add_argument("--default-steps", type=int, default=40, help="num_inference_steps written to attnsteer.json")
+    p.add_argument("--default-steps", type=positive_int, default=40, help="num_inference_steps written to attnsteer.json")
     p.add_argument("--ckpt-every", type=int, default=250)
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--max-minutes", type=float, default=0,
