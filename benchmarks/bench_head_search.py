@@ -55,7 +55,7 @@ def main():
     from attnsteer.guidance.objectives import load_objective
     from attnsteer.guidance.shapes import prompt_set
     from attnsteer.pipelines.cli import call_defaults, load_pipeline
-    from attnsteer.pipelines.evaluate import evaluate, table
+    from attnsteer.pipelines.evaluate import evaluate, paired_table, table
     from attnsteer.pipelines.search import read_items, run_search
 
     pipe, _ = load_pipeline(args.model, "cpu", "float32")
@@ -102,8 +102,10 @@ def main():
         t = time.time()
         result = evaluate(pipe, prompts, seeds, methods, {**defaults, "guidance_scale": cfg,
                                                           "num_inference_steps": args.steps}, batch_size=50)
-        report[f"heldout {label}"] = {"cfg": cfg, "summary": result["summary"], "wall_s": time.time() - t}
-        print(f"held-out, {label} (CFG {cfg}), heads {heads}:\n" + table(result["summary"]), flush=True)
+        report[f"heldout {label}"] = {"cfg": cfg, "summary": result["summary"], "paired": result["paired"],
+                                      "wall_s": time.time() - t}
+        print(f"held-out, {label} (CFG {cfg}), heads {heads}:\n" + table(result["summary"]) + "\n"
+              + paired_table(result["paired"], "none"), flush=True)
     (out / "report.json").write_text(json.dumps(report, indent=1))
 
 

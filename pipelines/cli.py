@@ -116,7 +116,7 @@ def generate(args) -> None:
 
 
 def evaluate(args) -> None:
-    from .evaluate import evaluate as run, table, write
+    from .evaluate import evaluate as run, paired_table, table, write
 
     prompts = _prompts(args)
     pipe, is_video = load_pipeline(args.model, args.device, args.dtype)
@@ -129,6 +129,8 @@ def evaluate(args) -> None:
     state = process_state()
     if state.is_main_process:
         print(table(result["summary"]))
+        if result["paired"]:
+            print(paired_table(result["paired"], "baseline"))
         config = {k: v for k, v in vars(args).items() if k != "run"}
         for path in write(result, args.out, {**config, "prompts": len(prompts), "processes": state.num_processes}):
             print(path)

@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from attnsteer.guidance.distributed import process_state
-from attnsteer.guidance.shapes import detect, score, summarize
+from attnsteer.guidance.shapes import detect, paired_difference, score, summarize
 
 METRICS = ("coverage", "bound", "binding", "count_right")
 
@@ -29,8 +29,8 @@ def evaluate(pipe, prompts: list[str], seeds: list[int], methods: dict[str, dict
              batch_size: int = 8, keep_images: int = 0) -> dict:
     """Run ``pipe`` on every (prompt, seed) for each method (name -> pipeline keyword arguments).
 
-    Returns ``{"records": [...], "summary": {method: rates}, "images": {method: [first keep_images PIL]}}``,
-    complete on every process.
+    Returns ``{"records": [...], "summary": {method: rates}, "paired": {method: differences from the
+    first method}, "images": {method: [first keep_images PIL]}}``, complete on every process.
     """
     from accelerate.utils import gather_object
 
@@ -56,6 +56,7 @@ def evaluate(pipe, prompts: list[str], seeds: list[int], methods: dict[str, dict
     return {
         "records": records,
         "summary": {m: summarize([r for r in records if r["method"] == m]) for m in methods},
+        "paired": paired(records, order[0]),
         "images": {m: [image for method, _, image in kept if method == m] for m in methods},
     }
 
@@ -66,6 +67,29 @@ def table(summary: dict) -> str:
     for method, s in summary.items():
         cells = [f"{s[m]['rate']:.3f} [{s[m]['low']:.3f}, {s[m]['high']:.3f}]" for m in METRICS]
         lines.append(f"| {method} | {s['n_images']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paired(records: list[dict], reference: str) -> dict:
+    """Each other method minus ``reference`` on the same prompts and seeds, per metric
+    (``paired_difference``, seeds grouped by prompt)."""
+    by_method = {}
+    for r in records:
+        by_method.setdefault(r["method"], {})[(r["prompt"], r["seed"])] = r
+    if reference not in by_method:
+        raise ValueError(f"reference method {reference!r} is not one of {list(by_method)}")
+    keys = sorted(by_method[reference])
+    base = [by_method[reference][k] for k in keys]
+    return {method: {m: paired_difference(base, [rows[k] for k in keys], m, [p for p, _ in keys]) for m in METRICS}
+            for method, rows in by_method.items() if method != reference}
+
+
+def paired_table(differences: dict, reference: str) -> str:
+    """Markdown table of ``paired`` differences with 95% intervals."""
+    lines = [f"| method - {reference} | pairs | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 2) + "|"]
+    for method, d in differences.items():
+        cells = [f"{d[m]['diff']:+.3f} [{d[m]['low']:+.3f}, {d[m]['high']:+.3f}]" for m in METRICS]
+        lines.append(f"| {method} | {d[METRICS[0]]['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -86,11 +110,12 @@ def contact_sheet(images: dict[str, list[Image.Image]], labels: list[str] | None
 
 
 def write(result: dict, out: str | Path, config: dict) -> list[Path]:
-    """Write ``eval.json`` (config, summary, records) and ``contact_sheet.png`` under ``out``."""
+    """Write ``eval.json`` (config, summary, paired differences, records) and ``contact_sheet.png`` under ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "eval.json", "w") as f:
-        json.dump({"config": config, "summary": result["summary"], "records": result["records"]}, f, indent=1)
+        json.dump({"config": config, "summary": result["summary"], "paired": result["paired"],
+                   "records": result["records"]}, f, indent=1)
     paths = [out / "eval.json"]
     if any(result["images"].values()):
         first = next(iter(result["images"]))

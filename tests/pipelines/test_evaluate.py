@@ -3,10 +3,11 @@
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from attnsteer.pipelines.cli import main
-from attnsteer.pipelines.evaluate import evaluate, table
+from attnsteer.pipelines.evaluate import evaluate, paired, paired_table, table
 from launch import accelerate_cli
 
 
@@ -37,15 +38,25 @@ def test_rates_follow_the_images():
     assert [r["index"] for r in result["records"]] == list(range(6)) * 2
     assert len(result["images"]["half"]) == 2
     assert "| half | 6 | 0.500 [" in table(result["summary"])
+    # paired on the same prompts and seeds: dropping the second object loses exactly half of
+    # every image's objects, so the difference has no spread at all
+    half_vs_right = result["paired"]["half"]
+    assert list(result["paired"]) == ["half"]
+    assert half_vs_right["bound"] == {"diff": -0.5, "low": -0.5, "high": -0.5, "n": 6, "groups": 2}
+    assert half_vs_right["binding"]["diff"] == -1.0
+    assert "| half | 6 | -0.500 [-0.500, -0.500] | -0.500 [" in paired_table(result["paired"], "right")
+    assert paired(result["records"], "half")["right"]["coverage"]["diff"] == 0.5
+    with pytest.raises(ValueError, match="reference method 'none' is not one of \\['right', 'half'\\]"):
+        paired(result["records"], "none")
 
 
 def test_cli_eval_writes_table_json_and_contact_sheet(tmp_path, capsys):
     main(["eval", "--model", "tiny-sd", "--set", "two", "--limit", "2", "--seeds", "2", "--steps", "2",
           "--heads", "0:*", "--keep", "3", "--out", str(tmp_path)])
     out = capsys.readouterr().out
-    assert "| baseline | 4 |" in out and "| heads | 4 |" in out
+    assert "| baseline | 4 |" in out and "| heads | 4 |" in out and "| heads | 4 | " in out.split("| method - baseline |")[1]
     saved = json.loads((tmp_path / "eval.json").read_text())
-    assert saved["config"]["heads"] == "0:*" and len(saved["records"]) == 8
+    assert saved["config"]["heads"] == "0:*" and len(saved["records"]) == 8 and list(saved["paired"]) == ["heads"]
     assert Image.open(tmp_path / "contact_sheet.png").size == (90 + 3 * 32, 2 * 32 + 14)
 
 
@@ -56,7 +67,7 @@ def test_two_accelerate_processes_give_the_same_table(tmp_path):
     accelerate_cli([*args, "--out", str(tmp_path / "two")])
     one, two = (json.loads((tmp_path / name / "eval.json").read_text()) for name in ("one", "two"))
     assert (one["config"]["processes"], two["config"]["processes"]) == (1, 2)
-    assert one["summary"] == two["summary"]
+    assert one["summary"] == two["summary"] and one["paired"] == two["paired"]
     strip = lambda records: [{k: v for k, v in r.items() if k != "pixel_mean"} for r in records]
     assert strip(one["records"]) == strip(two["records"])
     # processes may run with other thread counts: float sums differ in the last bits
