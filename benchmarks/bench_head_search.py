@@ -7,7 +7,8 @@ Search: shapes objective on the two-object "tune" prompts, CFG off (as HeadHunte
 - plain: Algorithm 1, one candidate per pipeline call, every candidate scored in full;
 - batched: the same evaluations, several candidates per call (a head set per prompt);
 - halving: batched, plus a screen of every candidate on fewer items and steps, the best fraction re-scored.
-Held-out: the two-object "heldout" prompts, with the search's w and u, at CFG off and at the model's CFG.
+Held-out: the two-object "heldout" prompts, with the search's w and u, at CFG off and at the model's CFG;
+every method's rates, and paired differences (same prompts and seeds) against none and against the found set.
 Searching with CFG on (--search-cfg) is also possible.
 
     python benchmarks/bench_head_search.py --model samples/models/shapes-sd3 --out /tmp/bench-search
@@ -55,7 +56,7 @@ def main():
     from attnsteer.guidance.objectives import load_objective
     from attnsteer.guidance.shapes import prompt_set
     from attnsteer.pipelines.cli import call_defaults, load_pipeline
-    from attnsteer.pipelines.evaluate import evaluate, paired_table, table
+    from attnsteer.pipelines.evaluate import evaluate, paired, paired_table, table
     from attnsteer.pipelines.search import read_items, run_search
 
     pipe, _ = load_pipeline(args.model, "cpu", "float32")
@@ -102,10 +103,12 @@ def main():
         t = time.time()
         result = evaluate(pipe, prompts, seeds, methods, {**defaults, "guidance_scale": cfg,
                                                           "num_inference_steps": args.steps}, batch_size=50)
+        found_name = list(methods)[1]
+        against_found = paired(result["records"], found_name)
         report[f"heldout {label}"] = {"cfg": cfg, "summary": result["summary"], "paired": result["paired"],
-                                      "wall_s": time.time() - t}
+                                      "paired_found": against_found, "wall_s": time.time() - t}
         print(f"held-out, {label} (CFG {cfg}), heads {heads}:\n" + table(result["summary"]) + "\n"
-              + paired_table(result["paired"], "none"), flush=True)
+              + paired_table(result["paired"], "none") + "\n" + paired_table(against_found, found_name), flush=True)
     (out / "report.json").write_text(json.dumps(report, indent=1))
 
 

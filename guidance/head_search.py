@@ -1,7 +1,9 @@
 """HeadHunter head selection (METHODS.md section 1, Algorithm 1): greedy rounds over a pool of heads.
 
 Round r scores every candidate S + {h}, h in the pool and not yet in S, on the same prompt-seed
-items, and adds the k best heads to S. What it adds to the authors' procedure:
+items, and adds the k best heads to S; each round also records its best candidate's gain over no
+heads on those items, paired by item with a 95% interval (a gain inside it is selection noise).
+What it adds to the authors' procedure:
 
 - cost: candidates are scored in chunks (one batched pipeline call, a head set per prompt);
   heads already in S are never scored again; an optional successive-halving stage screens every
@@ -121,6 +123,7 @@ def search_heads(evaluate: Evaluate, pool: list[Head], rounds: int, top_k: int, 
     from tqdm.auto import tqdm
 
     from .distributed import process_state
+    from .stats import paired_difference
 
     state = process_state()
 
@@ -171,6 +174,9 @@ def search_heads(evaluate: Evaluate, pool: list[Head], rounds: int, top_k: int, 
         best = sorted(range(len(heads)), key=lambda i: -scores[i])[:top_k]
         selected += [heads[i] for i in best]
         record.update(selected=[head_key(heads[i]) for i in best], score=scores[best[0]],
+                      gain=paired_difference(journal.scores[f"{full.name}|"],
+                                             journal.scores[f"{full.name}|{candidate_key(candidates[best[0]])}"],
+                                             [prompt for prompt, _ in full.items]),
                       scores={head_key(h): s for h, s in zip(heads, scores)})
         result.rounds.append(record)
     bar.close()

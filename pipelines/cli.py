@@ -169,7 +169,9 @@ def search(args) -> None:
     if process_state().is_main_process:
         print(f"baseline (no heads) score {summary['baseline_score']:.4f}")
         for r in summary["rounds"]:
-            print(f"round {r['round']}: + {' '.join(r['selected'])}  (best candidate {r['score']:.4f})")
+            gain = r["gain"]
+            print(f"round {r['round']}: + {' '.join(r['selected'])}  (best candidate {r['score']:.4f}, "
+                  f"{gain['diff']:+.4f} [{gain['low']:+.4f}, {gain['high']:+.4f}] over no heads, paired)")
         print(f"heads: {' '.join(summary['heads'])}")
         cost = summary["search"]
         print(f"{cost['image_steps']} image-steps ({cost['computed_image_steps']} computed now) in {cost['wall_s']} s")

@@ -15,7 +15,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from attnsteer.guidance.distributed import process_state
-from attnsteer.guidance.shapes import detect, paired_difference, score, summarize
+from attnsteer.guidance.shapes import detect, score, summarize
+from attnsteer.guidance.stats import paired_difference
 
 METRICS = ("coverage", "bound", "binding", "count_right")
 
@@ -72,7 +73,8 @@ def table(summary: dict) -> str:
 
 def paired(records: list[dict], reference: str) -> dict:
     """Each other method minus ``reference`` on the same prompts and seeds, per metric
-    (``paired_difference``, seeds grouped by prompt)."""
+    (``paired_difference``, seeds grouped by prompt; coverage and bound per image, which for
+    images with equal object counts is the pooled rates' difference)."""
     by_method = {}
     for r in records:
         by_method.setdefault(r["method"], {})[(r["prompt"], r["seed"])] = r
@@ -80,7 +82,9 @@ def paired(records: list[dict], reference: str) -> dict:
         raise ValueError(f"reference method {reference!r} is not one of {list(by_method)}")
     keys = sorted(by_method[reference])
     base = [by_method[reference][k] for k in keys]
-    return {method: {m: paired_difference(base, [rows[k] for k in keys], m, [p for p, _ in keys]) for m in METRICS}
+    prompts = [p for p, _ in keys]
+    return {method: {m: paired_difference([float(r[m]) for r in base], [float(rows[k][m]) for k in keys], prompts)
+                     for m in METRICS}
             for method, rows in by_method.items() if method != reference}
 
 

@@ -80,26 +80,6 @@ def summarize(scores):
     }
 
 
-def paired_difference(a, b, metric, groups=None):
-    """Mean of ``metric`` in ``b`` minus in ``a`` over paired ``score`` results (the same prompt and
-    seed under two methods), with a 95% interval from the spread of per-group mean differences.
-
-    Pairing removes the prompt-and-seed variance both methods share, so a small change is measured
-    far more tightly than by comparing two rates' intervals. ``groups`` (e.g. each pair's prompt)
-    keeps the seeds of one prompt from counting as independent; default: every pair its own group.
-    coverage and bound are per-image fractions (for images with equal object counts, the pooled
-    rates' difference)."""
-    if len(a) != len(b) or not a:
-        raise ValueError(f"paired_difference needs two equally long, non-empty lists, not {len(a)} and {len(b)}")
-    d = np.array([float(y[metric]) - float(x[metric]) for x, y in zip(a, b)])
-    keys = np.unique(np.arange(len(d)) if groups is None else np.asarray(groups), return_inverse=True)[1]
-    sums = np.bincount(keys, weights=d - d.mean())  # cluster-robust: residuals summed per group
-    g = len(sums)
-    half = Z95 * np.sqrt(g / (g - 1) * (sums ** 2).sum()) / len(d) if g > 1 else float("nan")
-    return {"diff": float(d.mean()), "low": float(d.mean() - half), "high": float(d.mean() + half),
-            "n": len(d), "groups": g}
-
-
 def subject(detections, colour, shape):
     """The largest detection of that colour and shape, or None."""
     matches = [d for d in detections if (d.colour, d.shape) == (colour, shape)]

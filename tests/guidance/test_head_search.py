@@ -68,6 +68,12 @@ def test_greedy_equals_algorithm_1(tmp_path, seed, rounds, top_k, chunk):
     sizes = sorted({len(c) for cands, _, _ in objective.calls for c in cands})
     assert sizes == [0] + [r * top_k + 1 for r in range(rounds)]
     assert result.image_steps == result.computed_image_steps == len(evaluated) * len(ITEMS) * 5
+    # the best candidate's gain, paired by item: every item moves by the same amount, so no spread
+    for record in result.rounds:
+        gain = record["gain"]
+        assert gain["diff"] == pytest.approx(record["score"] - result.baseline)
+        assert gain["low"] == pytest.approx(gain["diff"]) and gain["high"] == pytest.approx(gain["diff"])
+        assert (gain["n"], gain["groups"]) == (len(ITEMS), len(ITEMS))
 
 
 def test_a_head_weak_alone_wins_a_later_round(tmp_path):

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 
 from attnsteer.guidance.shapes import (Detection, ObjectSpec, attribute_match,
-                                       draw_objects, paired_difference, parse_caption,
-                                       prompt_set, render, score, score_frames, summarize,
-                                       wilson)
+                                       draw_objects, parse_caption, prompt_set, render,
+                                       score, score_frames, summarize, wilson)
 
 
 def _det(colour, shape):
@@ -74,26 +73,6 @@ def test_summarize():
     for key, (k, n) in expected.items():
         low, high = wilson(k, n)
         assert summary[key] == {"rate": pytest.approx(k / n), "low": low, "high": high, "k": k, "n": n}
-
-
-def test_paired_difference_against_hand_computation():
-    a = [{"bound": x} for x in (0, 0.5, 1, 0, 1, 0)]
-    b = [{"bound": x} for x in (0.5, 0.5, 1, 1, 1, 0)]
-    # differences 0.5, 0, 0, 1, 0, 0: mean 0.25, sample sd sqrt(0.875 / 5) = 0.418330
-    ungrouped = paired_difference(a, b, "bound")
-    assert ungrouped["diff"] == pytest.approx(0.25) and (ungrouped["n"], ungrouped["groups"]) == (6, 6)
-    assert ungrouped["high"] - 0.25 == pytest.approx(1.959964 * 0.418330 / 6 ** 0.5, abs=1e-5)
-    # per-group mean differences 0.25, 0.5, 0: sd 0.25 over 3 groups
-    grouped = paired_difference(a, b, "bound", groups=["x", "x", "y", "y", "z", "z"])
-    assert grouped["groups"] == 3
-    assert (grouped["low"], grouped["high"]) == pytest.approx((0.25 - 1.959964 * 0.25 / 3 ** 0.5,
-                                                              0.25 + 1.959964 * 0.25 / 3 ** 0.5), abs=1e-5)
-    # unequal groups: the overall mean, not the mean of group means
-    uneven = paired_difference(a, b, "bound", groups=["x", "x", "x", "x", "z", "z"])
-    assert uneven["diff"] == pytest.approx(0.25) and uneven["low"] < 0.25 < uneven["high"]
-    assert paired_difference(b, a, "bound")["diff"] == pytest.approx(-0.25)
-    with pytest.raises(ValueError, match="equally long, non-empty lists, not 6 and 5"):
-        paired_difference(a, b[:5], "bound")
 
 
 def test_attribute_match():

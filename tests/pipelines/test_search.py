@@ -71,7 +71,11 @@ def test_search_writes_a_head_set_the_pipeline_takes_as_it_is(sd3, tmp_path, cap
     np.testing.assert_array_equal(from_file, explicit)
     capsys.readouterr()
     main([*SEARCH, "--out", str(tmp_path)])  # the same command again: all from the journal
-    assert f"{(1 + 8 + 6) * 4 * 2} image-steps (0 computed now)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"{(1 + 8 + 6) * 4 * 2} image-steps (0 computed now)" in out
+    gain = saved["rounds"][1]["gain"]
+    assert gain["diff"] == pytest.approx(saved["rounds"][1]["score"] - saved["baseline_score"]) and gain["n"] == 4
+    assert f"{gain['diff']:+.4f} [{gain['low']:+.4f}, {gain['high']:+.4f}] over no heads, paired" in out
     with pytest.raises(SystemExit, match=r"other settings \(w: journal 3.0, now 5.0\)"):
         main([*SEARCH, "--out", str(tmp_path), "--scale", "5"])
 
