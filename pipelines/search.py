@@ -62,7 +62,8 @@ def run_search(pipe, *, model: str, revision: str | None, objective, objective_n
     """Search, then write ``heads.json`` (a head-set file the pipelines take as it is) and
     ``contact_sheet.png`` under ``out`` (main process). Returns the head-set file's contents."""
     state = process_state()
-    call_kwargs = {k: v for k, v in (call_kwargs or {}).items() if k != "num_inference_steps"}  # steps: ``steps``
+    # steps come from ``steps``; unset options (None) are the pipeline's defaults and stay out of the journal
+    call_kwargs = {k: v for k, v in (call_kwargs or {}).items() if k != "num_inference_steps" and v is not None}
     pool = head_pool(pipe, layers)
     full = Fidelity("full", tuple(items), steps)
     screen = None

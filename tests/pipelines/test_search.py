@@ -65,6 +65,8 @@ def test_search_writes_a_head_set_the_pipeline_takes_as_it_is(sd3, tmp_path, cap
     assert saved["model"] == "tiny-sd3" and saved["objective"] == OBJECTIVE
     assert [len(r["scores"]) for r in saved["rounds"]] == [8, 6]
     assert saved["search"]["image_steps"] == (1 + 8 + 6) * 4 * 2
+    # options left unset (the size) are the pipeline defaults, not settings recorded in the journal
+    assert saved["search"]["call"] == {"guidance_scale": 1.0}
     assert (tmp_path / "contact_sheet.png").exists()
     from_file = images(sd3, ["a red circle"], [0], perturbed_heads=str(tmp_path / "heads.json"))
     explicit = images(sd3, ["a red circle"], [0], perturbed_heads=saved["heads"], perturbation_mode="joint")
