@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from .stats import paired_difference
+
 Head = tuple[str, int]
 Candidate = tuple[Head, ...]
 Item = tuple[str, int]  # (prompt, seed)
@@ -123,7 +125,6 @@ def search_heads(evaluate: Evaluate, pool: list[Head], rounds: int, top_k: int, 
     from tqdm.auto import tqdm
 
     from .distributed import process_state
-    from .stats import paired_difference
 
     state = process_state()
 
