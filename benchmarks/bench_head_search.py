@@ -91,7 +91,8 @@ def main():
     heads = found[args.variants[-1]]
     layers = sorted({h.rpartition(":")[0] for h in heads})
     steer = dict(perturbation_scale=args.w, softpag_u=args.u)
-    methods = {"none": {}, f"found ({len(heads)} heads)": {**steer, "perturbed_heads": heads}}
+    found_name = f"found ({len(heads)} heads)"
+    methods = {"none": {}, found_name: {**steer, "perturbed_heads": heads}}
     for layer in layers:
         methods[f"layer {layer}"] = {**steer, "perturbed_heads": f"{layer}:*"}
     if len(layers) > 1:
@@ -103,7 +104,6 @@ def main():
         t = time.time()
         result = evaluate(pipe, prompts, seeds, methods, {**defaults, "guidance_scale": cfg,
                                                           "num_inference_steps": args.steps}, batch_size=50)
-        found_name = list(methods)[1]
         against_found = paired(result["records"], found_name)
         report[f"heldout {label}"] = {"cfg": cfg, "summary": result["summary"], "paired": result["paired"],
                                       "paired_found": against_found, "wall_s": time.time() - t}

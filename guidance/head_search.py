@@ -49,6 +49,10 @@ class Fidelity:
     items: tuple[Item, ...]
     steps: int
 
+    def key(self, candidate: Candidate) -> str:
+        """The journal's key for the candidate's per-item scores at this fidelity."""
+        return f"{self.name}|{candidate_key(candidate)}"
+
     def cost(self, candidates: int) -> int:
         """Image-steps: denoising steps of one image (with its perturbed branch), the unit of cost."""
         return candidates * len(self.items) * self.steps
@@ -140,7 +144,7 @@ def search_heads(evaluate: Evaluate, pool: list[Head], rounds: int, top_k: int, 
     result = SearchResult(heads=[], baseline=0.0)
 
     def scored(candidates: list[Candidate], fidelity: Fidelity) -> list[float]:
-        keys = [f"{fidelity.name}|{candidate_key(c)}" for c in candidates]
+        keys = [fidelity.key(c) for c in candidates]
         chunks = [list(range(i, min(i + chunk, len(candidates)))) for i in range(0, len(candidates), chunk)]
         todo = [c for c in chunks if not all(keys[i] in journal.scores for i in c)]
         bar.update(fidelity.cost(len(candidates) - sum(len(c) for c in todo)))
@@ -175,8 +179,7 @@ def search_heads(evaluate: Evaluate, pool: list[Head], rounds: int, top_k: int, 
         best = sorted(range(len(heads)), key=lambda i: -scores[i])[:top_k]
         selected += [heads[i] for i in best]
         record.update(selected=[head_key(heads[i]) for i in best], score=scores[best[0]],
-                      gain=paired_difference(journal.scores[f"{full.name}|"],
-                                             journal.scores[f"{full.name}|{candidate_key(candidates[best[0]])}"],
+                      gain=paired_difference(journal.scores[full.key(())], journal.scores[full.key(candidates[best[0]])],
                                              [prompt for prompt, _ in full.items]),
                       scores={head_key(h): s for h, s in zip(heads, scores)})
         result.rounds.append(record)
