@@ -61,6 +61,7 @@ def main():
 
     pipe, _ = load_pipeline(args.model, "cpu", "float32")
     pipe.set_progress_bar_config(disable=True)
+    pipe.perturbation_guidance(perturbation_scale=args.w, softpag_u=args.u)  # refused before any image is made
     defaults = call_defaults(args.model)
     items = read_items(prompt_set("two", "tune")[:args.prompts], args.seeds)
     objective = load_objective(args.objective)

@@ -30,7 +30,16 @@ def parse_args():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--out", default=None, help="write the summary and paired differences here as JSON")
     p.add_argument("--threads", type=int, default=2)
-    return p.parse_args()
+    args = p.parse_args()
+    from attnsteer.guidance.shapes import prompt_set
+
+    size = len(prompt_set(args.set, "tune"))
+    if not 0 <= args.first < size:
+        p.error(f"--first {args.first} is not a tune prompt of set {args.set!r} (0 to {size - 1})")
+    for name in ("count", "seeds", "steps", "threads"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} {getattr(args, name)} must be at least 1")
+    return args
 
 
 def main():
@@ -51,6 +60,8 @@ def main():
         for i in range(n_layers):
             methods[f"layer {i} w {w} {mode}"] = dict(perturbation_scale=w, softpag_u=args.u,
                                                       perturbed_heads=f"{i}:*", perturbation_mode=mode)
+    for kwargs in methods.values():
+        pipe.perturbation_guidance(**kwargs)  # a bad w or u is refused before any image is made
     t = time.time()
     result = evaluate(pipe, prompts, list(range(args.seeds)), methods,
                       {**call_defaults(args.model), "num_inference_steps": args.steps}, batch_size=50)

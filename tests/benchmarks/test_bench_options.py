@@ -1,0 +1,36 @@
+"""The benchmark scripts refuse bad options with a message naming the value, before any image is made."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def refused(script, *options):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, str(BENCHMARKS / script), *options, "--threads", "1"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode != 0 and "image-step" not in run.stdout and "methods x" not in run.stdout
+    return run.stderr
+
+
+@pytest.mark.parametrize("options,message", [
+    (["--first", "150"], "--first 150 is not a tune prompt of set 'two' (0 to 149)"),
+    (["--set", "one", "--first", "-1"], "--first -1 is not a tune prompt of set 'one' (0 to 14)"),
+    (["--count", "0"], "--count 0 must be at least 1"),
+    (["--seeds", "-2"], "--seeds -2 must be at least 1"),
+    (["--u", "2"], "softpag_u 2.0 must be in [0, 1]"),
+    (["--scales", "nan"], "perturbation_scale nan must be a finite number"),
+])
+def test_layer_scale_options(options, message):
+    assert message in refused("bench_layer_scale.py", *options)
+
+
+def test_head_search_u_is_refused_before_the_search(tmp_path):
+    stderr = refused("bench_head_search.py", "--model", "shapes-sd3", "--u", "1.5", "--out", str(tmp_path))
+    assert "softpag_u 1.5 must be in [0, 1]" in stderr
+    assert not any(tmp_path.iterdir())  # no journal was started
