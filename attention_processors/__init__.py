@@ -3,6 +3,7 @@
 from .architectures import CROSS, JOINT, SELF, LayerInfo, TokenLayout, architecture_of, list_layers
 from .core import AttentionCall, LayoutRecorder, Steer, SteeredProcessor, SteeringSession, patched_attribute, steering
 from .heads import HeadSet, HeadSetFile, resolve_heads
+from .maps import AttentionMapCapture, attention_maps, map_layers, text_attention, token_weights
 from .perturb import MODES, HeadPerturbation, head_weights, identity_output, image_identity
 
 __all__ = [
@@ -10,4 +11,5 @@ __all__ = [
     "LayerInfo", "LayoutRecorder", "Steer", "SteeredProcessor", "SteeringSession", "TokenLayout", "architecture_of",
     "head_weights", "identity_output", "image_identity", "list_layers", "patched_attribute",
     "resolve_heads", "steering",
+    "AttentionMapCapture", "attention_maps", "map_layers", "text_attention", "token_weights",
 ]

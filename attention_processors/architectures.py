@@ -71,6 +71,15 @@ class Architecture:
     def image_grid(self, info: dict, image_tokens: int) -> tuple[int, ...] | None:
         return info.get("grid")
 
+    def layer_grids(self, model: torch.nn.Module, latent: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+        """Image grid of each layer's queries for a VAE latent of spatial size ``latent``, known
+        before any call (the layouts of a call give the same grids)."""
+        grid = self.input_grid(model, latent)
+        return {name: grid for name in self.layers(model)}
+
+    def input_grid(self, model: torch.nn.Module, latent: tuple[int, ...]) -> tuple[int, ...]:
+        raise NotImplementedError
+
     def layout(self, layer: LayerInfo, info: dict, seq_len: int) -> TokenLayout:
         """Layout of the query sequence of ``layer`` for a call with ``seq_len`` tokens."""
         if layer.kind != JOINT:
@@ -120,6 +129,19 @@ class UNetArchitecture(Architecture):
             factor *= 2
         return None
 
+    def layer_grids(self, model, latent):
+        """Each down block works at its input size and halves it (stride-2 conv: ceil) if it has a
+        downsampler; the mid block at the smallest size; up block j at down block n-1-j's size."""
+        sizes, size = [], tuple(latent)
+        for block in model.down_blocks:
+            sizes.append(size)
+            if getattr(block, "downsamplers", None):
+                size = tuple(math.ceil(s / 2) for s in size)
+        blocks = {f"down_blocks.{i}": g for i, g in enumerate(sizes)}
+        blocks.update({f"up_blocks.{j}": sizes[len(sizes) - 1 - j] for j in range(len(model.up_blocks))})
+        blocks["mid_block"] = size
+        return {name: blocks[name.split(".attentions.")[0]] for name in self.layers(model)}
+
 
 class SD3Architecture(Architecture):
     """SD3Transformer2DModel: joint attention with [image, text] tokens; SD3.5 adds attn2 (self)."""
@@ -146,6 +168,10 @@ class SD3Architecture(Architecture):
         grid = info.get("grid")
         return grid if grid is not None and grid[0] * grid[1] == image_tokens else None
 
+    def input_grid(self, model, latent):
+        patch = model.config.patch_size
+        return tuple(s // patch for s in latent)
+
 
 class FluxArchitecture(Architecture):
     """FluxTransformer2DModel: [text, image] tokens in double- and single-stream blocks."""
@@ -169,6 +195,10 @@ class FluxArchitecture(Architecture):
         return {"text_len": None if text is None else text.shape[1], "grid": grid}
 
     image_grid = SD3Architecture.image_grid
+
+    def input_grid(self, model, latent):
+        """FLUX pipelines pack 2x2 latent pixels into one token."""
+        return tuple(s // 2 for s in latent)
 
 
 class WanArchitecture(Architecture):
@@ -194,6 +224,9 @@ class WanArchitecture(Architecture):
     def image_grid(self, info, image_tokens):
         grid = info.get("grid")
         return grid if grid is not None and math.prod(grid) == image_tokens else None
+
+    def input_grid(self, model, latent):
+        return tuple(s // p for s, p in zip(latent, model.config.patch_size))
 
 
 ARCHITECTURES = (UNetArchitecture(), SD3Architecture(), FluxArchitecture(), WanArchitecture())
