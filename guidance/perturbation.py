@@ -24,6 +24,8 @@ import torch
 
 from attnsteer.attention_processors import MODES, HeadPerturbation, HeadSet, head_weights, patched_attribute, steering
 
+from .auxiliary import in_auxiliary_call
+
 BATCHING = ("batched", "sequential")
 UNBATCHED_ARGUMENTS = frozenset({"txt_ids", "img_ids"})
 
@@ -134,6 +136,8 @@ class HeadPerturbationGuidance:
         def guided(forward):
             def run(*args, **kwargs):
                 if kwargs.get("skip_layers") is not None or context["name"] not in (None, "cond"):
+                    return forward(*args, **kwargs)
+                if in_auxiliary_call():
                     return forward(*args, **kwargs)
                 info = branch_info(model)
                 step, self.step = self.step, self.step + 1
