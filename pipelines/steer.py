@@ -24,6 +24,8 @@ from diffusers import (
 from attnsteer.attention_processors import HeadSetFile, LayoutRecorder, list_layers, resolve_heads, steering
 from attnsteer.guidance.perturbation import BranchInfo, HeadPerturbationGuidance
 
+from .astar import AttentionMethods, pop_arguments
+
 DEFAULT_SCALE = 5.0  # HeadHunter paper, SD3-medium
 DEFAULT_U = 1.0  # plain head-level PAG; HeadHunter deploys found heads at u ~ 0.5
 DEFAULT_MODE = "joint"  # HeadHunter's definition of identity on joint attention
@@ -45,6 +47,7 @@ class SteerMixin:
         perturbed_heads_per_prompt: instead of ``perturbed_heads``, a list with one head spec per
             prompt (``None`` or ``[]`` for none): each prompt's images get their own head set. The
             head search uses it to score several candidate sets in one batched call.
+        astar_tokens, astar_scale, ...: A-STAR on SD, SDXL, SD3 and FLUX; see ``pipelines.astar``.
 
     The pipeline's own CFG step is left as it is: the conditional prediction it receives is
     eps_c + (w / g)(eps_c - eps_perturbed). With SD/SDXL's ``guidance_rescale`` the rescale therefore
@@ -106,18 +109,22 @@ class SteerMixin:
     def __call__(self, *args, perturbed_heads=None, perturbation_scale=None, softpag_u=None,
                  perturbation_mode=None, perturbation_window=(0.0, 1.0), perturbation_batching="batched",
                  perturbed_heads_per_prompt=None, **kwargs):
+        methods = pop_arguments(kwargs)
         parent_call = super().__call__
         bound = inspect.signature(parent_call).bind(*args, **kwargs)
         bound.apply_defaults()
         guidance = self.perturbation_guidance(perturbed_heads, perturbation_scale, softpag_u, perturbation_mode,
                                               perturbation_window, perturbation_batching, perturbed_heads_per_prompt,
                                               bound.arguments.get("prompt"))
-        if not guidance.enabled:
+        attention = AttentionMethods(self, bound.arguments, methods)
+        if not guidance.enabled and not attention.active:
             return parent_call(*args, **kwargs)
         with ExitStack() as stack:
-            for model in self.steer_denoisers().values():
+            for model in self.steer_denoisers().values() if guidance.enabled else ():
                 stack.enter_context(guidance.attached(model, lambda m: self.branch_info(m, bound.arguments)))
-            return parent_call(*args, **kwargs)
+            if attention.active:
+                stack.enter_context(attention.attached(lambda m: self.branch_info(m, bound.arguments)))
+            return attention.finish(parent_call(*args, **kwargs))
 
 
 class StableDiffusionSteerPipeline(SteerMixin, StableDiffusionPipeline):

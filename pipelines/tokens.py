@@ -1,0 +1,106 @@
+"""Which text tokens a pipeline's denoiser sees as keys, and where: words to text-key indices.
+
+The text keys of the denoiser are the pipeline's ``prompt_embeds`` sequence:
+- SD, SDXL: the CLIP tokens of ``prompt`` (``tokenizer``; SDXL puts CLIP-L and CLIP-G side by side
+  in the features, so one position is one token of both), 77 with start, end and padding.
+- SD3: [CLIP tokens (77, CLIP-L and -G side by side) ; T5 tokens of ``prompt_3`` (or ``prompt``),
+  ``max_sequence_length`` of them] along the sequence. Without T5 (``text_encoder_3`` None) the T5
+  part is ``max_sequence_length`` zero embeddings and carries no words.
+- FLUX: the T5 tokens of ``prompt_2`` (or ``prompt``) only, ``max_sequence_length`` of them.
+
+A word (or several, "red circle") is found as its token ids, tokenised alone, inside the prompt's
+ids: the first occurrence, in every text part that carries words (SD3 with T5: both parts); a
+concept's map is the sum of its tokens' maps. This needs the tokenizers, hence floor 3.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+TEXT_PIPELINES = (StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline)
+
+
+@dataclass(frozen=True)
+class TextPart:
+    """One encoder's tokens in the text-key sequence: positions offset .. offset + length."""
+
+    tokenizer: object
+    prompt_argument: str  # the call argument holding this part's prompt ("prompt", "prompt_2", ...)
+    offset: int
+    length: int
+
+
+def text_parts(pipe, arguments: dict) -> list[TextPart]:
+    """The parts of ``pipe``'s text-key sequence that carry words, for a call's (bound) arguments."""
+    msl = arguments.get("max_sequence_length")
+    if isinstance(pipe, StableDiffusion3Pipeline):
+        parts = [TextPart(pipe.tokenizer, "prompt", 0, pipe.tokenizer_max_length)]
+        if pipe.text_encoder_3 is not None and pipe.tokenizer_3 is not None:
+            parts.append(TextPart(pipe.tokenizer_3, "prompt_3", pipe.tokenizer_max_length, msl))
+        return parts
+    if isinstance(pipe, FluxPipeline):
+        return [TextPart(pipe.tokenizer_2, "prompt_2", 0, msl)]
+    if isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
+        return [TextPart(pipe.tokenizer, "prompt", 0, pipe.tokenizer.model_max_length)]
+    names = ", ".join(cls.__name__ for cls in TEXT_PIPELINES)
+    raise ValueError(f"{type(pipe).__name__}: text-token maps are available on {names} (and their subclasses)")
+
+
+def text_length(pipe, arguments: dict) -> int:
+    """Number of text keys the denoiser sees (from ``prompt_embeds`` when given)."""
+    embeds = arguments.get("prompt_embeds")
+    if embeds is not None:
+        return embeds.shape[1]
+    if isinstance(pipe, StableDiffusion3Pipeline):
+        return pipe.tokenizer_max_length + arguments["max_sequence_length"]
+    if isinstance(pipe, FluxPipeline):
+        return arguments["max_sequence_length"]
+    return text_parts(pipe, arguments)[0].length
+
+
+def prompts_of(arguments: dict, name: str) -> list[str] | None:
+    """The call's prompts for one text part (``prompt_2``/``prompt_3`` fall back to ``prompt``)."""
+    prompt = arguments.get(name) or arguments.get("prompt")
+    return [prompt] if isinstance(prompt, str) else None if prompt is None else list(prompt)
+
+
+def _ids(tokenizer, text: str, length: int, special: bool = True) -> list[int]:
+    return tokenizer(text, truncation=special, max_length=length if special else None,
+                     add_special_tokens=special).input_ids
+
+
+def text_tokens(pipe, arguments: dict, index: int = 0) -> list[tuple[int, str]]:
+    """(text-key index, token) of prompt ``index``'s tokens in every part: what token indices mean."""
+    tokens = []
+    for part in text_parts(pipe, arguments):
+        ids = _ids(part.tokenizer, prompts_of(arguments, part.prompt_argument)[index], part.length)
+        tokens += [(part.offset + i, t) for i, t in enumerate(part.tokenizer.convert_ids_to_tokens(ids))]
+    return tokens
+
+
+def word_indices(pipe, arguments: dict, word: str, index: int = 0) -> list[int]:
+    """Text-key indices of the first occurrence of ``word`` in prompt ``index``, in every part."""
+    found = []
+    for part in text_parts(pipe, arguments):
+        ids = _ids(part.tokenizer, prompts_of(arguments, part.prompt_argument)[index], part.length)
+        target = _ids(part.tokenizer, word, part.length, special=False)
+        start = next((s for s in range(len(ids) - len(target) + 1) if target and ids[s : s + len(target)] == target), None)
+        if start is not None:
+            found += [part.offset + s for s in range(start, start + len(target))]
+    if not found:
+        prompt = prompts_of(arguments, text_parts(pipe, arguments)[0].prompt_argument)[index]
+        raise ValueError(f"word {word!r} is not in the prompt {prompt!r} (as tokenised, within its first "
+                         f"{text_parts(pipe, arguments)[0].length} tokens)")
+    return found
+
+
+def content_indices(pipe, arguments: dict, index: int = 0) -> list[int]:
+    """Text-key indices of prompt ``index``'s word tokens (no start, end or padding token)."""
+    found = []
+    for part in text_parts(pipe, arguments):
+        ids = _ids(part.tokenizer, prompts_of(arguments, part.prompt_argument)[index], part.length)
+        special = set(part.tokenizer.all_special_ids)
+        found += [part.offset + i for i, t in enumerate(ids) if t not in special]
+    return found
