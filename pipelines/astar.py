@@ -180,26 +180,3 @@ def astar_guidance(pipe, arguments: dict, options: dict) -> AStarGuidance | None
                              binarization=o["astar_binarization"], masks=masks)
     return guidance if guidance.enabled else None
 
-
-class AttentionMethods:
-    """The attention-map methods of one call (A-STAR), attached outside head perturbation so that
-    their gradient passes and latent updates see the pipeline's own denoiser calls."""
-
-    def __init__(self, pipe, arguments: dict, options: dict):
-        self.pipe = pipe
-        self.astar = astar_guidance(pipe, arguments, {k: v for k, v in options.items() if k in ASTAR_DEFAULTS})
-
-    @property
-    def active(self) -> bool:
-        return self.astar is not None
-
-    def attached(self, branch_info):
-        return self.astar.attached(denoiser(self.pipe), self.pipe.scheduler, branch_info)
-
-    def finish(self, output):
-        return output
-
-
-def pop_arguments(kwargs: dict) -> dict:
-    """Remove and return the attention-method keyword arguments from a call's ``kwargs``."""
-    return {name: kwargs.pop(name) for name in list(kwargs) if name in ASTAR_DEFAULTS}

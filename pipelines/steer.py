@@ -24,7 +24,7 @@ from diffusers import (
 from attnsteer.attention_processors import HeadSetFile, LayoutRecorder, list_layers, resolve_heads, steering
 from attnsteer.guidance.perturbation import BranchInfo, HeadPerturbationGuidance
 
-from .astar import AttentionMethods, pop_arguments
+from .methods import AttentionMethods, pop_arguments
 
 DEFAULT_SCALE = 5.0  # HeadHunter paper, SD3-medium
 DEFAULT_U = 1.0  # plain head-level PAG; HeadHunter deploys found heads at u ~ 0.5
@@ -48,6 +48,8 @@ class SteerMixin:
             prompt (``None`` or ``[]`` for none): each prompt's images get their own head set. The
             head search uses it to score several candidate sets in one batched call.
         astar_tokens, astar_scale, ...: A-STAR on SD, SDXL, SD3 and FLUX; see ``pipelines.astar``.
+        return_attention_maps, attention_maps_steps, ...: per-token maps of the call (output
+            ``attention_maps``); see ``pipelines.maps``.
 
     The pipeline's own CFG step is left as it is: the conditional prediction it receives is
     eps_c + (w / g)(eps_c - eps_perturbed). With SD/SDXL's ``guidance_rescale`` the rescale therefore

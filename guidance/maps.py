@@ -1,0 +1,79 @@
+"""Record the attention maps of chosen tokens over a pipeline call (for inspection and rendering).
+
+The first denoiser call of each recorded step (the conditional one) arms an ``AttentionMapCapture``
+on its conditional rows, without gradients; the maps are averaged over the recorded steps and the
+layers. Auxiliary calls (A-STAR's gradient passes) are not recorded.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from typing import Callable
+
+import torch
+
+from attnsteer.attention_processors import AttentionMapCapture, patched_attribute, steering
+
+from .auxiliary import in_auxiliary_call
+from .perturbation import BranchInfo
+
+
+class MapRecorder:
+    """Mean maps ``[rows, groups, h, w]`` of token groups (per prompt: lists of text-key indices) on
+    ``layers`` (all at ``grid``) over the steps in ``window`` ((start, stop) fractions); read ``maps``
+    after the call (None if no step was in the window)."""
+
+    def __init__(self, groups: list[list[list[int]]], layers: list[str], grid: tuple[int, ...],
+                 window: tuple[float, float] = (0.0, 1.0)):
+        self.groups, self.layers, self.grid, self.window = groups, list(layers), tuple(grid), tuple(window)
+        self.total, self.steps, self.step = None, [], 0
+
+    @property
+    def maps(self) -> torch.Tensor | None:
+        return None if self.total is None else self.total / len(self.steps)
+
+    def in_window(self, step: int, num_steps: int) -> bool:
+        start, stop = self.window
+        return start <= step / max(num_steps, 1) < stop
+
+    @contextmanager
+    def attached(self, model: torch.nn.Module, scheduler, branch_info: Callable[[torch.nn.Module], BranchInfo]):
+        """Record on ``model`` for a ``with`` block; ``scheduler.step`` marks the end of each step."""
+        capture = AttentionMapCapture(self.layers)
+        self.total, self.steps, self.step = None, [], 0
+        seen = {"step": None}
+
+        def recorded(forward):
+            def run(*args, **kwargs):
+                info = branch_info(model)
+                if in_auxiliary_call() or seen["step"] == self.step or not self.in_window(self.step, info.num_steps):
+                    return forward(*args, **kwargs)
+                seen["step"] = self.step
+                sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+                n = sample.shape[0]
+                cond = torch.arange(n // 2 if info.cfg_in_batch else 0, n)
+                repeat = len(cond) // len(self.groups)
+                capture.arm([row for row in self.groups for _ in range(repeat)], rows=cond)
+                try:
+                    out = forward(*args, **kwargs)
+                finally:
+                    capture.disarm()
+                mean = torch.stack([capture.maps[name].float() for name in self.layers]).mean(0)
+                self.total = mean if self.total is None else self.total + mean
+                self.steps.append(self.step)
+                return out
+
+            return run
+
+        def stepped(original):
+            def step(*args, **kwargs):
+                self.step += 1
+                return original(*args, **kwargs)
+
+            return step
+
+        with ExitStack() as stack:
+            stack.enter_context(steering(model, [capture]))
+            stack.enter_context(patched_attribute(model, "forward", recorded(model.forward)))
+            stack.enter_context(patched_attribute(scheduler, "step", stepped(scheduler.step)))
+            yield self

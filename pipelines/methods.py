@@ -1,0 +1,51 @@
+"""The attention-map methods of one pipeline call: A-STAR and map recording, from keyword arguments."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+
+from .astar import ASTAR_DEFAULTS, astar_guidance, denoiser
+from .maps import MAPS_DEFAULTS, AttentionMaps, map_recorder
+
+
+def pop_arguments(kwargs: dict) -> dict:
+    """Remove and return the attention-method keyword arguments from a call's ``kwargs``."""
+    return {name: kwargs.pop(name) for name in list(kwargs) if name in ASTAR_DEFAULTS or name in MAPS_DEFAULTS}
+
+
+class AttentionMethods:
+    """A-STAR and map recording of one call (checked when built, before compute). Attached outside
+    head perturbation, A-STAR outermost, so that A-STAR's gradient passes and latent updates see the
+    pipeline's own denoiser calls and the recorder sees the updated latents."""
+
+    def __init__(self, pipe, arguments: dict, options: dict):
+        self.pipe = pipe
+        self.astar = astar_guidance(pipe, arguments, {k: v for k, v in options.items() if k in ASTAR_DEFAULTS})
+        self.recorder = map_recorder(pipe, arguments, {k: v for k, v in options.items() if k in MAPS_DEFAULTS})
+
+    @property
+    def active(self) -> bool:
+        return self.astar is not None or self.recorder is not None
+
+    @contextmanager
+    def attached(self, branch_info):
+        model, scheduler = denoiser(self.pipe), self.pipe.scheduler
+        with ExitStack() as stack:
+            if self.recorder is not None:
+                stack.enter_context(self.recorder[0].attached(model, scheduler, branch_info))
+            if self.astar is not None:
+                stack.enter_context(self.astar.attached(model, scheduler, branch_info))
+            yield self
+
+    def finish(self, output):
+        """The pipeline's output, with ``attention_maps`` when maps were asked for."""
+        if self.recorder is None:
+            return output
+        recorder, labels = self.recorder
+        rows = 0 if recorder.maps is None else recorder.maps.shape[0]
+        maps = AttentionMaps(recorder.maps, [row for row in labels for _ in range(rows // len(labels))],
+                             recorder.layers, recorder.grid, recorder.steps)
+        if isinstance(output, tuple):
+            return (*output, maps)
+        output.attention_maps = maps
+        return output
