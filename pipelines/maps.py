@@ -64,7 +64,8 @@ def _heat(m: np.ndarray) -> np.ndarray:
 
 
 def render_attention_maps(image, maps: torch.Tensor, labels: list[str]) -> Image.Image:
-    """The image, then one heat map per token over it (each scaled to its maximum), labelled, in a row."""
+    """The image, then one heat map per token over it (each stretched from its minimum to its
+    maximum), labelled, in a row."""
     picture = image if isinstance(image, Image.Image) else Image.fromarray(np.uint8(np.clip(np.asarray(image), 0, 1) * 255))
     rgb = np.asarray(picture.convert("RGB"), dtype=np.float32) / 255
     height, width = rgb.shape[:2]
@@ -75,7 +76,7 @@ def render_attention_maps(image, maps: torch.Tensor, labels: list[str]) -> Image
     draw.text((2, 0), "image", fill="black")
     up = F.interpolate(maps.detach().float()[None].cpu(), size=(height, width), mode="bilinear", align_corners=False)[0]
     for k, (heat, label) in enumerate(zip(up, labels)):
-        heat = (heat / heat.max().clamp_min(1e-12)).numpy()
+        heat = ((heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-12)).numpy()
         tile = 0.4 * rgb + 0.6 * _heat(heat)
         canvas.paste(Image.fromarray(np.uint8(tile * 255)), ((k + 1) * width, label_height))
         draw.text(((k + 1) * width + 2, 0), label, fill="black")
