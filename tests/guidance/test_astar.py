@@ -1,11 +1,15 @@
-"""A-STAR: losses against hand-computed values, normalisation, binarisation."""
+"""A-STAR: losses against hand-computed values, normalisation, binarisation; the latent update in a pipeline call."""
 
+import inspect
 import math
 
+import numpy as np
 import pytest
 import torch
 
+from attnsteer.attention_processors import map_layers, patched_attribute
 from attnsteer.guidance.astar import (
+    AStarGuidance,
     binarize,
     concept_maps,
     gaussian_smooth,
@@ -13,6 +17,14 @@ from attnsteer.guidance.astar import (
     retention_loss,
     segregation_loss,
 )
+from attnsteer.guidance.auxiliary import in_auxiliary_call
+from attnsteer.pipelines.steer import (
+    FluxSteerPipeline,
+    StableDiffusion3SteerPipeline,
+    StableDiffusionSteerPipeline,
+    StableDiffusionXLSteerPipeline,
+)
+from attnsteer.pipelines.tiny import tiny_pipeline
 
 A1 = torch.tensor([[1.0, 0.5, 0.0], [0.5, 0.25, 0.0], [0.0, 0.0, 0.0]])  # sum 2.25
 A2 = torch.tensor([[0.0, 1.0, 0.5], [0.0, 0.5, 0.5], [0.0, 0.0, 0.0]])  # sum 2.5; min with A1 sums to 0.75
@@ -71,24 +83,9 @@ def test_concept_maps_normalise_to_one_and_sum_a_concepts_tokens():
 
 # ---- the latent update inside a pipeline call -------------------------------------------------------------
 
-import inspect  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-from attnsteer.attention_processors import map_layers, patched_attribute  # noqa: E402
-from attnsteer.guidance.astar import AStarGuidance  # noqa: E402
-from attnsteer.guidance.auxiliary import in_auxiliary_call  # noqa: E402
-from attnsteer.pipelines.steer import (  # noqa: E402
-    FluxSteerPipeline,
-    StableDiffusion3SteerPipeline,
-    StableDiffusionSteerPipeline,
-    StableDiffusionXLSteerPipeline,
-)
-from attnsteer.pipelines.tiny import tiny_pipeline  # noqa: E402
-
 CLASSES = {"sd": StableDiffusionSteerPipeline, "sdxl": StableDiffusionXLSteerPipeline,
            "sd3": StableDiffusion3SteerPipeline, "flux": FluxSteerPipeline}
-LATENT = {"sd": (16, 16), "sdxl": (16, 16), "sd3": (16, 16), "flux": (16, 16)}  # 32 px, VAE factor 2
+LATENT = (16, 16)  # 32 px images, VAE factor 2 (FLUX: before packing)
 _PIPES = {}
 
 
@@ -118,7 +115,7 @@ def run(kind, guidance=None, steps=2, **extra):
 
 
 def astar(kind, cls=AStarGuidance, layers=None, **options):
-    names, grid = map_layers(model_of(pipe_of(kind)), LATENT[kind], layers)
+    names, grid = map_layers(model_of(pipe_of(kind)), LATENT, layers)
     return cls([[[2], [5]]], names, grid, context=[[1, 2, 3, 4, 5, 6]], **options)
 
 
@@ -206,7 +203,7 @@ def test_early_stop_gives_the_loss_of_a_full_forward_and_skips_the_later_blocks(
 
 def test_each_image_moves_only_its_own_latent():
     prompts = ["a red circle and a blue square", "a green triangle"]
-    names, grid = map_layers(model_of(pipe_of("sd3")), LATENT["sd3"])
+    names, grid = map_layers(model_of(pipe_of("sd3")), LATENT)
     both = AStarGuidance([[[2], [5]], []], names, grid, context=[[1, 2, 3, 4, 5, 6], [1, 2, 3]], scale=50.0)
     guided = run("sd3", both, prompt=prompts)
     plain = run("sd3", prompt=prompts)
