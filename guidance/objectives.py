@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -75,6 +76,26 @@ def _user_function(spec: str) -> Objective:
     if not callable(function):
         raise ValueError(f"objective {spec!r}: {target!r} has no function {name!r}")
     return function
+
+
+def objective_scores(objective: Objective, name: str, images: list, prompts: list) -> list[float]:
+    """``objective``'s scores of ``images``, checked: one finite number per image, else ValueError naming it."""
+    try:
+        scores = list(objective(images, prompts))
+    except Exception as error:
+        raise ValueError(f"objective {name!r} raised {type(error).__name__}: {error}") from error
+    if len(scores) != len(images):
+        raise ValueError(f"objective {name!r} returned {len(scores)} scores for {len(images)} images; "
+                         "it must return one number per image")
+    try:
+        scores = [float(s) for s in scores]
+    except (TypeError, ValueError):
+        raise ValueError(f"objective {name!r} returned a score that is not a number: {scores[:4]!r}") from None
+    bad = [s for s in scores if not math.isfinite(s)]
+    if bad:
+        raise ValueError(f"objective {name!r} returned {len(bad)} non-finite score(s) ({bad[0]}) for "
+                         f"{len(images)} images; scores must be finite numbers")
+    return scores
 
 
 def load_objective(spec: str, device: str = "cpu") -> Objective:
