@@ -11,15 +11,21 @@ also when the call raises.
 from __future__ import annotations
 
 import inspect
+import json
 from contextlib import ExitStack
+from pathlib import Path
 
-from diffusers import (
-    FluxPipeline,
-    StableDiffusion3Pipeline,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
-    WanPipeline,
-)
+import logging
+
+# diffusers' pipelines import transformers' image processors, which announce on import that they fall
+# back to PIL without torchvision; no image processor takes part in generation, so the notice is noise.
+_notices = logging.getLogger("transformers.utils.import_utils")
+_level = _notices.level
+_notices.setLevel(logging.ERROR)
+try:
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, WanPipeline
+finally:
+    _notices.setLevel(_level)
 
 from attnsteer.attention_processors import HeadSetFile, LayoutRecorder, list_layers, resolve_heads, steering
 from attnsteer.guidance.perturbation import BranchInfo, HeadPerturbationGuidance
@@ -27,6 +33,7 @@ from attnsteer.guidance.perturbation import BranchInfo, HeadPerturbationGuidance
 DEFAULT_SCALE = 5.0  # HeadHunter paper, SD3-medium
 DEFAULT_U = 1.0  # plain head-level PAG; HeadHunter deploys found heads at u ~ 0.5
 DEFAULT_MODE = "joint"  # HeadHunter's definition of identity on joint attention
+CALL_DEFAULTS = "attnsteer.json"  # in a model folder: {"call": {parent call keyword arguments the model needs}}
 
 
 class SteerMixin:
@@ -49,7 +56,20 @@ class SteerMixin:
     The pipeline's own CFG step is left as it is: the conditional prediction it receives is
     eps_c + (w / g)(eps_c - eps_perturbed). With SD/SDXL's ``guidance_rescale`` the rescale therefore
     references that prediction rather than eps_c.
+
+    ``call_defaults``: parent call arguments the model asks for (a local folder's ``attnsteer.json``,
+    e.g. shapes-sd3's ``max_sequence_length=8``), used where the call does not give them.
     """
+
+    call_defaults: dict = {}
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """The parent's ``from_pretrained``; a local folder's ``attnsteer.json`` becomes ``call_defaults``."""
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        path = Path(pretrained_model_name_or_path) / CALL_DEFAULTS
+        pipe.call_defaults = json.loads(path.read_text()).get("call", {}) if path.is_file() else {}
+        return pipe
 
     def steer_denoisers(self):
         """The denoising models a pipeline call runs, by component name."""
@@ -107,6 +127,8 @@ class SteerMixin:
                  perturbation_mode=None, perturbation_window=(0.0, 1.0), perturbation_batching="batched",
                  perturbed_heads_per_prompt=None, **kwargs):
         parent_call = super().__call__
+        given = inspect.signature(parent_call).bind_partial(*args, **kwargs).arguments
+        kwargs = {**{k: v for k, v in self.call_defaults.items() if k not in given}, **kwargs}
         bound = inspect.signature(parent_call).bind(*args, **kwargs)
         bound.apply_defaults()
         guidance = self.perturbation_guidance(perturbed_heads, perturbation_scale, softpag_u, perturbation_mode,
