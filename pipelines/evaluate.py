@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from attnsteer.guidance.distributed import process_state
 from attnsteer.guidance.shapes import detect, score, summarize
@@ -101,6 +101,9 @@ def paired_table(differences: dict, reference: str) -> str:
 
 
 VIEW = 192  # pixels: small model outputs are enlarged (nearest neighbour) to about this size to be seen
+FONT = ImageFont.load_default(size=14)
+LINE = 18  # pixels per line of FONT
+GAP = 6  # pixels between pictures side by side
 
 
 def _enlarged(image: Image.Image, view: int = VIEW) -> Image.Image:
@@ -113,7 +116,7 @@ def _wrapped(draw: ImageDraw.ImageDraw, text: str, width: int) -> list[str]:
     lines, line = [], ""
     for word in text.split():
         candidate = f"{line} {word}".strip()
-        if line and draw.textlength(candidate) > width:
+        if line and draw.textlength(candidate, font=FONT) > width:
             lines.append(line)
             candidate = word
         line = candidate
@@ -127,18 +130,18 @@ def contact_sheet(images: dict[str, list[Image.Image]], labels: list[str] | None
     rows = [(m, [_enlarged(image, view) for image in row]) for m, row in images.items() if row]
     width, height = rows[0][1][0].size
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    margin = max((int(measure.textlength(m)) + 12 for m, _ in rows if m), default=0)
+    margin = max((int(measure.textlength(m, font=FONT)) + 12 for m, _ in rows if m), default=0)
     wrapped = [_wrapped(measure, label, width - 4) for label in labels or []]
-    footer = 12 * max((len(w) for w in wrapped), default=0) + 4
+    footer = LINE * max((len(w) for w in wrapped), default=0) + 4
     sheet = Image.new("RGB", (margin + width * max(len(r) for _, r in rows), height * len(rows) + footer), "white")
     draw = ImageDraw.Draw(sheet)
     for y, (method, row) in enumerate(rows):
-        draw.text((6, y * height + height // 2 - 6), method, fill="black")
+        draw.text((6, y * height + height // 2 - LINE // 2), method, fill="black", font=FONT)
         for x, image in enumerate(row):
             sheet.paste(image, (margin + x * width, y * height))
     for x, lines in enumerate(wrapped):
         for i, line in enumerate(lines):
-            draw.text((margin + x * width + 2, len(rows) * height + 2 + 12 * i), line, fill="black")
+            draw.text((margin + x * width + 2, len(rows) * height + 2 + LINE * i), line, fill="black", font=FONT)
     return sheet
 
 
@@ -147,19 +150,20 @@ def labelled_grid(images: list[Image.Image], labels: list[str], title: str = "",
     (e.g. the prompt) on top: the quick start's baseline-versus-method comparison."""
     shown = [_enlarged(image, view) for image in images]
     width, height = shown[0].size
+    step = width + GAP
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     heads = [_wrapped(measure, label, width - 8) for label in labels]
-    titled = _wrapped(measure, title, width * len(shown) - 8)
-    top = 12 * len(titled) + (6 if titled else 0)
-    label_height = 12 * max(len(h) for h in heads) + 6
-    sheet = Image.new("RGB", (width * len(shown), top + label_height + height), "white")
+    titled = _wrapped(measure, title, step * len(shown) - 8)
+    top = LINE * len(titled) + (6 if titled else 0)
+    label_height = LINE * max(len(h) for h in heads) + 6
+    sheet = Image.new("RGB", (step * len(shown) - GAP, top + label_height + height), "white")
     draw = ImageDraw.Draw(sheet)
     for i, line in enumerate(titled):
-        draw.text((4, 3 + 12 * i), line, fill="black")
+        draw.text((4, 3 + LINE * i), line, fill="black", font=FONT)
     for x, (image, lines) in enumerate(zip(shown, heads)):
         for i, line in enumerate(lines):
-            draw.text((x * width + 4, top + 3 + 12 * i), line, fill="black")
-        sheet.paste(image, (x * width, top + label_height))
+            draw.text((x * step + 4, top + 3 + LINE * i), line, fill="black", font=FONT)
+        sheet.paste(image, (x * step, top + label_height))
     return sheet
 
 

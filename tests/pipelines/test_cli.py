@@ -13,7 +13,7 @@ def test_generate_writes_baseline_and_steered_pngs(tmp_path, capsys):
     written = sorted(p.name for p in tmp_path.iterdir() if "grid" not in p.name)
     assert written == ["seed0_baseline_0.png", "seed0_steered_0.png"]
     grid = Image.open(tmp_path / "seed0_grid.png")
-    assert grid.width == 2 * 256 and grid.height > 256  # enlarged 8x, labels above
+    assert grid.width == 2 * 256 + 6 and grid.height > 256  # enlarged 8x, 6 px apart, labels above
     pixels = np.asarray(grid.convert("L"))
     assert (pixels[:grid.height - 256] < 128).any()  # the prompt and method labels are drawn
     baseline, steered = (Image.open(tmp_path / name) for name in written)

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from attnsteer.pipelines.cli import main
-from attnsteer.pipelines.evaluate import contact_sheet, evaluate, paired, paired_table, table
+from attnsteer.pipelines.evaluate import FONT, contact_sheet, evaluate, paired, paired_table, table
 from launch import accelerate_cli
 
 
@@ -58,7 +58,7 @@ def test_cli_eval_writes_table_json_and_contact_sheet(tmp_path, capsys):
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved["config"]["heads"] == "0:*" and len(saved["records"]) == 8 and list(saved["paired"]) == ["heads"]
     sheet = Image.open(tmp_path / "contact_sheet.png")
-    assert sheet.height > 2 * 192 and sheet.width - 3 * 192 >= ImageDraw.Draw(sheet).textlength("baseline")
+    assert sheet.height > 2 * 192 and sheet.width - 3 * 192 >= ImageDraw.Draw(sheet).textlength("baseline", font=FONT)
 
 
 def test_two_accelerate_processes_give_the_same_images(tmp_path):
@@ -83,7 +83,7 @@ def test_contact_sheet_shows_whole_row_names():
     tile = Image.new("RGB", (32, 32), "gray")
     sheet = contact_sheet({"none": [tile], "transformer_blocks.0.attn:1": [tile]}, ["a red circle and a blue square"])
     margin = sheet.width - 192
-    name_width = ImageDraw.Draw(sheet).textlength("transformer_blocks.0.attn:1")
+    name_width = ImageDraw.Draw(sheet).textlength("transformer_blocks.0.attn:1", font=FONT)
     assert margin >= name_width
     second_row = np.asarray(sheet.convert("L"))[192:384, :margin]
     assert (second_row[:, int(name_width) - 10:margin] < 128).any()  # the name's end is drawn, not cut

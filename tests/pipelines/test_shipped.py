@@ -58,7 +58,7 @@ def test_readme_main_command_runs_on_the_shipped_model_by_default(tmp_path, caps
     base, steered = (np.asarray(Image.open(tmp_path / f"seed0_{n}_0.png"), np.float64) for n in ("baseline", "steered"))
     assert base.shape == (64, 64, 3) and np.abs(base - steered).mean() > 1
     grid = Image.open(tmp_path / "seed0_grid.png")
-    assert grid.width == 2 * 256 and 256 < grid.height < 320  # side by side, enlarged 4x, labelled above
+    assert grid.width == 2 * 256 + 6 and 256 < grid.height < 340  # side by side, enlarged 4x, labelled above
 
 
 def test_a_missing_shipped_model_says_where_it_should_be(tmp_path, monkeypatch):
