@@ -57,6 +57,20 @@ def assert_restored(pipe):
             assert not type(processor).__name__.startswith("Steered"), name
 
 
+def assert_refused_before_denoising(kind, message, **call):
+    """The call raises ValueError matching ``message`` and no denoiser forward ran."""
+    calls = []
+    handles = [m.register_forward_pre_hook(lambda *a: calls.append(1)) for m in pipe_of(kind).steer_denoisers().values()]
+    try:
+        with pytest.raises(ValueError, match=message):
+            generate(kind, **call)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls == []
+    assert_restored(pipe_of(kind))
+
+
 @pytest.mark.parametrize("kind", CLASSES)
 def test_no_heads_or_u0_is_the_parent_pipeline(kind):
     base = generate(kind)
@@ -123,6 +137,44 @@ def test_head_set_file_supplies_defaults(tmp_path):
     np.testing.assert_array_equal(from_file, explicit)
 
 
+def test_attention_slicing_is_refused_when_steering_is_installed():
+    pipe = pipe_of("sd")
+    name = first_layer("sd")
+    pipe.enable_attention_slicing()
+    try:
+        assert_refused_before_denoising(
+            "sd", rf"layer '{name}' uses processor SlicedAttnProcessor, which bypasses torch's scaled_dot_product_attention; "
+                  r"steered layers need one of AttnProcessor2_0, .*WanAttnProcessor \(attention slicing: call "
+                  r"pipe.disable_attention_slicing\(\)\)", perturbed_heads=f"{name}:0")
+    finally:
+        pipe.disable_attention_slicing()
+
+
+def test_classic_attention_processor_is_refused_when_steering_is_installed():
+    from diffusers.models.attention_processor import AttnProcessor
+
+    pipe = pipe_of("sd3")
+    processors = pipe.transformer.attn_processors
+    pipe.transformer.set_attn_processor(AttnProcessor())
+    try:
+        assert_refused_before_denoising(
+            "sd3", r"layer 'transformer_blocks.0.attn' uses processor AttnProcessor, which bypasses torch's "
+                   r"scaled_dot_product_attention; steered layers need one of AttnProcessor2_0, FusedAttnProcessor2_0, "
+                   r"JointAttnProcessor2_0", perturbed_heads="0:0")
+    finally:
+        pipe.transformer.set_attn_processor(processors)
+
+
+def test_a_global_non_sdpa_attention_backend_is_refused_when_steering_is_installed():
+    from diffusers.models.attention_dispatch import attention_backend
+
+    with attention_backend("flex"):
+        assert_refused_before_denoising(
+            "wan", r"layer 'blocks.0.attn1' uses attention backend 'flex' \(the active default\), which bypasses torch's "
+                   r"scaled_dot_product_attention; steered layers need one of \('native', '_native_cudnn', "
+                   r"'_native_efficient', '_native_flash', '_native_math'\)", perturbed_heads="blocks.0.attn1:0")
+
+
 BAD = [
     (dict(perturbed_heads="transformer_blocks.9.attn:0"), r"unknown layer 'transformer_blocks.9.attn': allowed are the model's 2"),
     (dict(perturbed_heads="transformer_blocks.1.attn:4"), r"head 4 of layer 'transformer_blocks.1.attn' is out of range: it has 4 heads \(0-3\)"),
@@ -139,15 +191,7 @@ BAD = [
 
 @pytest.mark.parametrize("bad,message", BAD, ids=[m[:30] for _, m in BAD])
 def test_bad_input_is_refused_before_any_denoising(bad, message):
-    pipe = pipe_of("sd3")
-    calls = []
-    handle = pipe.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
-    try:
-        with pytest.raises(ValueError, match=message):
-            generate("sd3", **bad)
-    finally:
-        handle.remove()
-    assert calls == []
+    assert_refused_before_denoising("sd3", message, **bad)
 
 
 def test_cross_attention_heads_are_refused():
