@@ -16,6 +16,7 @@ so that the pipeline's own CFG step, left as it is, yields the formula above.
 from __future__ import annotations
 
 import math
+import numbers
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Callable
@@ -83,11 +84,10 @@ class HeadPerturbationGuidance:
 
     def __init__(self, heads: HeadSet | list[HeadSet], scale: float, u: float, mode: str = "joint",
                  window: tuple[float, float] = (0.0, 1.0), batching: str = "batched"):
-        check_options(scale, u, mode, window, batching)
+        self.scale, self.u, self.window = check_options(scale, u, mode, window, batching)
         self.per_prompt = isinstance(heads, list)
         self.heads = [dict(h) for h in heads] if self.per_prompt else dict(heads)
-        self.scale, self.u, self.mode = float(scale), float(u), mode
-        self.window, self.batching = tuple(window), batching
+        self.mode, self.batching = mode, batching
         self.step = 0
 
     @property
@@ -174,16 +174,37 @@ class HeadPerturbationGuidance:
         return out, perturbed
 
 
-def check_options(scale, u, mode, window, batching) -> None:
-    """ValueError naming a bad option and what is allowed."""
-    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+NUMBERS = "int, float, numpy scalar or 0-d tensor"
+
+
+def as_number(value) -> float | None:
+    """``value`` as a float if it is a real number (Python, numpy or a 0-d tensor), else None. A bool
+    is not taken for a number: ``perturbation_scale=True`` is more likely a slip than w = 1."""
+    if isinstance(value, torch.Tensor):
+        real = value.dim() == 0 and value.dtype != torch.bool and not value.is_complex()
+        return float(value) if real else None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
+def check_options(scale, u, mode, window, batching,
+                  window_name: str = "perturbation_window") -> tuple[float, float, tuple[float, float]]:
+    """(scale, u, window) as floats; ValueError naming a bad option and what is allowed."""
+    w, soft = as_number(scale), as_number(u)
+    if w is None:
+        raise ValueError(f"perturbation_scale {scale!r} must be a number ({NUMBERS}), not {type(scale).__name__}")
+    if not math.isfinite(w):
         raise ValueError(f"perturbation_scale {scale!r} must be a finite number")
-    if not isinstance(u, (int, float)) or not 0.0 <= u <= 1.0:
+    if soft is None:
+        raise ValueError(f"softpag_u {u!r} must be a number ({NUMBERS}), not {type(u).__name__}")
+    if not 0.0 <= soft <= 1.0:
         raise ValueError(f"softpag_u {u!r} must be in [0, 1] (0: no perturbation, 1: PAG identity)")
     if mode not in MODES:
         raise ValueError(f"perturbation_mode {mode!r} is not one of {MODES}")
-    if (not isinstance(window, (tuple, list)) or len(window) != 2
-            or not all(isinstance(x, (int, float)) for x in window) or not 0.0 <= window[0] < window[1] <= 1.0):
-        raise ValueError(f"perturbation_window {window!r} must be (start, stop) fractions of the steps, 0 <= start < stop <= 1")
+    bounds = tuple(map(as_number, window)) if isinstance(window, (tuple, list)) else ()
+    if len(bounds) != 2 or None in bounds or not 0.0 <= bounds[0] < bounds[1] <= 1.0:
+        raise ValueError(f"{window_name} {window!r} must be (start, stop) fractions of the steps, 0 <= start < stop <= 1")
     if batching not in BATCHING:
         raise ValueError(f"perturbation_batching {batching!r} is not one of {BATCHING}")
+    return w, soft, bounds

@@ -11,7 +11,10 @@ also when the call raises.
 from __future__ import annotations
 
 import inspect
+import numbers
+import os
 from contextlib import ExitStack
+from pathlib import PurePath
 
 from diffusers import (
     FluxPipeline,
@@ -73,14 +76,25 @@ class SteerMixin:
         cfg = self.do_classifier_free_guidance
         return BranchInfo(cfg, self.guidance_scale if cfg else 1.0, self._num_timesteps)
 
+    def check_head_set_model(self, path: str, model: str | None) -> None:
+        """ValueError when a head-set file was made for another model than this pipeline's. Names are
+        compared by their last path component, so that a hub id and a local folder of the same name
+        match; a file without a model, or a pipeline built in code (no ``name_or_path``), is not checked."""
+        ours = self.name_or_path
+        if model is None or ours is None or PurePath(str(model)).name == PurePath(str(ours)).name:
+            return
+        raise ValueError(f"head-set file {path!r} was made for model {model!r}, but this pipeline's model is {ours!r}; "
+                         "use a head set made for this model, or edit or remove the file's \"model\" field")
+
     def perturbation_guidance(self, perturbed_heads=None, perturbation_scale=None, softpag_u=None,
                               perturbation_mode=None, perturbation_window=(0.0, 1.0),
                               perturbation_batching="batched", perturbed_heads_per_prompt=None,
                               prompt=None) -> HeadPerturbationGuidance:
         """Check the perturbation arguments against this pipeline's model; raises ValueError."""
         stored = HeadSetFile(heads=[])
-        if isinstance(perturbed_heads, str) and perturbed_heads.endswith(".json"):
-            stored = HeadSetFile.load(perturbed_heads)
+        if isinstance(perturbed_heads, (str, os.PathLike)) and str(perturbed_heads).endswith(".json"):
+            stored = HeadSetFile.load(str(perturbed_heads))
+            self.check_head_set_model(str(perturbed_heads), stored.model)
             perturbed_heads = stored.heads
         if perturbed_heads_per_prompt is not None:
             if perturbed_heads:
@@ -109,6 +123,7 @@ class SteerMixin:
         parent_call = super().__call__
         bound = inspect.signature(parent_call).bind(*args, **kwargs)
         bound.apply_defaults()
+        check_steps(bound.arguments)
         guidance = self.perturbation_guidance(perturbed_heads, perturbation_scale, softpag_u, perturbation_mode,
                                               perturbation_window, perturbation_batching, perturbed_heads_per_prompt,
                                               bound.arguments.get("prompt"))
@@ -118,6 +133,18 @@ class SteerMixin:
             for model in self.steer_denoisers().values():
                 stack.enter_context(guidance.attached(model, lambda m: self.branch_info(m, bound.arguments)))
             return parent_call(*args, **kwargs)
+
+
+def check_steps(call_arguments: dict) -> None:
+    """ValueError unless num_inference_steps is a positive integer (with 0 or a negative number diffusers
+    may return the initial noise undenoised); None is left to diffusers when the call gives its own
+    timesteps or sigmas."""
+    steps = call_arguments.get("num_inference_steps")
+    custom = any(call_arguments.get(name) is not None for name in ("timesteps", "sigmas"))
+    if steps is None and custom:
+        return
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise ValueError(f"num_inference_steps {steps!r} must be a positive integer")
 
 
 class StableDiffusionSteerPipeline(SteerMixin, StableDiffusionPipeline):

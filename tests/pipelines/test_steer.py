@@ -137,6 +137,46 @@ def test_head_set_file_supplies_defaults(tmp_path):
     np.testing.assert_array_equal(from_file, explicit)
 
 
+def test_head_set_file_model_must_match_the_pipeline(tmp_path):
+    from attnsteer.attention_processors import HeadSetFile
+
+    path = str(tmp_path / "heads.json")
+    HeadSetFile(heads=["0:1"], model="stabilityai/stable-diffusion-3-medium-diffusers").save(path)
+    pipe = pipe_of("sd3")
+    try:
+        pipe.register_to_config(_name_or_path="/data/stable-diffusion-3-medium-diffusers/")
+        assert pipe.perturbation_guidance(perturbed_heads=path).heads == {"transformer_blocks.0.attn": (1,)}
+        pipe.register_to_config(_name_or_path="/work/samples/models/shapes-sd3")
+        message = (rf"head-set file '{path}' was made for model 'stabilityai/stable-diffusion-3-medium-diffusers', "
+                   r"but this pipeline's model is '/work/samples/models/shapes-sd3'; use a head set made for this model, "
+                   r"or edit or remove the file's \"model\" field")
+        assert_refused_before_denoising("sd3", message, perturbed_heads=path)
+    finally:
+        pipe.register_to_config(_name_or_path=None)
+    pipe.perturbation_guidance(perturbed_heads=path)  # built in code: no name to check against
+
+
+def test_malformed_head_set_file_is_named(tmp_path):
+    path = tmp_path / "heads.json"
+    path.write_text('{"heads": ["0:1",]}')
+    assert_refused_before_denoising("sd3", rf"head-set file '{path}' is not valid JSON: Expecting value at line 1 column 18",
+                                    perturbed_heads=str(path))
+
+
+def test_numpy_and_tensor_numbers_are_numbers():
+    heads = "transformer_blocks.0.attn:1"
+    expected = generate("sd3", perturbed_heads=heads, perturbation_scale=2.0, softpag_u=0.5, perturbation_window=(0.0, 0.5))
+    given = generate("sd3", perturbed_heads=heads, perturbation_scale=np.float32(2.0), softpag_u=torch.tensor(0.5),
+                     perturbation_window=(np.int64(0), np.float64(0.5)), num_inference_steps=np.int64(2))
+    np.testing.assert_array_equal(given, expected)
+
+
+def test_no_step_count_is_left_to_diffusers_with_its_own_sigmas():
+    sigmas = [1.0, 0.5]
+    np.testing.assert_array_equal(generate("sd3", num_inference_steps=None, sigmas=sigmas, perturbed_heads="0:1"),
+                                  generate("sd3", sigmas=sigmas, perturbed_heads="0:1"))
+
+
 def test_attention_slicing_is_refused_when_steering_is_installed():
     pipe = pipe_of("sd")
     name = first_layer("sd")
@@ -186,6 +226,22 @@ BAD = [
     (dict(perturbed_heads="0:0", perturbation_batching="parallel"), r"perturbation_batching 'parallel' is not one of"),
     (dict(perturbed_heads="0:0", perturbation_window=(0.5, 0.2)), r"perturbation_window \(0.5, 0.2\) must be"),
     (dict(perturbed_heads="0:0", perturbation_scale=float("nan")), r"perturbation_scale nan must be a finite number"),
+    (dict(perturbed_heads="0:0", perturbation_scale=True),
+     r"perturbation_scale True must be a number \(int, float, numpy scalar or 0-d tensor\), not bool"),
+    (dict(perturbed_heads="0:0", perturbation_scale=torch.ones(2)),
+     r"perturbation_scale tensor\(\[1., 1.\]\) must be a number \(int, float, numpy scalar or 0-d tensor\), not Tensor"),
+    (dict(perturbed_heads="0:0", softpag_u="0.5"),
+     r"softpag_u '0.5' must be a number \(int, float, numpy scalar or 0-d tensor\), not str"),
+    (dict(perturbed_heads="0:0", perturbation_window=(0.0, True)), r"perturbation_window \(0.0, True\) must be"),
+    (dict(perturbed_heads="0:0", perturbation_window=0.5), r"perturbation_window 0.5 must be"),
+    (dict(num_inference_steps=0), r"num_inference_steps 0 must be a positive integer"),
+    (dict(num_inference_steps=-1, perturbed_heads="0:0"), r"num_inference_steps -1 must be a positive integer"),
+    (dict(num_inference_steps=2.5), r"num_inference_steps 2.5 must be a positive integer"),
+    (dict(num_inference_steps=True), r"num_inference_steps True must be a positive integer"),
+    (dict(perturbed_heads="0:3-1"), r"head spec item '0:3-1': range '3-1' is reversed; ranges are a-b with a <= b"),
+    (dict(perturbed_heads="0:"), r"head spec item '0:' names no heads: HEADS is a comma list of integers, ranges a-b or '\*'"),
+    (dict(perturbed_heads={"transformer_blocks.0.attn": []}), r"head spec item 'transformer_blocks.0.attn:' names no heads"),
+    (dict(perturbed_heads="missing-heads.json"), r"head-set file 'missing-heads.json' does not exist"),
 ]
 
 
