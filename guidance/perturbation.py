@@ -10,7 +10,12 @@ perturbation per sample) or in a second forward (less memory), and returns for t
 
     eps_c' = eps_c + (w / g) (eps_c - eps_p)
 
-so that the pipeline's own CFG step, left as it is, yields the formula above.
+so that the pipeline's own CFG step, left as it is, yields the formula above. Two cases need more:
+
+- SD3's skip-layer guidance adds s (eps_c' - eps_skip), computed from the conditional prediction it
+  received; the skip-layer call's output gets the same shift as eps_c, so the term stays s (eps_c - eps_skip).
+- a CFG scale g = 0 (Wan 2.2's ``guidance_scale_2``) drops eps_c, so w (eps_c - eps_p) is added to the
+  unconditional prediction instead: eps_u' + 0 (eps_c - eps_u') = eps_u + w (eps_c - eps_p).
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ class BranchInfo:
 
     cfg_in_batch: the input holds [uncond, cond] halves (one batched CFG call); otherwise the whole
     batch is conditional and an unconditional call, if any, comes separately.
-    cfg_scale: the CFG scale g the pipeline applies to it; 1 when CFG is off.
+    cfg_scale: the CFG scale g the pipeline applies to it; 1 when CFG is off; with 0 the perturbation
+    term goes to the unconditional prediction (the uncond rows, or the next "uncond" call).
     """
 
     cfg_in_batch: bool
@@ -69,6 +75,10 @@ def _with_prediction(out, pred):
         return (pred, *out[1:])
     out.sample = pred
     return out
+
+
+def _shifted(out, shift: torch.Tensor | None):
+    return out if shift is None else _with_prediction(out, _prediction(out) + shift)
 
 
 class HeadPerturbationGuidance:
@@ -131,10 +141,17 @@ class HeadPerturbationGuidance:
 
             return named
 
+        carried = {}  # shifts the step's conditional call leaves for its skip-layer and "uncond" calls
+
         def guided(forward):
             def run(*args, **kwargs):
-                if kwargs.get("skip_layers") is not None or context["name"] not in (None, "cond"):
+                if kwargs.get("skip_layers") is not None:
+                    return _shifted(forward(*args, **kwargs), carried.pop("skip", None))
+                if context["name"] == "uncond":
+                    return _shifted(forward(*args, **kwargs), carried.pop("uncond", None))
+                if context["name"] not in (None, "cond"):
                     return forward(*args, **kwargs)
+                carried.clear()
                 info = branch_info(model)
                 step, self.step = self.step, self.step + 1
                 if not self.in_window(step, info.num_steps):
@@ -147,7 +164,16 @@ class HeadPerturbationGuidance:
                 finally:
                     steer.set_weights(None)
                 pred = _prediction(out).clone()
-                pred[cond] = combine(pred[cond], perturbed, self.scale, info.cfg_scale)
+                if info.cfg_scale == 0:
+                    term = self.scale * (pred[cond] - perturbed)
+                    if info.cfg_in_batch:
+                        pred[: n // 2] += term
+                    else:
+                        carried["uncond"] = term
+                else:
+                    guided_cond = combine(pred[cond], perturbed, self.scale, info.cfg_scale)
+                    carried["skip"] = guided_cond - pred[cond]
+                    pred[cond] = guided_cond
                 return _with_prediction(out, pred)
 
             return run

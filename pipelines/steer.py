@@ -51,7 +51,9 @@ class SteerMixin:
 
     The pipeline's own CFG step is left as it is: the conditional prediction it receives is
     eps_c + (w / g)(eps_c - eps_perturbed). With SD/SDXL's ``guidance_rescale`` the rescale therefore
-    references that prediction rather than eps_c.
+    references that prediction rather than eps_c. SD3's skip-layer guidance still gets its own term
+    from eps_c, and with g = 0 (Wan 2.2's ``guidance_scale_2``) the term rides on the unconditional
+    prediction (see ``attnsteer.guidance.perturbation``).
     """
 
     def steer_denoisers(self):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import StableDiffusion3PAGPipeline
 
-from attnsteer.attention_processors import CROSS, list_layers
+from attnsteer.attention_processors import CROSS, HeadPerturbation, head_weights, list_layers, steering
 from attnsteer.pipelines.steer import (
     FluxSteerPipeline,
     StableDiffusion3SteerPipeline,
@@ -175,6 +175,78 @@ def test_no_step_count_is_left_to_diffusers_with_its_own_sigmas():
     sigmas = [1.0, 0.5]
     np.testing.assert_array_equal(generate("sd3", num_inference_steps=None, sigmas=sigmas, perturbed_heads="0:1"),
                                   generate("sd3", sigmas=sigmas, perturbed_heads="0:1"))
+
+
+def reference_latents(pipe, latents, num_steps, prediction):
+    """The denoising loop by hand on a fresh copy of ``pipe``'s schedule; ``prediction(i, t, latents)`` is eps."""
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(num_steps)
+    for i, t in enumerate(scheduler.timesteps):
+        latents = scheduler.step(prediction(i, t, latents), t, latents, return_dict=False)[0]
+    return latents
+
+
+def perturbed_call(model, heads, u, call):
+    steer = HeadPerturbation(heads)
+    steer.set_weights(head_weights(heads, list_layers(model), u))
+    with steering(model, [steer]):
+        return call()
+
+
+def test_sd3_skip_layer_guidance_is_computed_from_the_true_conditional_prediction():
+    """eps_u + g (eps_c - eps_u) + s (eps_c - eps_skip) + w (eps_c - eps_p) with SD3's skip-layer guidance on
+    steps 1 and 2 of 3 (i > 0 * 3 and i < 1 * 3), against the loop by hand."""
+    pipe, model = pipe_of("sd3"), pipe_of("sd3").transformer
+    g, s, w, u, heads = 4.0, 2.0, 3.0, 0.5, {"transformer_blocks.0.attn": (1,)}
+    call = dict(prompt="a red circle", num_inference_steps=3, height=32, width=32, max_sequence_length=8,
+                guidance_scale=g, output_type="latent", skip_guidance_layers=[1], skip_layer_guidance_scale=s,
+                skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0)
+    ours = pipe(**call, perturbed_heads="transformer_blocks.0.attn:1", perturbation_scale=w, softpag_u=u,
+                generator=torch.Generator().manual_seed(0)).images
+    with torch.no_grad():
+        cond, uncond, pooled, uncond_pooled = pipe.encode_prompt("a red circle", None, None, max_sequence_length=8)
+        noise = pipe.prepare_latents(1, model.config.in_channels, 32, 32, cond.dtype, "cpu", torch.Generator().manual_seed(0))
+
+        def prediction(i, t, latents):
+            run = lambda text, pool, **kw: model(hidden_states=latents, timestep=t.expand(1), encoder_hidden_states=text,
+                                                 pooled_projections=pool, return_dict=False, **kw)[0]
+            eps_c, eps_u = run(cond, pooled), run(uncond, uncond_pooled)
+            eps_p = perturbed_call(model, heads, u, lambda: run(cond, pooled))
+            eps = eps_u + g * (eps_c - eps_u) + w * (eps_c - eps_p)
+            return eps + s * (eps_c - run(cond, pooled, skip_layers=[1])) if i > 0 else eps
+
+        expected = reference_latents(pipe, noise, 3, prediction)
+    assert (ours - pipe(**call, generator=torch.Generator().manual_seed(0)).images).abs().max() > 1e-3
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+    assert_restored(pipe)
+
+
+def test_wan22_second_stage_with_guidance_scale_2_zero_is_exact():
+    """Wan 2.2: transformer on step 0 (t = 1000 >= 0.5 * 1000) with g = 5, transformer_2 on step 1 with g = 0,
+    where CFG keeps only eps_u: eps_u + w (eps_c - eps_p), against the loop by hand."""
+    components = tiny_components("wan")
+    components["transformer_2"] = tiny_components("wan", seed=1)["transformer"]
+    pipe = WanSteerPipeline(**components, boundary_ratio=0.5)
+    pipe.set_progress_bar_config(disable=True)
+    g, w, u, heads = 5.0, 2.0, 0.7, {"blocks.0.attn1": (1,)}
+    ours = pipe(prompt="a red circle", num_inference_steps=2, num_frames=5, height=16, width=16, max_sequence_length=8,
+                guidance_scale=g, guidance_scale_2=0.0, output_type="latent", perturbed_heads="blocks.0.attn1:1",
+                perturbation_scale=w, softpag_u=u, generator=torch.Generator().manual_seed(0)).frames
+    with torch.no_grad():
+        cond, uncond = pipe.encode_prompt("a red circle", max_sequence_length=8, device="cpu")
+        noise = pipe.prepare_latents(1, 16, 16, 16, 5, torch.float32, "cpu", torch.Generator().manual_seed(0))
+
+        def prediction(i, t, latents):
+            model, scale = (pipe.transformer, g) if i == 0 else (pipe.transformer_2, 0.0)
+            run = lambda text: model(hidden_states=latents, timestep=t.expand(1), encoder_hidden_states=text,
+                                     return_dict=False)[0]
+            eps_c, eps_u = run(cond), run(uncond)
+            eps_p = perturbed_call(model, heads, u, lambda: run(cond))
+            return eps_u + scale * (eps_c - eps_u) + w * (eps_c - eps_p)
+
+        expected = reference_latents(pipe, noise, 2, prediction)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+    assert_restored(pipe)
 
 
 def test_attention_slicing_is_refused_when_steering_is_installed():
