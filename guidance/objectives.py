@@ -61,17 +61,19 @@ class ClipObjective:
 
 def _user_function(spec: str) -> Objective:
     target, _, name = spec.rpartition(":")
-    if target.endswith(".py"):
-        if not Path(target).is_file():
-            raise ValueError(f"objective file {target!r} does not exist")
-        module_spec = importlib.util.spec_from_file_location(Path(target).stem, target)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        try:
+    try:
+        if target.endswith(".py"):
+            if not Path(target).is_file():
+                raise ValueError(f"objective file {target!r} does not exist")
+            module_spec = importlib.util.spec_from_file_location(Path(target).stem, target)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
             module = importlib.import_module(target)
-        except ImportError as error:
-            raise ValueError(f"objective module {target!r} cannot be imported: {error}") from None
+    except ValueError:
+        raise
+    except Exception as error:
+        raise ValueError(f"objective module {target!r} cannot be imported: {type(error).__name__}: {error}") from None
     function = getattr(module, name, None)
     if not callable(function):
         raise ValueError(f"objective {spec!r}: {target!r} has no function {name!r}")
