@@ -23,13 +23,30 @@ from typing import Callable, Iterable, Protocol
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+from diffusers.models.attention_processor import (
+    AttnProcessor2_0,
+    FusedAttnProcessor2_0,
+    FusedJointAttnProcessor2_0,
+    IPAdapterAttnProcessor2_0,
+    JointAttnProcessor2_0,
+    SD3IPAdapterJointAttnProcessor2_0,
+)
+from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, FluxIPAdapterAttnProcessor
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 from torch.overrides import TorchFunctionMode
 
 from .architectures import LayerInfo, TokenLayout, architecture_of, model_call_info
 
 Next = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
-SDPA_BACKENDS = (None, "native", "_native_cudnn", "_native_efficient", "_native_flash", "_native_math")
+# diffusers' processors of the supported models whose first SDPA call is the layer's attention, read
+# from their source: those calling torch's SDPA themselves, and those going through diffusers'
+# attention dispatch, which calls it only on the native backends.
+SDPA_PROCESSORS = (AttnProcessor2_0, FusedAttnProcessor2_0, JointAttnProcessor2_0, FusedJointAttnProcessor2_0,
+                   IPAdapterAttnProcessor2_0, SD3IPAdapterJointAttnProcessor2_0)
+DISPATCH_PROCESSORS = (FluxAttnProcessor, FluxIPAdapterAttnProcessor, WanAttnProcessor)
+SDPA_BACKENDS = ("native", "_native_cudnn", "_native_efficient", "_native_flash", "_native_math")
 _SDPA_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
@@ -107,6 +124,33 @@ class SteeredProcessor:
         return out
 
 
+def check_processor(name: str, processor) -> None:
+    """ValueError unless layer ``name``'s processor reaches torch's SDPA, where steers act: a class of
+    SDPA_PROCESSORS, or of DISPATCH_PROCESSORS on an SDPA backend (its own, else the active default).
+    The check at the first steered call (SteeredProcessor) stays as the last safety net. A processor
+    already steered (a session inside another) is judged by the processor it wraps."""
+    while isinstance(processor, SteeredProcessor):
+        processor = processor.inner
+    kind = type(processor)
+    if kind in DISPATCH_PROCESSORS:
+        backend = processor._attention_backend
+        default = backend is None
+        if default:
+            backend = _AttentionBackendRegistry.get_active_backend()[0]
+        backend = getattr(backend, "value", backend)
+        if backend not in SDPA_BACKENDS:
+            raise ValueError(
+                f"layer {name!r} uses attention backend {backend!r}{' (the active default)' if default else ''}, "
+                f"which bypasses torch's scaled_dot_product_attention; steered layers need one of {SDPA_BACKENDS}"
+            )
+    elif kind not in SDPA_PROCESSORS:
+        allowed = ", ".join(c.__name__ for c in SDPA_PROCESSORS + DISPATCH_PROCESSORS)
+        raise ValueError(
+            f"layer {name!r} uses processor {kind.__name__}, which bypasses torch's scaled_dot_product_attention; "
+            f"steered layers need one of {allowed} (attention slicing: call pipe.disable_attention_slicing())"
+        )
+
+
 @functools.lru_cache(maxsize=None)
 def _wrapper_class(inner_cls: type) -> type:
     def __call__(self, attn, *args, **kwargs):
@@ -143,12 +187,7 @@ class SteeringSession:
             raise ValueError(f"unknown attention layer(s) {unknown} in {type(model).__name__}; see list_layers(model)")
         self.chains = {name: [s for s in self.steers if name in s.layers] for name in wanted}
         for name in self.chains:
-            backend = getattr(self.layers[name].module.processor, "_attention_backend", None)
-            if backend not in SDPA_BACKENDS:
-                raise ValueError(
-                    f"layer {name!r} uses attention backend {str(backend)!r}, which bypasses torch's "
-                    f"scaled_dot_product_attention; steered layers need one of {SDPA_BACKENDS[1:]}"
-                )
+            check_processor(name, self.layers[name].module.processor)
         self.info: dict = {}
 
     def active(self, layer: str) -> bool:

@@ -37,8 +37,14 @@ class HeadSetFile:
 
     @classmethod
     def load(cls, path: str) -> "HeadSetFile":
-        with open(path) as f:
-            data = json.load(f)
+        """Read ``path``; ValueError naming the file when it is missing or not a head-set JSON object."""
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            raise ValueError(f"head-set file {path!r} does not exist") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"head-set file {path!r} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
         if not isinstance(data, dict) or "heads" not in data:
             raise ValueError(f"head-set file {path!r} must be a JSON object with a 'heads' entry")
         known = {k: data.pop(k) for k in ("heads", "model", "revision", "mode", "u", "w", "objective") if k in data}
@@ -91,7 +97,10 @@ def _layer_name(layer, names: list[str], layers: dict[str, LayerInfo]) -> str:
     return layer
 
 
-def _head_numbers(text: str, layer: LayerInfo) -> list[int]:
+def _head_numbers(text: str, layer: LayerInfo, item: str) -> list[int]:
+    """The heads that ``text`` (the HEADS of spec item ``item``) names on ``layer``."""
+    if not text.strip():
+        raise ValueError(f"head spec item {item!r} names no heads: HEADS is a comma list of integers, ranges a-b or '*'")
     if text.strip() == "*":
         return list(range(layer.heads))
     heads = []
@@ -101,6 +110,8 @@ def _head_numbers(text: str, layer: LayerInfo) -> list[int]:
             span = range(int(lo), int(hi) + 1) if dash else [int(lo)]
         except ValueError:
             raise ValueError(f"head {part!r} of layer {layer.name!r} is not an integer, a range a-b or '*'") from None
+        if not span:
+            raise ValueError(f"head spec item {item!r}: range {part.strip()!r} is reversed; ranges are a-b with a <= b")
         heads.extend(span)
     for head in heads:
         if not 0 <= head < layer.heads:
@@ -119,6 +130,6 @@ def resolve_heads(spec, layers: dict[str, LayerInfo]) -> HeadSet:
     result: dict[str, set[int]] = {}
     for layer, heads in _items(spec):
         name = _layer_name(layer, names, layers)
-        result.setdefault(name, set()).update(_head_numbers(heads, layers[name]))
+        result.setdefault(name, set()).update(_head_numbers(heads, layers[name], f"{layer}:{heads}"))
     return {name: tuple(sorted(result[name])) for name in names if name in result}
 

@@ -29,7 +29,7 @@ CONFIGS = {
 }
 
 
-def build(config: str, layers: int, device: str, transformer=None):
+def build(config: str, layers: int, device: str, transformer=None, dtype: str = "float32"):
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3PAGPipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
@@ -38,11 +38,12 @@ def build(config: str, layers: int, device: str, transformer=None):
     from attnsteer.pipelines.tiny import clip_tokenizer
 
     torch.manual_seed(0)
-    transformer = transformer or SD3Transformer2DModel(
-        sample_size=128, patch_size=2, in_channels=16, num_layers=layers, attention_head_dim=64,
-        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-        pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192,
-    )
+    with torch.device(device):  # random weights made where they are used (fast on a GPU)
+        transformer = transformer or SD3Transformer2DModel(
+            sample_size=128, patch_size=2, in_channels=16, num_layers=layers, attention_head_dim=64,
+            num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+            pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192,
+        ).to(getattr(torch, dtype))
     text = CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
                           num_attention_heads=4, projection_dim=1024)
     components = dict(
@@ -56,7 +57,7 @@ def build(config: str, layers: int, device: str, transformer=None):
     else:
         pipe = StableDiffusion3SteerPipeline(**components)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return pipe.to(device, getattr(torch, dtype))
 
 
 def steering_arguments(config: str, layers: int) -> dict:
@@ -96,14 +97,14 @@ def _rss(field: str) -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
 
 
-def peak_memory(config: str, layers: int, size: int, device: str) -> int:
+def peak_memory(config: str, layers: int, size: int, device: str, dtype: str = "float32") -> int:
     """Peak bytes one call of ``config`` needs beyond the loaded model (run in a fresh process).
 
     CUDA: max allocated minus allocated before the call; CPU: peak RSS (VmHWM, reset through
     /proc/self/clear_refs) minus RSS before the call."""
     import torch
 
-    pipe = build(config, layers, device)
+    pipe = build(config, layers, device, dtype=dtype)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
@@ -125,6 +126,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads in each run")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
@@ -137,13 +139,13 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.one:
-        print(json.dumps(peak_memory(args.one, args.layers, args.size, device)))
+        print(json.dumps(peak_memory(args.one, args.layers, args.size, device, args.dtype)))
         return
 
     pipes = {}
     for config in args.configs:
         shared = next(iter(pipes.values())).transformer if pipes else None
-        pipes[config] = build(config, args.layers, device, shared)
+        pipes[config] = build(config, args.layers, device, shared, args.dtype)
     results = {config: {"step_s": [], "peak_bytes": 0} for config in args.configs}
     for repeat in range(args.repeats):
         for config in args.configs:
@@ -153,7 +155,7 @@ def main() -> None:
     del pipes
     for config in args.configs:
         command = [sys.executable, __file__, "--one", config, "--layers", str(args.layers), "--size",
-                   str(args.size), "--device", device] + (["--threads", str(args.threads)] if args.threads else [])
+                   str(args.size), "--device", device, "--dtype", args.dtype] + (["--threads", str(args.threads)] if args.threads else [])
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
         results[config]["peak_bytes"] = json.loads(out.splitlines()[-1])
@@ -161,7 +163,7 @@ def main() -> None:
     base = results["cfg"]["step_s"] if "cfg" in results else None
     tokens = (args.size // 16) ** 2
     print(f"SD3-medium shape, {args.layers} of 24 blocks, {args.size}x{args.size} ({tokens} image + 333 text tokens), "
-          f"device {device}, torch threads {torch.get_num_threads()}, "
+          f"device {device}, {args.dtype}, torch threads {torch.get_num_threads()}, "
           f"{args.repeats} rounds x {args.steps} timed steps per configuration\n")
     print("| configuration | s / step, min | s / step, median | x CFG alone (min) | x CFG alone (median) | peak memory beyond the model (MiB) |")
     print("|---|---|---|---|---|---|")

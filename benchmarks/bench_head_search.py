@@ -55,14 +55,14 @@ def main():
     torch.set_num_threads(args.threads)
     from attnsteer.guidance.objectives import load_objective
     from attnsteer.guidance.shapes import prompt_set
-    from attnsteer.pipelines.cli import call_defaults, load_pipeline
+    from attnsteer.pipelines.cli import load_pipeline
     from attnsteer.pipelines.evaluate import evaluate, paired, paired_table, table
     from attnsteer.pipelines.search import read_items, run_search
 
     pipe, _ = load_pipeline(args.model, "cpu", "float32")
     pipe.set_progress_bar_config(disable=True)
     pipe.perturbation_guidance(perturbation_scale=args.w, softpag_u=args.u)  # refused before any image is made
-    defaults = call_defaults(args.model)
+    defaults = pipe.call_defaults
     items = read_items(prompt_set("two", "tune")[:args.prompts], args.seeds)
     objective = load_objective(args.objective)
     out = Path(args.out)

@@ -47,7 +47,7 @@ def main():
     torch.set_num_threads(args.threads)
     from attnsteer.attention_processors import JOINT, SELF
     from attnsteer.guidance.shapes import prompt_set
-    from attnsteer.pipelines.cli import call_defaults, load_pipeline
+    from attnsteer.pipelines.cli import load_pipeline
     from attnsteer.pipelines.evaluate import evaluate, paired_table, table
 
     pipe, _ = load_pipeline(args.model, "cpu", "float32")
@@ -64,7 +64,7 @@ def main():
         pipe.perturbation_guidance(**kwargs)  # a bad w or u is refused before any image is made
     t = time.time()
     result = evaluate(pipe, prompts, list(range(args.seeds)), methods,
-                      {**call_defaults(args.model), "num_inference_steps": args.steps}, batch_size=50)
+                      {**pipe.call_defaults, "num_inference_steps": args.steps}, batch_size=50)
     print(table(result["summary"]) + "\n\n" + paired_table(result["paired"], "none"))
     print(f"{len(methods)} methods x {len(prompts) * args.seeds} images in {time.time() - t:.0f} s")
     if args.out:

@@ -39,10 +39,11 @@ class HeadPerturbationGuider(BaseGuidance):
                  perturbation_stop: float = 1.0, guidance_rescale: float = 0.0, start: float = 0.0,
                  stop: float = 1.0, enabled: bool = True):
         super().__init__(start, stop, enabled)
-        check_options(perturbation_scale, softpag_u, perturbation_mode, (perturbation_start, perturbation_stop), "batched")
+        self.perturbation_scale, self.u, self.window = check_options(
+            perturbation_scale, softpag_u, perturbation_mode, (perturbation_start, perturbation_stop), "batched",
+            window_name="(perturbation_start, perturbation_stop)")
         self.heads = heads if isinstance(heads, str) else list(heads)
-        self.guidance_scale, self.perturbation_scale, self.u = guidance_scale, perturbation_scale, softpag_u
-        self.mode, self.window, self.guidance_rescale = perturbation_mode, (perturbation_start, perturbation_stop), guidance_rescale
+        self.guidance_scale, self.mode, self.guidance_rescale = guidance_scale, perturbation_mode, guidance_rescale
         self._order: list[str] = []
         self._stack: ExitStack | None = None
 

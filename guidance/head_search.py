@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -60,18 +62,31 @@ class Fidelity:
 
 class Journal:
     """Append-only record of finished chunks: a header line with the settings, then one line per
-    chunk ``{"scores": {key: [per-item scores]}}``. A last line cut short by a kill is dropped."""
+    chunk ``{"scores": {key: [per-item scores]}, "seconds": s}`` (``seconds``: time since the run's
+    previous record, so that their sum is the search's time over all its runs). A last line cut
+    short by a kill is dropped; a damaged line elsewhere is skipped with a warning (its chunk is
+    computed again) and the lines after it are kept."""
 
     def __init__(self, path: str | Path, settings: dict, writer: bool = True):
         self.path, self.writer = Path(path), writer
         self.scores: dict[str, list[float]] = {}
+        self.seconds = 0.0
         lines = self.path.read_text().splitlines() if self.path.exists() else []
         good = []
-        for line in lines:
+        for number, line in enumerate(lines, 1):
             try:
-                good.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
+                entry = json.loads(line)
+                if number > 1 and not isinstance(entry.get("scores"), dict):
+                    raise ValueError("no scores")
+            except (json.JSONDecodeError, ValueError, AttributeError):
+                if number == 1:
+                    raise ValueError(f"journal {self.path}: its first line is not the settings header; "
+                                     "use another output folder, or delete the journal to start over") from None
+                if number < len(lines):
+                    warnings.warn(f"journal {self.path}: line {number} is damaged and skipped "
+                                  "(its chunk will be computed again)", stacklevel=2)
+                continue
+            good.append(entry)
         if good:
             saved = good[0].get("settings", {})
             changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
@@ -81,6 +96,8 @@ class Journal:
                                  f"use another output folder, or delete the journal to start over")
             for entry in good[1:]:
                 self.scores.update(entry["scores"])
+                self.seconds += entry.get("seconds", 0.0)
+        self._last = time.monotonic()
         if writer:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if len(good) != len(lines) or not good:
@@ -89,10 +106,13 @@ class Journal:
                 os.replace(tmp, self.path)
 
     def record(self, scores: dict[str, list[float]]) -> None:
+        now = time.monotonic()
+        seconds, self._last = round(now - self._last, 3), now
         self.scores.update(scores)
+        self.seconds += seconds
         if self.writer:
             with open(self.path, "a") as f:
-                f.write(json.dumps({"scores": scores}) + "\n")
+                f.write(json.dumps({"scores": scores, "seconds": seconds}) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
 

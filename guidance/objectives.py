@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -60,21 +61,43 @@ class ClipObjective:
 
 def _user_function(spec: str) -> Objective:
     target, _, name = spec.rpartition(":")
-    if target.endswith(".py"):
-        if not Path(target).is_file():
-            raise ValueError(f"objective file {target!r} does not exist")
-        module_spec = importlib.util.spec_from_file_location(Path(target).stem, target)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        try:
+    try:
+        if target.endswith(".py"):
+            if not Path(target).is_file():
+                raise ValueError(f"objective file {target!r} does not exist")
+            module_spec = importlib.util.spec_from_file_location(Path(target).stem, target)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
             module = importlib.import_module(target)
-        except ImportError as error:
-            raise ValueError(f"objective module {target!r} cannot be imported: {error}") from None
+    except ValueError:
+        raise
+    except Exception as error:
+        raise ValueError(f"objective module {target!r} cannot be imported: {type(error).__name__}: {error}") from None
     function = getattr(module, name, None)
     if not callable(function):
         raise ValueError(f"objective {spec!r}: {target!r} has no function {name!r}")
     return function
+
+
+def objective_scores(objective: Objective, name: str, images: list, prompts: list) -> list[float]:
+    """``objective``'s scores of ``images``, checked: one finite number per image, else ValueError naming it."""
+    try:
+        scores = list(objective(images, prompts))
+    except Exception as error:
+        raise ValueError(f"objective {name!r} raised {type(error).__name__}: {error}") from error
+    if len(scores) != len(images):
+        raise ValueError(f"objective {name!r} returned {len(scores)} scores for {len(images)} images; "
+                         "it must return one number per image")
+    try:
+        scores = [float(s) for s in scores]
+    except (TypeError, ValueError):
+        raise ValueError(f"objective {name!r} returned a score that is not a number: {scores[:4]!r}") from None
+    bad = [s for s in scores if not math.isfinite(s)]
+    if bad:
+        raise ValueError(f"objective {name!r} returned {len(bad)} non-finite score(s) ({bad[0]}) for "
+                         f"{len(images)} images; scores must be finite numbers")
+    return scores
 
 
 def load_objective(spec: str, device: str = "cpu") -> Objective:

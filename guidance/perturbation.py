@@ -10,12 +10,18 @@ perturbation per sample) or in a second forward (less memory), and returns for t
 
     eps_c' = eps_c + (w / g) (eps_c - eps_p)
 
-so that the pipeline's own CFG step, left as it is, yields the formula above.
+so that the pipeline's own CFG step, left as it is, yields the formula above. Two cases need more:
+
+- SD3's skip-layer guidance adds s (eps_c' - eps_skip), computed from the conditional prediction it
+  received; the skip-layer call's output gets the same shift as eps_c, so the term stays s (eps_c - eps_skip).
+- a CFG scale g = 0 (Wan 2.2's ``guidance_scale_2``) drops eps_c, so w (eps_c - eps_p) is added to the
+  unconditional prediction instead: eps_u' + 0 (eps_c - eps_u') = eps_u + w (eps_c - eps_p).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Callable
@@ -36,7 +42,8 @@ class BranchInfo:
 
     cfg_in_batch: the input holds [uncond, cond] halves (one batched CFG call); otherwise the whole
     batch is conditional and an unconditional call, if any, comes separately.
-    cfg_scale: the CFG scale g the pipeline applies to it; 1 when CFG is off.
+    cfg_scale: the CFG scale g the pipeline applies to it; 1 when CFG is off; with 0 the perturbation
+    term goes to the unconditional prediction (the uncond rows, or the next "uncond" call).
     """
 
     cfg_in_batch: bool
@@ -72,6 +79,10 @@ def _with_prediction(out, pred):
     return out
 
 
+def _shifted(out, shift: torch.Tensor | None):
+    return out if shift is None else _with_prediction(out, _prediction(out) + shift)
+
+
 class HeadPerturbationGuidance:
     """Head-level perturbed-attention guidance with SoftPAG weight u.
 
@@ -85,11 +96,10 @@ class HeadPerturbationGuidance:
 
     def __init__(self, heads: HeadSet | list[HeadSet], scale: float, u: float, mode: str = "joint",
                  window: tuple[float, float] = (0.0, 1.0), batching: str = "batched"):
-        check_options(scale, u, mode, window, batching)
+        self.scale, self.u, self.window = check_options(scale, u, mode, window, batching)
         self.per_prompt = isinstance(heads, list)
         self.heads = [dict(h) for h in heads] if self.per_prompt else dict(heads)
-        self.scale, self.u, self.mode = float(scale), float(u), mode
-        self.window, self.batching = tuple(window), batching
+        self.mode, self.batching = mode, batching
         self.step = 0
 
     @property
@@ -133,12 +143,19 @@ class HeadPerturbationGuidance:
 
             return named
 
+        carried = {}  # shifts the step's conditional call leaves for its skip-layer and "uncond" calls
+
         def guided(forward):
             def run(*args, **kwargs):
-                if kwargs.get("skip_layers") is not None or context["name"] not in (None, "cond"):
-                    return forward(*args, **kwargs)
                 if in_auxiliary_call():
                     return forward(*args, **kwargs)
+                if kwargs.get("skip_layers") is not None:
+                    return _shifted(forward(*args, **kwargs), carried.pop("skip", None))
+                if context["name"] == "uncond":
+                    return _shifted(forward(*args, **kwargs), carried.pop("uncond", None))
+                if context["name"] not in (None, "cond"):
+                    return forward(*args, **kwargs)
+                carried.clear()
                 info = branch_info(model)
                 step, self.step = self.step, self.step + 1
                 if not self.in_window(step, info.num_steps):
@@ -151,7 +168,16 @@ class HeadPerturbationGuidance:
                 finally:
                     steer.set_weights(None)
                 pred = _prediction(out).clone()
-                pred[cond] = combine(pred[cond], perturbed, self.scale, info.cfg_scale)
+                if info.cfg_scale == 0:
+                    term = self.scale * (pred[cond] - perturbed)
+                    if info.cfg_in_batch:
+                        pred[: n // 2] += term
+                    else:
+                        carried["uncond"] = term
+                else:
+                    guided_cond = combine(pred[cond], perturbed, self.scale, info.cfg_scale)
+                    carried["skip"] = guided_cond - pred[cond]
+                    pred[cond] = guided_cond
                 return _with_prediction(out, pred)
 
             return run
@@ -178,16 +204,37 @@ class HeadPerturbationGuidance:
         return out, perturbed
 
 
-def check_options(scale, u, mode, window, batching) -> None:
-    """ValueError naming a bad option and what is allowed."""
-    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+NUMBERS = "int, float, numpy scalar or 0-d tensor"
+
+
+def as_number(value) -> float | None:
+    """``value`` as a float if it is a real number (Python, numpy or a 0-d tensor), else None. A bool
+    is not taken for a number: ``perturbation_scale=True`` is more likely a slip than w = 1."""
+    if isinstance(value, torch.Tensor):
+        real = value.dim() == 0 and value.dtype != torch.bool and not value.is_complex()
+        return float(value) if real else None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
+def check_options(scale, u, mode, window, batching,
+                  window_name: str = "perturbation_window") -> tuple[float, float, tuple[float, float]]:
+    """(scale, u, window) as floats; ValueError naming a bad option and what is allowed."""
+    w, soft = as_number(scale), as_number(u)
+    if w is None:
+        raise ValueError(f"perturbation_scale {scale!r} must be a number ({NUMBERS}), not {type(scale).__name__}")
+    if not math.isfinite(w):
         raise ValueError(f"perturbation_scale {scale!r} must be a finite number")
-    if not isinstance(u, (int, float)) or not 0.0 <= u <= 1.0:
+    if soft is None:
+        raise ValueError(f"softpag_u {u!r} must be a number ({NUMBERS}), not {type(u).__name__}")
+    if not 0.0 <= soft <= 1.0:
         raise ValueError(f"softpag_u {u!r} must be in [0, 1] (0: no perturbation, 1: PAG identity)")
     if mode not in MODES:
         raise ValueError(f"perturbation_mode {mode!r} is not one of {MODES}")
-    if (not isinstance(window, (tuple, list)) or len(window) != 2
-            or not all(isinstance(x, (int, float)) for x in window) or not 0.0 <= window[0] < window[1] <= 1.0):
-        raise ValueError(f"perturbation_window {window!r} must be (start, stop) fractions of the steps, 0 <= start < stop <= 1")
+    bounds = tuple(map(as_number, window)) if isinstance(window, (tuple, list)) else ()
+    if len(bounds) != 2 or None in bounds or not 0.0 <= bounds[0] < bounds[1] <= 1.0:
+        raise ValueError(f"{window_name} {window!r} must be (start, stop) fractions of the steps, 0 <= start < stop <= 1")
     if batching not in BATCHING:
         raise ValueError(f"perturbation_batching {batching!r} is not one of {BATCHING}")
+    return w, soft, bounds

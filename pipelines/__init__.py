@@ -1,18 +1,22 @@
-"""Floor 3: diffusers pipeline subclasses with attnsteer's keyword arguments, and the command line."""
+"""Floor 3: diffusers pipeline subclasses with attnsteer's keyword arguments, and the command line.
 
-from .maps import AttentionMaps, render_attention_maps
-from .steer import (
-    STEER_PIPELINES,
-    FluxSteerPipeline,
-    StableDiffusion3SteerPipeline,
-    StableDiffusionSteerPipeline,
-    StableDiffusionXLSteerPipeline,
-    SteerMixin,
-    WanSteerPipeline,
-)
+The pipeline classes are imported on first use, so that the command line starts (and ``--help``
+answers) without loading diffusers."""
 
 __all__ = [
     "STEER_PIPELINES", "FluxSteerPipeline", "StableDiffusion3SteerPipeline", "StableDiffusionSteerPipeline",
     "StableDiffusionXLSteerPipeline", "SteerMixin", "WanSteerPipeline",
     "AttentionMaps", "render_attention_maps",
 ]
+
+
+def __getattr__(name: str):
+    if name in ("AttentionMaps", "render_attention_maps"):
+        from . import maps
+
+        return getattr(maps, name)
+    if name in __all__:
+        from . import steer
+
+        return getattr(steer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

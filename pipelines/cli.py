@@ -1,37 +1,63 @@
 """The ``attnsteer`` command line: ``generate`` pictures with steering, ``eval`` them on shapes prompts,
-``search-heads`` (HeadHunter), list a model's ``layers``."""
+``search-heads`` (HeadHunter), list a model's ``layers``.
+
+Every argument that can be checked without the model is checked before it is loaded; nothing here
+imports torch or diffusers until a command runs, so ``attnsteer --help`` is instant."""
 
 from __future__ import annotations
 
 import argparse
-import json
+import difflib
+import math
+import os
+import re
 import sys
 from pathlib import Path
 
-from attnsteer.guidance.distributed import process_state
-
 TINY_PREFIX = "tiny-"
+TINY_KINDS = ("sd", "sdxl", "sd3", "flux", "wan")  # attnsteer.pipelines.tiny.KINDS, without importing diffusers
+TINY_CALL = {"height": 32, "width": 32}  # a size every tiny model draws quickly
 SHIPPED = ("shapes-sd", "shapes-sd3")  # small models trained on drawn shapes, in the repository's samples/models
 SHIPPED_DIR = Path(__file__).resolve().parents[1] / "samples" / "models"
 DEFAULT_MODEL = "shapes-sd"
-CALL_DEFAULTS = "attnsteer.json"  # in a model folder: {"call": {pipeline keyword arguments it needs}}
+KNOWN = (*SHIPPED, *(TINY_PREFIX + k for k in TINY_KINDS))
+# API keyword -> command-line flag, so that errors raised by the Python API name what the user typed
+FLAGS = {"perturbed_heads": "--heads", "perturbation_scale": "--scale", "softpag_u": "--u",
+         "perturbation_mode": "--mode", "perturbation_window": "--window", "perturbation_batching": "--batching",
+         "num_inference_steps": "--steps", "guidance_scale": "--guidance-scale"}
+
+
+class UsageError(ValueError):
+    """A command-line argument that cannot work; reported as ``attnsteer COMMAND: message``."""
 
 
 def model_path(model: str) -> str:
-    """A shipped model's folder for its name; any other model as given."""
-    if model not in SHIPPED:
-        return model
-    folder = SHIPPED_DIR / model
-    if not (folder / "model_index.json").is_file():
-        raise SystemExit(f"shipped model {model!r} not found at {folder}: it lives in the attnsteer repository's "
-                         f"samples/models (install from a clone), or pass --model PATH")
-    return str(folder)
+    """The folder or hub id to load ``model`` from. Refuses, without any hub access, a name that is
+    neither a local folder, a shipped or tiny model, nor a hub id (org/name) that can be had."""
+    if model in SHIPPED:
+        folder = SHIPPED_DIR / model
+        if not (folder / "model_index.json").is_file():
+            raise UsageError(f"shipped model {model!r} not found at {folder}: it lives in the attnsteer repository's "
+                             f"samples/models (install from a clone), or pass --model PATH")
+        return str(folder)
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise UsageError(f"--model {model}: the folder has no model_index.json, so it is not a diffusers pipeline")
+        return str(path)
+    if path.exists():
+        raise UsageError(f"--model {model}: is a file; give a diffusers pipeline folder or hub id")
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", model) or model.startswith((".", "/", "~")):
+        close = difflib.get_close_matches(model, KNOWN, n=1)
+        hint = f" Did you mean {close[0]}?" if close else ""
+        raise UsageError(f"--model {model!r} is neither a local folder nor a known name ({', '.join(KNOWN)}), "
+                         f"and not a hub id of the form org/name.{hint}")
+    from huggingface_hub import is_offline_mode, try_to_load_from_cache
 
-
-def call_defaults(model: str) -> dict:
-    """Pipeline call arguments a local model folder asks for (e.g. shapes-sd3's max_sequence_length)."""
-    path = Path(model_path(model)) / CALL_DEFAULTS
-    return json.loads(path.read_text()).get("call", {}) if path.is_file() else {}
+    if is_offline_mode() and not isinstance(try_to_load_from_cache(model, "model_index.json"), str):
+        raise UsageError(f"--model {model!r} is not a local folder nor a known name, and the hub id is not in the "
+                         "local Hugging Face cache; HF_HUB_OFFLINE is set, so it cannot be downloaded")
+    return model
 
 
 def load_pipeline(model: str, device: str, dtype: str):
@@ -42,22 +68,29 @@ def load_pipeline(model: str, device: str, dtype: str):
     from .steer import STEER_PIPELINES, WanSteerPipeline
 
     if model.startswith(TINY_PREFIX):
-        from .tiny import KINDS, PIPELINE_CLASSES, tiny_pipeline
+        from .tiny import PIPELINE_CLASSES, tiny_pipeline
 
         kind = model[len(TINY_PREFIX):]
-        if kind not in KINDS:
-            raise SystemExit(f"unknown tiny model {model!r}; choose one of {', '.join(TINY_PREFIX + k for k in KINDS)}")
+        if kind not in TINY_KINDS:
+            raise UsageError(f"unknown tiny model {model!r}; choose one of {', '.join(TINY_PREFIX + k for k in TINY_KINDS)}")
         pipe = tiny_pipeline(kind, STEER_PIPELINES[PIPELINE_CLASSES[kind].__name__])
+        pipe.call_defaults = dict(TINY_CALL)
         pipe.set_progress_bar_config(disable=False)
         if dtype != "float32":
             pipe.to(getattr(torch, dtype))
     else:
-        model = model_path(model)
-        class_name = DiffusionPipeline.load_config(model)["_class_name"]
-        if class_name not in STEER_PIPELINES:
-            raise SystemExit(f"{model}: pipeline class {class_name} is not supported; supported: {', '.join(STEER_PIPELINES)}")
-        pipe = STEER_PIPELINES[class_name].from_pretrained(model, dtype=getattr(torch, dtype))
+        source = model_path(model)
+        try:
+            class_name = DiffusionPipeline.load_config(source)["_class_name"]
+            if class_name not in STEER_PIPELINES:
+                raise UsageError(f"{model}: pipeline class {class_name} is not supported; supported: "
+                                 f"{', '.join(STEER_PIPELINES)}")
+            pipe = STEER_PIPELINES[class_name].from_pretrained(source, dtype=getattr(torch, dtype))
+        except OSError as error:
+            raise UsageError(f"--model {model}: could not be loaded: {error}") from None
     if device == "cuda":  # under accelerate / torchrun, each process its own GPU
+        from attnsteer.guidance.distributed import process_state
+
         device = process_state().device
     return pipe.to(device), isinstance(pipe, WanSteerPipeline)
 
@@ -81,13 +114,23 @@ def _steering(args, pipe) -> dict:
     return steering
 
 
-def _call(args, default_steps: int) -> dict:
-    """Pipeline call arguments: the model folder's defaults, then the command line's size, steps and CFG."""
-    call = {**call_defaults(args.model), "height": args.height, "width": args.width}
-    call["num_inference_steps"] = args.steps or call.get("num_inference_steps", default_steps)
-    if args.guidance_scale is not None:
-        call["guidance_scale"] = args.guidance_scale
+def _call(args, pipe, default_steps: int) -> dict:
+    """Pipeline call arguments: the model's call defaults, then the command line's size, steps and CFG."""
+    call = dict(pipe.call_defaults)
+    for name, flag in (("height", "height"), ("width", "width"), ("guidance_scale", "guidance_scale"),
+                       ("num_inference_steps", "steps")):
+        if getattr(args, flag, None) is not None:
+            call[name] = getattr(args, flag)
+    call.setdefault("num_inference_steps", default_steps)
     return call
+
+
+def _method_label(args) -> str:
+    """What a steered picture shows, for its label: the heads and the options that differ from the defaults."""
+    if not args.heads:
+        return "output"
+    options = [f"{flag} {value:g}" for flag, value in (("w", args.scale), ("u", args.u)) if value is not None]
+    return " ".join([f"heads {args.heads}", *options, *([args.mode] if args.mode else [])])
 
 
 def generate(args) -> None:
@@ -95,36 +138,38 @@ def generate(args) -> None:
 
     pipe, is_video = load_pipeline(args.model, args.device, args.dtype)
     steering = _steering(args, pipe)
-    call = dict(_call(args, 28), prompt=args.prompt, negative_prompt=args.negative_prompt, output_type="pil")
+    call = dict(_call(args, pipe, 28), prompt=args.prompt, negative_prompt=args.negative_prompt, output_type="pil")
     if is_video:
         call["num_frames"] = args.frames
-    runs = [("baseline", {})] if args.baseline else []
-    runs.append(("steered" if args.heads else "output", steering))
+    runs = [("baseline", {}, "baseline")] if args.baseline else []
+    runs.append(("steered" if args.heads else "output", steering, _method_label(args)))
     firsts = []
-    for name, extra in runs:
+    for name, extra, _ in runs:
         generator = torch.Generator(args.device).manual_seed(args.seed)
         result = pipe(**call, **extra, generator=generator)
         firsts.append(result.frames[0][0] if is_video else result.images[0])
         for path in _save(result, is_video, Path(args.out), f"seed{args.seed}_{name}"):
             print(path)
     if len(runs) > 1:
-        from .evaluate import contact_sheet
+        from .evaluate import labelled_grid
 
         grid = Path(args.out) / f"seed{args.seed}_grid.png"
-        contact_sheet({"": firsts}, [name for name, _ in runs]).save(grid)
+        labelled_grid(firsts, [label for _, _, label in runs], args.prompt).save(grid)
         print(grid)
 
 
 def evaluate(args) -> None:
+    from attnsteer.guidance.distributed import process_state
+
     from .evaluate import evaluate as run, paired_table, table, write
 
     prompts = _prompts(args)
     pipe, is_video = load_pipeline(args.model, args.device, args.dtype)
     if is_video:
-        raise SystemExit("attnsteer eval: video pipelines are not supported yet")
+        raise UsageError("video pipelines are not supported yet")
     steering = _steering(args, pipe)
     methods = {"baseline": {}, **({"heads": steering} if args.heads else {})}
-    call = dict(_call(args, 20), output_type="pil")
+    call = dict(_call(args, pipe, 20), output_type="pil")
     result = run(pipe, prompts, list(range(args.seeds)), methods, call, args.batch_size, keep_images=args.keep)
     state = process_state()
     if state.is_main_process:
@@ -141,12 +186,15 @@ def _prompts(args) -> list[str]:
 
     if args.prompts:
         prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise UsageError(f"--prompts file {args.prompts!r} holds no prompt")
     else:
         prompts = prompt_set(args.set, args.split)
     return prompts[:args.limit] if args.limit else prompts
 
 
 def search(args) -> None:
+    from attnsteer.guidance.distributed import process_state
     from attnsteer.guidance.objectives import load_objective
 
     from .search import read_items, run_search
@@ -155,9 +203,9 @@ def search(args) -> None:
     objective = load_objective(args.objective, args.device)
     pipe, is_video = load_pipeline(args.model, args.device, args.dtype)
     if is_video:
-        raise SystemExit("attnsteer search-heads: video pipelines are not supported yet")
+        raise UsageError("video pipelines are not supported yet")
     pipe.set_progress_bar_config(disable=True)
-    call = _call(args, 20)
+    call = _call(args, pipe, 20)
     steps = call.pop("num_inference_steps")
     pipe.perturbation_guidance(perturbation_scale=args.scale, softpag_u=args.u, perturbation_mode=args.mode)
     summary = run_search(pipe, model=args.model, revision=args.revision, objective=objective,
@@ -167,11 +215,16 @@ def search(args) -> None:
                          halving_keep=args.halving_keep, screen_items=args.screen_items,
                          screen_steps=args.screen_steps)
     if process_state().is_main_process:
-        print(f"baseline (no heads) score {summary['baseline_score']:.4f}")
+        baseline = summary["baseline_score"]
+        print(f"baseline (no heads) score {baseline:.4f}")
         for r in summary["rounds"]:
             gain = r["gain"]
             print(f"round {r['round']}: + {' '.join(r['selected'])}  (best candidate {r['score']:.4f}, "
                   f"{gain['diff']:+.4f} [{gain['low']:+.4f}, {gain['high']:+.4f}] over no heads, paired)")
+            if all(score == baseline for score in r["scores"].values()):
+                print(f"warning: in round {r['round']} every candidate scored exactly as no heads ({baseline:.4f}): "
+                      "the perturbation changed no score at these settings, so the heads were picked by their order "
+                      "alone; try a larger --scale, more --steps, more prompts or seeds, or another --objective")
         print(f"heads: {' '.join(summary['heads'])}")
         cost = summary["search"]
         print(f"{cost['image_steps']} image-steps ({cost['computed_image_steps']} computed now) in {cost['wall_s']} s")
@@ -181,10 +234,10 @@ def search(args) -> None:
 def layers(args) -> None:
     pipe, is_video = load_pipeline(args.model, args.device, args.dtype)
     listed = pipe.steer_layers()
-    call = dict(prompt="a photo", height=args.height, width=args.width)
+    call = {k: v for k, v in _call(args, pipe, 1).items() if k in ("height", "width", "max_sequence_length")}
     if is_video:
         call["num_frames"] = args.frames
-    seen = pipe.token_layouts(**call) if args.layout else {}
+    seen = pipe.token_layouts(prompt="a photo", **call) if args.layout else {}
     print(f"{'index':>5}  {'layer':<60} {'kind':<6} heads  layout")
     index = 0
     for name, info in listed.items():
@@ -198,98 +251,172 @@ def layers(args) -> None:
         print(f"{number:>5}  {name:<60} {info.kind:<6} {info.heads:>5}  {layout}")
 
 
-def parser() -> argparse.ArgumentParser:
-    import torch
+def _number(kind, low=None, high=None, high_open=False, what=""):
+    """An argparse type: a finite ``kind`` number within the bounds, else a message saying what is allowed."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if kind is int else 'a number'}") from None
+        above = high is not None and (value >= high if high_open else value > high)
+        if not math.isfinite(value) or (low is not None and value < low) or above:
+            raise argparse.ArgumentTypeError(f"{text} is not allowed: {what}")
+        return value
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    main = argparse.ArgumentParser(prog="attnsteer", description=__doc__)
+    return parse
+
+
+POSITIVE = _number(int, 1, what="a whole number >= 1")
+NON_NEGATIVE = _number(int, 0, what="a whole number >= 0")
+FINITE = _number(float, what="a finite number")
+FRACTION = _number(float, 0.0, 1.0, what="a fraction in [0, 1]")
+KEEP = _number(float, 0.0, 1.0, high_open=True, what="0 (off) or a fraction in (0, 1)")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default where its help does not already say it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False or action.default == argparse.SUPPRESS or not action.option_strings:
+            return text
+        default = " ".join(map(str, action.default)) if isinstance(action.default, (list, tuple)) else action.default
+        return f"{text} (default: {default})"
+
+
+def parser() -> argparse.ArgumentParser:
+    main = argparse.ArgumentParser(prog="attnsteer", description="Steer diffusion models through their attention.",
+                                   formatter_class=_HelpFormatter)
     commands = main.add_subparsers(dest="command", required=True)
 
-    def steering_options(p):
-        p.add_argument("--heads", default=None, help="'LAYER:HEADS ...' spec or head-set JSON (see `attnsteer layers`)")
-        p.add_argument("--scale", type=float, default=None, help="perturbation scale w (default 5, or the head-set file's)")
-        p.add_argument("--u", type=float, default=None, help="SoftPAG u in [0, 1] (default 1, or the head-set file's)")
-        p.add_argument("--mode", default=None, help="joint or image")
-        p.add_argument("--window", type=float, nargs=2, default=(0.0, 1.0), metavar=("START", "STOP"))
-        p.add_argument("--batching", default="batched", help="batched or sequential")
-        p.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the pipeline's)")
+    def command(name, **kwargs):
+        return commands.add_parser(name, formatter_class=_HelpFormatter, **kwargs)
 
-    def prompt_options(p, split, seeds):
+    def steering_options(p):
+        p.add_argument("--heads", default=None, help="'LAYER:HEADS ...' spec or head-set JSON (see `attnsteer layers`); "
+                                                     "default: none (no perturbation)")
+        p.add_argument("--scale", type=FINITE, default=None, help="perturbation scale w (default 5, or the head-set file's)")
+        p.add_argument("--u", type=FRACTION, default=None, help="SoftPAG u in [0, 1]: 0 no perturbation, 1 PAG identity "
+                                                               "(default 1, or the head-set file's)")
+        p.add_argument("--mode", default=None, choices=["joint", "image"],
+                       help="identity on the whole joint map or on the image block (default joint, or the head-set file's)")
+        p.add_argument("--window", type=FRACTION, nargs=2, default=(0.0, 1.0), metavar=("START", "STOP"),
+                       help="fractions of the steps where the perturbation acts")
+        p.add_argument("--batching", default="batched", choices=["batched", "sequential"],
+                       help="perturbed branch in the same forward (batched) or a second one (less memory)")
+        p.add_argument("--guidance-scale", type=FINITE, default=None,
+                       help="CFG scale (default: the model folder's, else the pipeline's)")
+
+    def prompt_options(p, split, seeds, prompts_help):
         p.add_argument("--set", default="two", choices=["one", "two", "three"], help="named shapes prompt set")
-        p.add_argument("--split", default=split, choices=["tune", "heldout"])
-        p.add_argument("--prompts", default=None,
-                       help="a file of prompts, one per line, instead of --set (search-heads: 'prompt<TAB>seed' lines "
-                            "fix the seed)")
-        p.add_argument("--limit", type=int, default=None, help="use the first N prompts")
-        p.add_argument("--seeds", type=int, default=seeds, help="seeds 0..N-1 per prompt")
+        p.add_argument("--split", default=split, choices=["tune", "heldout"], help="prompt split of the set")
+        p.add_argument("--prompts", default=None, help=f"{prompts_help} (default: none, --set's prompts)")
+        p.add_argument("--limit", type=POSITIVE, default=None, help="use the first N prompts (default: all)")
+        p.add_argument("--seeds", type=POSITIVE, default=seeds, help="seeds 0..N-1 per prompt")
 
     def model_options(p):
         p.add_argument("--model", default=DEFAULT_MODEL,
-                       help=f"model id, local diffusers folder, a shipped shapes model ({', '.join(SHIPPED)}; default "
-                            f"{DEFAULT_MODEL}) or tiny-sd|tiny-sdxl|tiny-sd3|tiny-flux|tiny-wan (random weights)")
-        p.add_argument("--device", default=device)
-        p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-        p.add_argument("--height", type=int, default=None)
-        p.add_argument("--width", type=int, default=None)
-        p.add_argument("--frames", type=int, default=9, help="video frames (Wan)")
+                       help=f"model id, local diffusers folder, a shipped shapes model ({', '.join(SHIPPED)}) or "
+                            f"tiny-sd|tiny-sdxl|tiny-sd3|tiny-flux|tiny-wan (random weights)")
+        p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, ... (default: cuda if a GPU is visible, else cpu)")
+        p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                       help="weights and compute precision (use float32 on a CPU)")
+        p.add_argument("--height", type=POSITIVE, default=None, help="pixels (default: the model's)")
+        p.add_argument("--width", type=POSITIVE, default=None, help="pixels (default: the model's)")
+        p.add_argument("--frames", type=POSITIVE, default=9, help="video frames (Wan)")
 
-    g = commands.add_parser("generate", help="generate pictures, optionally with head perturbation guidance")
+    g = command("generate", help="generate pictures, optionally with head perturbation guidance")
     model_options(g)
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--negative-prompt", default=None)
+    g.add_argument("--prompt", required=True, help="what to draw")
+    g.add_argument("--negative-prompt", default=None, help="what to steer away from with CFG (default: none)")
     steering_options(g)
-    g.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model folder's, else 28)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--baseline", action="store_true", help="also write the unsteered picture of the same seed")
-    g.add_argument("--out", default="out")
+    g.add_argument("--steps", type=POSITIVE, default=None, help="denoising steps (default: the model folder's, else 28)")
+    g.add_argument("--seed", type=NON_NEGATIVE, default=0, help="random seed; same seed, same picture")
+    g.add_argument("--baseline", action="store_true", help="also write the unsteered picture of the same seed, "
+                                                           "and both side by side")
+    g.add_argument("--out", default="out", help="output folder")
     g.set_defaults(run=generate)
 
-    e = commands.add_parser("eval", help="measure baseline and steering on a shapes prompt set x seeds")
+    e = command("eval", help="measure baseline and steering on a shapes prompt set x seeds")
     model_options(e)
     steering_options(e)
-    prompt_options(e, split="heldout", seeds=4)
-    e.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model folder's, else 20)")
-    e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--keep", type=int, default=8, help="items shown on the contact sheet")
-    e.add_argument("--out", default="eval")
+    prompt_options(e, split="heldout", seeds=4, prompts_help="a file of prompts, one per line, instead of --set")
+    e.add_argument("--steps", type=POSITIVE, default=None, help="denoising steps (default: the model folder's, else 20)")
+    e.add_argument("--batch-size", type=POSITIVE, default=8, help="prompts per pipeline call")
+    e.add_argument("--keep", type=NON_NEGATIVE, default=8, help="items shown on the contact sheet")
+    e.add_argument("--out", default="eval", help="folder for eval.json and contact_sheet.png")
     e.set_defaults(run=evaluate)
 
-    s = commands.add_parser("search-heads", help="HeadHunter: greedily select the heads whose perturbation "
-                            "best raises an objective; writes heads.json for --heads / perturbed_heads")
+    s = command("search-heads", help="HeadHunter: greedily select the heads whose perturbation best raises an "
+                                      "objective; writes heads.json for --heads / perturbed_heads")
     model_options(s)
-    s.add_argument("--revision", default=None, help="model revision, recorded in heads.json")
-    prompt_options(s, split="tune", seeds=2)
+    s.add_argument("--revision", default=None, help="model revision, recorded in heads.json (default: none)")
+    prompt_options(s, split="tune", seeds=2,
+                   prompts_help="a file of prompts, one per line, instead of --set; a 'prompt<TAB>seed' line fixes "
+                                "that item's seed")
     s.add_argument("--objective", default="shapes",
                    help="shapes[-binding|-bound|-coverage|-count_right], clip:LOCAL_CLIP_FOLDER or module:function")
-    s.add_argument("--rounds", type=int, default=1, help="greedy rounds R")
-    s.add_argument("--top-k", type=int, default=3, help="heads added per round")
+    s.add_argument("--rounds", type=POSITIVE, default=1, help="greedy rounds R")
+    s.add_argument("--top-k", type=POSITIVE, default=3, help="heads added per round")
     s.add_argument("--layers", default=None, help="comma list of layer names or indices for the pool (default: all)")
-    s.add_argument("--scale", type=float, default=3.0, help="perturbation scale w while searching")
-    s.add_argument("--u", type=float, default=1.0, help="SoftPAG u while searching (HeadHunter: search at 1)")
-    s.add_argument("--mode", default="joint", help="joint or image")
-    s.add_argument("--guidance-scale", type=float, default=1.0, help="CFG scale while searching (1: off, as HeadHunter)")
-    s.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model folder's, else 20)")
-    s.add_argument("--batch-size", type=int, default=16, help="prompts per pipeline call; candidates share calls")
-    s.add_argument("--halving-keep", type=float, default=0.0,
-                   help="successive halving: keep this fraction of each round's candidates after a cheap screen")
-    s.add_argument("--screen-items", type=int, default=None, help="screen on the first N prompt-seed items")
-    s.add_argument("--screen-steps", type=int, default=None, help="screen with this many denoising steps")
+    s.add_argument("--scale", type=FINITE, default=3.0, help="perturbation scale w while searching")
+    s.add_argument("--u", type=FRACTION, default=1.0, help="SoftPAG u while searching (HeadHunter: search at 1)")
+    s.add_argument("--mode", default="joint", choices=["joint", "image"], help="identity of the perturbation")
+    s.add_argument("--guidance-scale", type=FINITE, default=1.0, help="CFG scale while searching (1: off, as HeadHunter)")
+    s.add_argument("--steps", type=POSITIVE, default=None, help="denoising steps (default: the model folder's, else 20)")
+    s.add_argument("--batch-size", type=POSITIVE, default=16, help="prompts per pipeline call; candidates share calls")
+    s.add_argument("--halving-keep", type=KEEP, default=0.0,
+                   help="successive halving: keep this fraction of each round's candidates after a cheap screen (0: off)")
+    s.add_argument("--screen-items", type=POSITIVE, default=None,
+                   help="screen on the first N prompt-seed items (default: all)")
+    s.add_argument("--screen-steps", type=POSITIVE, default=None, help="screen with this many denoising steps "
+                                                                        "(default: --steps)")
     s.add_argument("--out", default="head-search", help="folder for journal.jsonl, heads.json, contact_sheet.png")
     s.set_defaults(run=search)
 
-    ls = commands.add_parser("layers", help="list a model's attention layers, heads and token layouts")
+    ls = command("layers", help="list a model's attention layers, heads and token layouts")
     model_options(ls)
     ls.add_argument("--layout", action="store_true", help="run one denoising step to show each layer's token layout")
     ls.set_defaults(run=layers)
     return main
 
 
+def check(args) -> None:
+    """The checks that need no model, run before it is loaded: device, model name, files, output folder."""
+    import torch
+
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: no CUDA GPU is visible to torch here; use --device cpu")
+    if not args.model.startswith(TINY_PREFIX):
+        model_path(args.model)
+    if getattr(args, "prompts", None) and not Path(args.prompts).is_file():
+        raise UsageError(f"--prompts file {args.prompts!r} does not exist")
+    if getattr(args, "heads", None) and args.heads.endswith(".json"):
+        from attnsteer.attention_processors import HeadSetFile
+
+        HeadSetFile.load(args.heads)
+    if hasattr(args, "out"):
+        existing = next(p for p in [Path(args.out), *Path(args.out).absolute().parents] if p.exists())
+        if not existing.is_dir():
+            raise UsageError(f"--out {args.out}: {existing} is a file, not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise UsageError(f"--out {args.out}: the folder {existing} is not writable")
+
+
+def _flag_names(message: str) -> str:
+    """``message`` with the Python API's keyword names replaced by the command line's flags."""
+    return re.sub(r"\b(" + "|".join(FLAGS) + r")\b", lambda m: FLAGS[m.group(1)], message)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     try:
+        check(args)
         args.run(args)
     except ValueError as error:
-        sys.exit(f"attnsteer {args.command}: {error}")
+        sys.exit(f"attnsteer {args.command}: {_flag_names(str(error))}")
 
 
 if __name__ == "__main__":

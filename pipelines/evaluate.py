@@ -1,8 +1,11 @@
 """Measure a pipeline and its methods on shapes prompts x seeds: the ``attnsteer eval`` harness.
 
 Items (prompt, seed) are cut into fixed batches first; under ``accelerate launch`` the batches,
-not the items, are shared out across processes, so every image is computed exactly as in one
-process and the table is the same. Only the main process writes results.
+not the items, are shared out across processes, so every image is computed from the same inputs in
+the same batch as in one process. It is then bit for bit the same image where the processes compute
+as the one process did (same device, same torch thread count: ``accelerate launch`` and ``torchrun``
+start CPU processes with OMP_NUM_THREADS=1, a lone process uses every core); otherwise float sums in
+another order can move a pixel by one level, and rarely a detection. Only the main process writes.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from attnsteer.guidance.distributed import process_state
 from attnsteer.guidance.shapes import detect, score, summarize
@@ -97,19 +100,70 @@ def paired_table(differences: dict, reference: str) -> str:
     return "\n".join(lines)
 
 
-def contact_sheet(images: dict[str, list[Image.Image]], labels: list[str] | None = None) -> Image.Image:
-    """One row per method (its name at the left, if named), the same items in each column."""
-    rows = [(m, row) for m, row in images.items() if row]
+VIEW = 192  # pixels: small model outputs are enlarged (nearest neighbour) to about this size to be seen
+FONT = ImageFont.load_default(size=14)
+LINE = 18  # pixels per line of FONT
+GAP = 6  # pixels between pictures side by side
+
+
+def _enlarged(image: Image.Image, view: int = VIEW) -> Image.Image:
+    factor = max(1, view // max(image.size))
+    return image.convert("RGB").resize((image.width * factor, image.height * factor), Image.NEAREST)
+
+
+def _wrapped(draw: ImageDraw.ImageDraw, text: str, width: int) -> list[str]:
+    """``text`` cut into lines of at most ``width`` pixels, at spaces where it can be."""
+    lines, line = [], ""
+    for word in text.split():
+        candidate = f"{line} {word}".strip()
+        if line and draw.textlength(candidate, font=FONT) > width:
+            lines.append(line)
+            candidate = word
+        line = candidate
+    return lines + [line] if line else lines
+
+
+def contact_sheet(images: dict[str, list[Image.Image]], labels: list[str] | None = None,
+                  view: int = VIEW) -> Image.Image:
+    """One row per method (its whole name at the left, if named), the same items in each column with
+    their labels (e.g. prompts) wrapped below; pictures enlarged to about ``view`` pixels."""
+    rows = [(m, [_enlarged(image, view) for image in row]) for m, row in images.items() if row]
     width, height = rows[0][1][0].size
-    margin = 90 if any(m for m, _ in rows) else 0
-    sheet = Image.new("RGB", (margin + width * max(len(r) for _, r in rows), height * len(rows) + 14), "white")
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    margin = max((int(measure.textlength(m, font=FONT)) + 12 for m, _ in rows if m), default=0)
+    wrapped = [_wrapped(measure, label, width - 4) for label in labels or []]
+    footer = LINE * max((len(w) for w in wrapped), default=0) + 4
+    sheet = Image.new("RGB", (margin + width * max(len(r) for _, r in rows), height * len(rows) + footer), "white")
     draw = ImageDraw.Draw(sheet)
     for y, (method, row) in enumerate(rows):
-        draw.text((4, y * height + height // 2), method[:14], fill="black")
+        draw.text((6, y * height + height // 2 - LINE // 2), method, fill="black", font=FONT)
         for x, image in enumerate(row):
-            sheet.paste(image.convert("RGB"), (margin + x * width, y * height))
-    for x, label in enumerate(labels or []):
-        draw.text((margin + x * width + 2, len(rows) * height + 2), label[:12], fill="black")
+            sheet.paste(image, (margin + x * width, y * height))
+    for x, lines in enumerate(wrapped):
+        for i, line in enumerate(lines):
+            draw.text((margin + x * width + 2, len(rows) * height + 2 + LINE * i), line, fill="black", font=FONT)
+    return sheet
+
+
+def labelled_grid(images: list[Image.Image], labels: list[str], title: str = "", view: int = 256) -> Image.Image:
+    """Pictures side by side, enlarged to about ``view`` pixels, each with its label above and ``title``
+    (e.g. the prompt) on top: the quick start's baseline-versus-method comparison."""
+    shown = [_enlarged(image, view) for image in images]
+    width, height = shown[0].size
+    step = width + GAP
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    heads = [_wrapped(measure, label, width - 8) for label in labels]
+    titled = _wrapped(measure, title, step * len(shown) - 8)
+    top = LINE * len(titled) + (6 if titled else 0)
+    label_height = LINE * max(len(h) for h in heads) + 6
+    sheet = Image.new("RGB", (step * len(shown) - GAP, top + label_height + height), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, line in enumerate(titled):
+        draw.text((4, 3 + LINE * i), line, fill="black", font=FONT)
+    for x, (image, lines) in enumerate(zip(shown, heads)):
+        for i, line in enumerate(lines):
+            draw.text((x * step + 4, top + 3 + LINE * i), line, fill="black", font=FONT)
+        sheet.paste(image, (x * step, top + label_height))
     return sheet
 
 

@@ -8,7 +8,6 @@ candidate sees the same prompts and seeds, so their scores differ only by the he
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -16,6 +15,7 @@ import torch
 from attnsteer.attention_processors import JOINT, SELF, HeadSetFile, resolve_heads
 from attnsteer.guidance.distributed import process_state
 from attnsteer.guidance.head_search import Fidelity, Journal, head_key, search_heads
+from attnsteer.guidance.objectives import objective_scores
 
 from .evaluate import contact_sheet
 
@@ -29,7 +29,8 @@ def head_pool(pipe, layers=None) -> list[tuple[str, int]]:
     return [(name, h) for name in names for h in range(infos[name].heads)]
 
 
-def pipeline_evaluator(pipe, objective, w: float, u: float, mode: str, call_kwargs: dict, batch_size: int):
+def pipeline_evaluator(pipe, objective, w: float, u: float, mode: str, call_kwargs: dict, batch_size: int,
+                       objective_name: str = "objective"):
     """``evaluate(candidates, items, steps)`` for ``search_heads``: generate every (candidate, item)
     image in calls of at most ``batch_size`` prompts and score them with ``objective``."""
 
@@ -47,7 +48,7 @@ def pipeline_evaluator(pipe, objective, w: float, u: float, mode: str, call_kwar
 
     def evaluate(candidates, items, steps):
         rows, images = generate(candidates, items, steps)
-        scores = [float(s) for s in objective(images, [p for _, p, _ in rows])]
+        scores = objective_scores(objective, objective_name, images, [p for _, p, _ in rows])
         return [scores[i * len(items):(i + 1) * len(items)] for i in range(len(candidates))]
 
     evaluate.generate = generate
@@ -72,16 +73,16 @@ def run_search(pipe, *, model: str, revision: str | None, objective, objective_n
         if screen.cost(1) >= full.cost(1):
             raise ValueError("successive halving needs a cheaper screen: set screen items below the "
                              f"{len(items)} items or screen steps below {steps}")
-    settings = dict(model=model, revision=revision, objective=objective_name, w=w, u=u, mode=mode,
+    settings = dict(model=model, revision=revision, dtype=str(pipe.dtype).removeprefix("torch."),
+                    device=pipe.device.type, objective=objective_name, w=w, u=u, mode=mode,
                     rounds=rounds, top_k=top_k, pool=[head_key(h) for h in pool], items=[list(i) for i in items],
                     steps=steps, call=call_kwargs, halving_keep=halving_keep,
                     screen=None if screen is None else [len(screen.items), screen.steps])
     out = Path(out)
     with state.main_process_first():
         journal = Journal(out / "journal.jsonl", settings, writer=state.is_main_process)
-    evaluate = pipeline_evaluator(pipe, objective, w, u, mode, call_kwargs, batch_size)
+    evaluate = pipeline_evaluator(pipe, objective, w, u, mode, call_kwargs, batch_size, objective_name)
     chunk = max(1, batch_size // len(items))
-    t0 = time.time()
     result = search_heads(evaluate, pool, rounds, top_k, full, journal, chunk, screen, halving_keep or 0.25,
                           progress)
     record = HeadSetFile(
@@ -91,7 +92,7 @@ def run_search(pipe, *, model: str, revision: str | None, objective, objective_n
                "search": {**{k: v for k, v in settings.items() if k not in ("pool", "items")},
                           "pool_size": len(pool), "items": len(items), "chunk": chunk,
                           "image_steps": result.image_steps, "computed_image_steps": result.computed_image_steps,
-                          "processes": state.num_processes, "wall_s": round(time.time() - t0, 1)}})
+                          "processes": state.num_processes, "wall_s": round(journal.seconds, 1)}})
     if state.is_main_process:
         record.save(str(out / "heads.json"))
         shown = list(items[:sheet_items])

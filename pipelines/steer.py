@@ -11,15 +11,22 @@ also when the call raises.
 from __future__ import annotations
 
 import inspect
+import json
+import logging
+import numbers
+import os
 from contextlib import ExitStack
+from pathlib import Path, PurePath
 
-from diffusers import (
-    FluxPipeline,
-    StableDiffusion3Pipeline,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
-    WanPipeline,
-)
+# diffusers' pipelines import transformers' image processors, which announce on import that they fall
+# back to PIL without torchvision; no image processor takes part in generation, so the notice is noise.
+_notices = logging.getLogger("transformers.utils.import_utils")
+_level = _notices.level
+_notices.setLevel(logging.ERROR)
+try:
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, WanPipeline
+finally:
+    _notices.setLevel(_level)
 
 from attnsteer.attention_processors import HeadSetFile, LayoutRecorder, list_layers, resolve_heads, steering
 from attnsteer.guidance.perturbation import BranchInfo, HeadPerturbationGuidance
@@ -29,6 +36,7 @@ from .methods import AttentionMethods, pop_arguments
 DEFAULT_SCALE = 5.0  # HeadHunter paper, SD3-medium
 DEFAULT_U = 1.0  # plain head-level PAG; HeadHunter deploys found heads at u ~ 0.5
 DEFAULT_MODE = "joint"  # HeadHunter's definition of identity on joint attention
+CALL_DEFAULTS = "attnsteer.json"  # in a model folder: {"call": {parent call keyword arguments the model needs}}
 
 
 class SteerMixin:
@@ -53,8 +61,23 @@ class SteerMixin:
 
     The pipeline's own CFG step is left as it is: the conditional prediction it receives is
     eps_c + (w / g)(eps_c - eps_perturbed). With SD/SDXL's ``guidance_rescale`` the rescale therefore
-    references that prediction rather than eps_c.
+    references that prediction rather than eps_c. SD3's skip-layer guidance still gets its own term
+    from eps_c, and with g = 0 (Wan 2.2's ``guidance_scale_2``) the term rides on the unconditional
+    prediction (see ``attnsteer.guidance.perturbation``).
+
+    ``call_defaults``: parent call arguments the model asks for (a local folder's ``attnsteer.json``,
+    e.g. shapes-sd3's ``max_sequence_length=8``), used where the call does not give them.
     """
+
+    call_defaults: dict = {}
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """The parent's ``from_pretrained``; a local folder's ``attnsteer.json`` becomes ``call_defaults``."""
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        path = Path(pretrained_model_name_or_path) / CALL_DEFAULTS
+        pipe.call_defaults = json.loads(path.read_text()).get("call", {}) if path.is_file() else {}
+        return pipe
 
     def steer_denoisers(self):
         """The denoising models a pipeline call runs, by component name."""
@@ -78,14 +101,25 @@ class SteerMixin:
         cfg = self.do_classifier_free_guidance
         return BranchInfo(cfg, self.guidance_scale if cfg else 1.0, self._num_timesteps)
 
+    def check_head_set_model(self, path: str, model: str | None) -> None:
+        """ValueError when a head-set file was made for another model than this pipeline's. Names are
+        compared by their last path component, so that a hub id and a local folder of the same name
+        match; a file without a model, or a pipeline built in code (no ``name_or_path``), is not checked."""
+        ours = self.name_or_path
+        if model is None or ours is None or PurePath(str(model)).name == PurePath(str(ours)).name:
+            return
+        raise ValueError(f"head-set file {path!r} was made for model {model!r}, but this pipeline's model is {ours!r}; "
+                         "use a head set made for this model, or edit or remove the file's \"model\" field")
+
     def perturbation_guidance(self, perturbed_heads=None, perturbation_scale=None, softpag_u=None,
                               perturbation_mode=None, perturbation_window=(0.0, 1.0),
                               perturbation_batching="batched", perturbed_heads_per_prompt=None,
                               prompt=None) -> HeadPerturbationGuidance:
         """Check the perturbation arguments against this pipeline's model; raises ValueError."""
         stored = HeadSetFile(heads=[])
-        if isinstance(perturbed_heads, str) and perturbed_heads.endswith(".json"):
-            stored = HeadSetFile.load(perturbed_heads)
+        if isinstance(perturbed_heads, (str, os.PathLike)) and str(perturbed_heads).endswith(".json"):
+            stored = HeadSetFile.load(str(perturbed_heads))
+            self.check_head_set_model(str(perturbed_heads), stored.model)
             perturbed_heads = stored.heads
         if perturbed_heads_per_prompt is not None:
             if perturbed_heads:
@@ -113,8 +147,11 @@ class SteerMixin:
                  perturbed_heads_per_prompt=None, **kwargs):
         methods = pop_arguments(kwargs)
         parent_call = super().__call__
+        given = inspect.signature(parent_call).bind_partial(*args, **kwargs).arguments
+        kwargs = {**{k: v for k, v in self.call_defaults.items() if k not in given}, **kwargs}
         bound = inspect.signature(parent_call).bind(*args, **kwargs)
         bound.apply_defaults()
+        check_steps(bound.arguments)
         guidance = self.perturbation_guidance(perturbed_heads, perturbation_scale, softpag_u, perturbation_mode,
                                               perturbation_window, perturbation_batching, perturbed_heads_per_prompt,
                                               bound.arguments.get("prompt"))
@@ -127,6 +164,18 @@ class SteerMixin:
             if attention.active:
                 stack.enter_context(attention.attached(lambda m: self.branch_info(m, bound.arguments)))
             return attention.finish(parent_call(*args, **kwargs))
+
+
+def check_steps(call_arguments: dict) -> None:
+    """ValueError unless num_inference_steps is a positive integer (with 0 or a negative number diffusers
+    may return the initial noise undenoised); None is left to diffusers when the call gives its own
+    timesteps or sigmas."""
+    steps = call_arguments.get("num_inference_steps")
+    custom = any(call_arguments.get(name) is not None for name in ("timesteps", "sigmas"))
+    if steps is None and custom:
+        return
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise ValueError(f"num_inference_steps {steps!r} must be a positive integer")
 
 
 class StableDiffusionSteerPipeline(SteerMixin, StableDiffusionPipeline):

@@ -11,6 +11,7 @@ from attnsteer.attention_processors import (
     SELF,
     HeadPerturbation,
     LayoutRecorder,
+    head_weights,
     list_layers,
     resolve_heads,
     steering,
@@ -139,12 +140,43 @@ def test_a_non_sdpa_attention_backend_is_refused():
             pass
 
 
-def test_a_processor_that_bypasses_sdpa_is_reported():
+def test_a_processor_that_bypasses_sdpa_is_refused_at_install():
     from diffusers.models.attention_processor import AttnProcessor
 
     model = denoiser("sd")
     name = next(iter(list_layers(model)))
     list_layers(model)[name].module.set_processor(AttnProcessor())  # explicit softmax, no SDPA
+    with pytest.raises(ValueError, match=rf"layer '{name}' uses processor AttnProcessor, which bypasses torch's"):
+        with steering(model, [HeadPerturbation([name])]):
+            pass
+    assert type(list_layers(model)[name].module.processor) is AttnProcessor
+
+
+def test_a_steered_call_that_bypasses_sdpa_is_reported():
+    """The last safety net: a processor swapped in after the install check."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    model = denoiser("sd")
+    name = next(iter(list_layers(model)))
     with pytest.raises(RuntimeError, match=rf"layer '{name}': its processor AttnProcessor did not call torch's"):
         with steering(model, [HeadPerturbation([name])]):
+            list_layers(model)[name].module.processor.inner = AttnProcessor()
             model(torch.randn(1, 4, 8, 8), 10, torch.randn(1, 3, 32))
+
+
+def test_a_session_inside_another_sees_the_processor_it_wraps():
+    model = denoiser("sd3")
+    c = model.config
+    inputs = dict(hidden_states=torch.randn(1, c.in_channels, 8, 8), timestep=torch.tensor([1.0]),
+                  encoder_hidden_states=torch.randn(1, 3, c.joint_attention_dim),
+                  pooled_projections=torch.randn(1, c.pooled_projection_dim), return_dict=False)
+    heads = {"transformer_blocks.0.attn": (0,)}
+    steer = HeadPerturbation(heads)
+    steer.set_weights(head_weights(heads, list_layers(model), 1.0))
+    recorder = LayoutRecorder(list_layers(model))
+    with torch.no_grad(), steering(model, [steer]):
+        perturbed = model(**inputs)[0]
+        with steering(model, [recorder]):
+            inside = model(**inputs)[0]
+    assert set(recorder.seen) == set(list_layers(model))
+    torch.testing.assert_close(inside, perturbed, atol=0, rtol=0)

@@ -77,6 +77,17 @@ def test_perturbation_window_counts_steps():
 def test_bad_options_are_refused():
     with pytest.raises(ValueError, match=r"softpag_u 1.2 must be in \[0, 1\]"):
         HeadPerturbationGuider(heads=HEADS, softpag_u=1.2)
+    with pytest.raises(ValueError, match=r"perturbation_scale True must be a number \(int, float, numpy scalar or 0-d tensor\), not bool"):
+        HeadPerturbationGuider(heads=HEADS, perturbation_scale=True)
+    with pytest.raises(ValueError, match=r"\(perturbation_start, perturbation_stop\) \(0.5, 0.2\) must be \(start, stop\) fractions"):
+        HeadPerturbationGuider(heads=HEADS, perturbation_start=0.5, perturbation_stop=0.2)
+
+
+def test_numpy_and_tensor_options_are_numbers():
+    guider = HeadPerturbationGuider(heads=HEADS, perturbation_scale=np.float32(2.5), softpag_u=torch.tensor(0.5),
+                                    perturbation_start=np.int64(0), perturbation_stop=np.float64(0.5))
+    assert (guider.perturbation_scale, guider.u, guider.window) == (2.5, 0.5, (0.0, 0.5))
+    assert all(type(x) is float for x in (guider.perturbation_scale, guider.u, *guider.window))
 
 
 def test_modular_sd3_pipeline_runs_with_the_guider():

@@ -158,6 +158,23 @@ def test_journal_drops_a_cut_line_and_refuses_other_settings(tmp_path):
         Journal(tmp_path / "j.jsonl", {"w": 5.0, "steps": 20})
 
 
+def test_journal_skips_a_damaged_middle_line_and_keeps_the_lines_after_it(tmp_path):
+    j = Journal(tmp_path / "j.jsonl", {"w": 3.0})
+    j.record({"full|a:0": [1.0]})
+    with open(tmp_path / "j.jsonl", "a") as f:
+        f.write('{"scores": {"full|a:1": [0.5\n')  # damaged, e.g. by a disk error
+    j.record({"full|a:2": [2.0]})
+    with pytest.warns(UserWarning, match=r"j.jsonl: line 3 is damaged and skipped \(its chunk will be computed again\)"):
+        again = Journal(tmp_path / "j.jsonl", {"w": 3.0})
+    assert again.scores == {"full|a:0": [1.0], "full|a:2": [2.0]}
+    assert len((tmp_path / "j.jsonl").read_text().splitlines()) == 3  # rewritten without the damaged line
+    assert again.seconds == pytest.approx(sum(json.loads(line).get("seconds", 0) for line in
+                                              (tmp_path / "j.jsonl").read_text().splitlines()))
+    (tmp_path / "k.jsonl").write_text("not json\n")
+    with pytest.raises(ValueError, match=r"k.jsonl: its first line is not the settings header"):
+        Journal(tmp_path / "k.jsonl", {"w": 3.0})
+
+
 SCRIPT = """
 import sys, time
 sys.path.insert(0, {tests!r})

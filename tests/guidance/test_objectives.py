@@ -54,3 +54,8 @@ def test_user_objective_by_module_or_file(tmp_path):
         load_objective("no_such_module:f")
     with pytest.raises(ValueError, match="is not 'shapes"):
         load_objective("pickscore")
+    (tmp_path / "broken.py").write_text("def score(images, prompts)\n    return []\n")
+    with pytest.raises(ValueError, match=r"objective module '.*broken.py' cannot be imported: SyntaxError"):
+        load_objective(f"{tmp_path / 'broken.py'}:score")
+    with pytest.raises(ValueError, match=r"objective file '.*missing.py' does not exist"):
+        load_objective(f"{tmp_path / 'missing.py'}:score")

@@ -53,3 +53,28 @@ def test_flux_true_cfg_scale_reaches_the_guidance():
     assert pipe.branch_info(pipe.transformer, base).cfg_scale == 1.0
     assert pipe.branch_info(pipe.transformer, {**base, "negative_prompt": "blurry"}).cfg_scale == 3.0
     assert pipe.branch_info(pipe.transformer, {**base, "negative_prompt": "blurry", "true_cfg_scale": 1.0}).cfg_scale == 1.0
+
+
+@pytest.mark.parametrize("batching", ["batched", "sequential"])
+def test_cfg_scale_zero_puts_the_term_on_the_uncond_rows_of_a_batched_call(batching):
+    """With g = 0 CFG keeps only eps_u, so eps_u' = eps_u + w (eps_c - eps_p) and eps_c is left as it is."""
+    model = tiny_components("sd3")["transformer"]
+    heads = {"transformer_blocks.0.attn": (1, 2)}
+    torch.manual_seed(0)
+    c = model.config
+    latents = torch.randn(1, c.in_channels, 8, 8)
+    text, pooled = torch.randn(2, 5, c.joint_attention_dim), torch.randn(2, c.pooled_projection_dim)
+    inputs = lambda text, pooled: dict(hidden_states=latents.expand(len(text), -1, -1, -1), encoder_hidden_states=text,
+                                       timestep=torch.full((len(text),), 500.0), pooled_projections=pooled,
+                                       return_dict=False)
+    steer = HeadPerturbation(heads)
+    steer.set_weights(head_weights(heads, list_layers(model), 0.5))
+    with torch.no_grad():
+        uncond, cond = model(**inputs(text, pooled))[0]
+        with steering(model, [steer]):
+            perturbed = model(**inputs(text[1:], pooled[1:]))[0][0]
+        guidance = HeadPerturbationGuidance(heads, scale=3.0, u=0.5, batching=batching)
+        with guidance.attached(model, lambda m: BranchInfo(True, 0.0, 10)):
+            guided_uncond, guided_cond = model(**inputs(text, pooled))[0]
+    torch.testing.assert_close(guided_cond, cond, atol=1e-5, rtol=0)
+    torch.testing.assert_close(guided_uncond, uncond + 3.0 * (cond - perturbed), atol=1e-5, rtol=0)

@@ -12,7 +12,10 @@ def test_generate_writes_baseline_and_steered_pngs(tmp_path, capsys):
           "--u", "0.5", "--baseline", "--out", str(tmp_path)])
     written = sorted(p.name for p in tmp_path.iterdir() if "grid" not in p.name)
     assert written == ["seed0_baseline_0.png", "seed0_steered_0.png"]
-    assert Image.open(tmp_path / "seed0_grid.png").size == (2 * 32, 32 + 14)
+    grid = Image.open(tmp_path / "seed0_grid.png")
+    assert grid.width == 2 * 256 + 6 and grid.height > 256  # enlarged 8x, 6 px apart, labels above
+    pixels = np.asarray(grid.convert("L"))
+    assert (pixels[:grid.height - 256] < 128).any()  # the prompt and method labels are drawn
     baseline, steered = (Image.open(tmp_path / name) for name in written)
     assert baseline.size == (32, 32) and not np.array_equal(np.asarray(baseline), np.asarray(steered))
     captured = capsys.readouterr()
@@ -26,15 +29,127 @@ def test_generate_writes_video_frames(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"seed0_steered_0_frame{f:03d}.png" for f in range(5)]
 
 
-@pytest.mark.parametrize("option,message", [
-    (["--u", "2"], "softpag_u 2.0 must be in [0, 1]"),
-    (["--heads", "transformer_blocks.4.attn:0"], "unknown layer 'transformer_blocks.4.attn'"),
-    (["--mode", "both"], "perturbation_mode 'both' is not one of"),
-])
-def test_bad_options_exit_with_the_reason(tmp_path, option, message):
+def refused(argv, capsys) -> str:
+    """The message ``attnsteer ARGV`` exits with (argparse's on stderr, or the command's own)."""
     with pytest.raises(SystemExit) as exit:
-        main(["generate", "--model", "tiny-sd3", "--prompt", "x", "--out", str(tmp_path), "--heads", "0:0", *option])
-    assert message in str(exit.value) and not any(tmp_path.iterdir())
+        main(argv)
+    return str(exit.value) + capsys.readouterr().err
+
+
+GENERATE = ["generate", "--model", "tiny-sd3", "--prompt", "x", "--heads", "0:0"]
+# Each is refused on parse, before any model is loaded, with the flag and what is allowed.
+ON_PARSE = [
+    (["--steps", "0"], "argument --steps: 0 is not allowed: a whole number >= 1"),
+    (["--steps", "2.5"], "argument --steps: '2.5' is not a whole number"),
+    (["--height", "0"], "argument --height: 0 is not allowed: a whole number >= 1"),
+    (["--guidance-scale", "nan"], "argument --guidance-scale: nan is not allowed: a finite number"),
+    (["--scale", "inf"], "argument --scale: inf is not allowed: a finite number"),
+    (["--scale", "true"], "argument --scale: 'true' is not a number"),
+    (["--u", "2"], "argument --u: 2 is not allowed: a fraction in [0, 1]"),
+    (["--mode", "both"], "argument --mode: invalid choice: 'both' (choose from 'joint', 'image')"),
+    (["--seed", "-1"], "argument --seed: -1 is not allowed: a whole number >= 0"),
+]
+
+
+@pytest.mark.parametrize("option,message", ON_PARSE, ids=[m.split(":")[0] for _, m in ON_PARSE])
+def test_bad_generate_options_are_refused_on_parse(tmp_path, capsys, option, message):
+    assert message in refused([*GENERATE, "--out", str(tmp_path / "o"), *option], capsys)
+    assert not (tmp_path / "o").exists()
+
+
+EVAL = ["eval", "--model", "tiny-sd", "--steps", "1"]
+
+
+@pytest.mark.parametrize("option,message", [
+    (["--limit", "0"], "argument --limit: 0 is not allowed: a whole number >= 1"),
+    (["--limit", "-1"], "argument --limit: -1 is not allowed: a whole number >= 1"),
+    (["--seeds", "0"], "argument --seeds: 0 is not allowed: a whole number >= 1"),
+    (["--batch-size", "0"], "argument --batch-size: 0 is not allowed: a whole number >= 1"),
+    (["--keep", "-2"], "argument --keep: -2 is not allowed: a whole number >= 0"),
+])
+def test_bad_eval_options_are_refused_on_parse(capsys, option, message):
+    assert message in refused([*EVAL, *option], capsys)
+
+
+def test_api_errors_name_the_flags(tmp_path, capsys):
+    message = refused([*GENERATE, "--out", str(tmp_path), "--window", "0.5", "0.2"], capsys)
+    assert "attnsteer generate: --window (0.5, 0.2) must be (start, stop) fractions of the steps" in message
+    assert not any(tmp_path.iterdir())
+    message = refused([*GENERATE[:-2], "--heads", "transformer_blocks.4.attn:0", "--out", str(tmp_path)], capsys)
+    assert "attnsteer generate: unknown layer 'transformer_blocks.4.attn'" in message
+
+
+def test_mistyped_or_missing_model_is_named_without_a_hub_lookup(tmp_path, capsys):
+    message = refused(["generate", "--model", "shapes-sdx", "--prompt", "x", "--out", str(tmp_path)], capsys)
+    assert ("attnsteer generate: --model 'shapes-sdx' is neither a local folder nor a known name (shapes-sd, "
+            "shapes-sd3, tiny-sd, tiny-sdxl, tiny-sd3, tiny-flux, tiny-wan), and not a hub id of the form org/name. "
+            "Did you mean shapes-sd?") in message
+    missing = str(tmp_path / "no-such-model")
+    assert f"--model {missing!r} is neither a local folder nor a known name" in refused(
+        ["layers", "--model", missing], capsys)
+    assert "--model 'someone/no-such-model' is not a local folder nor a known name, and the hub id is not in the " \
+           "local Hugging Face cache; HF_HUB_OFFLINE is set" in refused(["layers", "--model", "someone/no-such-model"], capsys)
+    (tmp_path / "empty").mkdir()
+    assert "the folder has no model_index.json, so it is not a diffusers pipeline" in refused(
+        ["layers", "--model", str(tmp_path / "empty")], capsys)
+
+
+def test_missing_files_and_bad_output_folders_are_named_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import attnsteer.pipelines.cli as cli
+
+    monkeypatch.setattr(cli, "load_pipeline", lambda *a: pytest.fail("the model was loaded"))
+    missing = str(tmp_path / "missing.txt")
+    assert f"attnsteer eval: --prompts file {missing!r} does not exist" in refused([*EVAL, "--prompts", missing], capsys)
+    assert f"head-set file {str(tmp_path / 'h.json')!r} does not exist" in refused(
+        [*GENERATE[:-2], "--heads", str(tmp_path / "h.json"), "--out", str(tmp_path)], capsys)
+    (tmp_path / "bad.json").write_text('{"heads": ["0:1"')
+    assert f"head-set file {str(tmp_path / 'bad.json')!r} is not valid JSON" in refused(
+        [*GENERATE[:-2], "--heads", str(tmp_path / "bad.json"), "--out", str(tmp_path)], capsys)
+    (tmp_path / "file").write_text("")
+    out = str(tmp_path / "file" / "sub")
+    assert f"attnsteer generate: --out {out}: {tmp_path / 'file'} is a file, not a folder" in refused(
+        [*GENERATE, "--out", out], capsys)
+    if not torch_cuda():
+        assert "--device cuda: no CUDA GPU is visible to torch here; use --device cpu" in refused(
+            [*GENERATE, "--device", "cuda"], capsys)
+
+
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def test_help_shows_every_default_and_starts_without_torch():
+    import argparse
+    import subprocess
+    import sys
+
+    from attnsteer.pipelines.cli import parser
+
+    commands = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, command in commands.items():
+        formatter = command._get_formatter()
+        for action in command._actions:
+            if not action.option_strings or action.required or isinstance(
+                    action, (argparse._HelpAction, argparse._StoreTrueAction)):
+                continue
+            assert "default" in formatter._get_help_string(action), (name, action.option_strings)
+    assert "prompt<TAB>seed" in commands["search-heads"].format_help()
+    assert "TAB" not in commands["eval"].format_help()
+    code = ("import sys; from attnsteer.pipelines.cli import parser; parser().format_help(); "
+            "print('torch' in sys.modules, 'diffusers' in sys.modules); "
+            "from attnsteer.pipelines import StableDiffusionSteerPipeline")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["False", "False"]
+    assert done.stderr == ""  # no third-party notices on import
+
+
+def test_tiny_wan_runs_without_a_size(tmp_path, capsys):
+    main(["generate", "--model", "tiny-wan", "--prompt", "a cat", "--steps", "1", "--frames", "5", "--out", str(tmp_path)])
+    assert Image.open(tmp_path / "seed0_output_0_frame000.png").size == (32, 32)
+    main(["layers", "--model", "tiny-wan", "--layout"])
+    assert "grid (3, 4, 4)" in capsys.readouterr().out  # 9 frames (the default) -> 3 latent frames
 
 
 def test_unknown_tiny_model_is_named():

@@ -65,8 +65,8 @@ def test_search_writes_a_head_set_the_pipeline_takes_as_it_is(sd3, tmp_path, cap
     assert saved["model"] == "tiny-sd3" and saved["objective"] == OBJECTIVE
     assert [len(r["scores"]) for r in saved["rounds"]] == [8, 6]
     assert saved["search"]["image_steps"] == (1 + 8 + 6) * 4 * 2
-    # options left unset (the size) are the pipeline defaults, not settings recorded in the journal
-    assert saved["search"]["call"] == {"guidance_scale": 1.0}
+    # the model's call defaults (a tiny model's size) and the CFG; options left unset stay out of the journal
+    assert saved["search"]["call"] == {"height": 32, "width": 32, "guidance_scale": 1.0}
     assert (tmp_path / "contact_sheet.png").exists()
     from_file = images(sd3, ["a red circle"], [0], perturbed_heads=str(tmp_path / "heads.json"))
     explicit = images(sd3, ["a red circle"], [0], perturbed_heads=saved["heads"], perturbation_mode="joint")
@@ -80,6 +80,11 @@ def test_search_writes_a_head_set_the_pipeline_takes_as_it_is(sd3, tmp_path, cap
     assert f"{gain['diff']:+.4f} [{gain['low']:+.4f}, {gain['high']:+.4f}] over no heads, paired" in out
     with pytest.raises(SystemExit, match=r"other settings \(w: journal 3.0, now 5.0\)"):
         main([*SEARCH, "--out", str(tmp_path), "--scale", "5"])
+    with pytest.raises(SystemExit, match=r"other settings \(dtype: journal 'float32', now 'bfloat16'\)"):
+        main([*SEARCH, "--out", str(tmp_path), "--dtype", "bfloat16"])
+    assert (saved["search"]["dtype"], saved["search"]["device"]) == ("float32", "cpu")
+    # the resumed run computed nothing: its time is the first run's, read from the journal
+    assert json.loads((tmp_path / "heads.json").read_text())["search"]["wall_s"] == saved["search"]["wall_s"] > 0
 
 
 def cli(args, **kwargs):
@@ -122,10 +127,35 @@ def test_items_take_fixed_seeds_from_tab_separated_lines():
         ("a red circle", 7), ("a blue square", 0), ("a blue square", 1)]
 
 
-def test_halving_settings_are_checked_before_any_compute(tmp_path):
+def test_halving_settings_are_checked_before_any_compute(tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"successive halving needs a cheaper screen: set screen items below the "
                                          r"4 items or screen steps below 2"):
         main([*SEARCH, "--out", str(tmp_path), "--halving-keep", "0.5"])
-    with pytest.raises(SystemExit, match=r"keep 1.5 must be a fraction in \(0, 1\)"):
-        main([*SEARCH, "--out", str(tmp_path), "--halving-keep", "1.5", "--screen-steps", "1"])
+    with pytest.raises(SystemExit):
+        main([*SEARCH, "--out", str(tmp_path), "--halving-keep", "1", "--screen-steps", "1"])
+    assert "argument --halving-keep: 1 is not allowed: 0 (off) or a fraction in (0, 1)" in capsys.readouterr().err
     assert not (tmp_path / "heads.json").exists()
+
+
+TINY_SEARCH = ["search-heads", "--model", "tiny-sd3", "--device", "cpu", "--limit", "1", "--seeds", "1", "--steps", "1",
+               "--layers", "0"]
+
+
+@pytest.mark.parametrize("body,message", [
+    ("return [float('nan')] * len(images)", r"objective '.*:score' returned 1 non-finite score\(s\) \(nan\) for 1 images"),
+    ("return []", r"objective '.*:score' returned 0 scores for 1 images; it must return one number per image"),
+    ("raise KeyError('colour')", r"objective '.*:score' raised KeyError: 'colour'"),
+    ("return ['high']", r"objective '.*:score' returned a score that is not a number: \['high'\]"),
+])
+def test_a_broken_objective_is_named_and_nothing_is_written(tmp_path, body, message):
+    (tmp_path / "objective.py").write_text(f"def score(images, prompts):\n    {body}\n")
+    with pytest.raises(SystemExit, match=message):
+        main([*TINY_SEARCH, "--objective", f"{tmp_path / 'objective.py'}:score", "--out", str(tmp_path / "s")])
+    assert not (tmp_path / "s" / "heads.json").exists()
+
+
+def test_a_search_where_no_candidate_changes_the_score_says_so(tmp_path, capsys):
+    (tmp_path / "objective.py").write_text("def score(images, prompts):\n    return [0.5] * len(images)\n")
+    main([*TINY_SEARCH, "--objective", f"{tmp_path / 'objective.py'}:score", "--top-k", "1", "--out", str(tmp_path)])
+    assert ("warning: in round 0 every candidate scored exactly as no heads (0.5000): the perturbation changed no "
+            "score at these settings") in capsys.readouterr().out

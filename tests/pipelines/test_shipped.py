@@ -10,7 +10,7 @@ from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
 
 from attnsteer.guidance.shapes import detect, prompt_set, score
 from attnsteer.pipelines import StableDiffusion3SteerPipeline, StableDiffusionSteerPipeline
-from attnsteer.pipelines.cli import SHIPPED_DIR, call_defaults
+from attnsteer.pipelines.cli import SHIPPED_DIR
 
 PARENTS = {
     "shapes-sd": (StableDiffusionPipeline, StableDiffusionSteerPipeline, {}),
@@ -25,13 +25,15 @@ def test_shipped_model_loads_with_its_diffusers_class_and_draws_what_it_is_asked
     pipe = parent.from_pretrained(folder, **extra)
     pipe.set_progress_bar_config(disable=True)
     prompts = prompt_set("one", "heldout")[:10]
-    call = {**call_defaults(name), "num_inference_steps": 20}
+    call = {**json.loads((folder / "attnsteer.json").read_text())["call"], "num_inference_steps": 20}
     images = pipe(prompts, generator=[torch.Generator().manual_seed(i) for i in range(10)], **call).images
     assert images[0].size == (64, 64)
     right = sum(score(detect(im), p)["binding"] for im, p in zip(images, prompts))
     assert right >= 7, f"{name} drew {right}/10 single-object prompts right"
     ours = steer.from_pretrained(folder)  # T5 optional: no extra arguments
-    again = ours(prompts[:2], generator=[torch.Generator().manual_seed(i) for i in range(2)], **call).images
+    assert ours.call_defaults == json.loads((folder / "attnsteer.json").read_text())["call"]
+    # the folder's call defaults apply without being passed
+    again = ours(prompts[:2], generator=[torch.Generator().manual_seed(i) for i in range(2)], num_inference_steps=20).images
     np.testing.assert_array_equal(np.asarray(again[1]), np.asarray(images[1]))
     assert json.loads((folder / "training.json").read_text())["seed"] == 0
 
@@ -55,7 +57,8 @@ def test_readme_main_command_runs_on_the_shipped_model_by_default(tmp_path, caps
           "--baseline", "--out", str(tmp_path)])
     base, steered = (np.asarray(Image.open(tmp_path / f"seed0_{n}_0.png"), np.float64) for n in ("baseline", "steered"))
     assert base.shape == (64, 64, 3) and np.abs(base - steered).mean() > 1
-    assert Image.open(tmp_path / "seed0_grid.png").size == (2 * 64, 64 + 14)  # side by side, labels below
+    grid = Image.open(tmp_path / "seed0_grid.png")
+    assert grid.width == 2 * 256 + 6 and 256 < grid.height < 340  # side by side, enlarged 4x, labelled above
 
 
 def test_a_missing_shipped_model_says_where_it_should_be(tmp_path, monkeypatch):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import StableDiffusion3PAGPipeline
 
-from attnsteer.attention_processors import CROSS, list_layers
+from attnsteer.attention_processors import CROSS, HeadPerturbation, head_weights, list_layers, steering
 from attnsteer.pipelines.steer import (
     FluxSteerPipeline,
     StableDiffusion3SteerPipeline,
@@ -55,6 +55,20 @@ def assert_restored(pipe):
         assert "forward" not in model.__dict__ and "cache_context" not in model.__dict__
         for name, processor in model.attn_processors.items():
             assert not type(processor).__name__.startswith("Steered"), name
+
+
+def assert_refused_before_denoising(kind, message, **call):
+    """The call raises ValueError matching ``message`` and no denoiser forward ran."""
+    calls = []
+    handles = [m.register_forward_pre_hook(lambda *a: calls.append(1)) for m in pipe_of(kind).steer_denoisers().values()]
+    try:
+        with pytest.raises(ValueError, match=message):
+            generate(kind, **call)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls == []
+    assert_restored(pipe_of(kind))
 
 
 @pytest.mark.parametrize("kind", CLASSES)
@@ -123,6 +137,156 @@ def test_head_set_file_supplies_defaults(tmp_path):
     np.testing.assert_array_equal(from_file, explicit)
 
 
+def test_head_set_file_model_must_match_the_pipeline(tmp_path):
+    from attnsteer.attention_processors import HeadSetFile
+
+    path = str(tmp_path / "heads.json")
+    HeadSetFile(heads=["0:1"], model="stabilityai/stable-diffusion-3-medium-diffusers").save(path)
+    pipe = pipe_of("sd3")
+    try:
+        pipe.register_to_config(_name_or_path="/data/stable-diffusion-3-medium-diffusers/")
+        assert pipe.perturbation_guidance(perturbed_heads=path).heads == {"transformer_blocks.0.attn": (1,)}
+        pipe.register_to_config(_name_or_path="/work/samples/models/shapes-sd3")
+        message = (rf"head-set file '{path}' was made for model 'stabilityai/stable-diffusion-3-medium-diffusers', "
+                   r"but this pipeline's model is '/work/samples/models/shapes-sd3'; use a head set made for this model, "
+                   r"or edit or remove the file's \"model\" field")
+        assert_refused_before_denoising("sd3", message, perturbed_heads=path)
+    finally:
+        pipe.register_to_config(_name_or_path=None)
+    pipe.perturbation_guidance(perturbed_heads=path)  # built in code: no name to check against
+
+
+def test_malformed_head_set_file_is_named(tmp_path):
+    path = tmp_path / "heads.json"
+    path.write_text('{"heads": ["0:1",]}')
+    assert_refused_before_denoising("sd3", rf"head-set file '{path}' is not valid JSON: Expecting value at line 1 column 18",
+                                    perturbed_heads=str(path))
+
+
+def test_numpy_and_tensor_numbers_are_numbers():
+    heads = "transformer_blocks.0.attn:1"
+    expected = generate("sd3", perturbed_heads=heads, perturbation_scale=2.0, softpag_u=0.5, perturbation_window=(0.0, 0.5))
+    given = generate("sd3", perturbed_heads=heads, perturbation_scale=np.float32(2.0), softpag_u=torch.tensor(0.5),
+                     perturbation_window=(np.int64(0), np.float64(0.5)), num_inference_steps=np.int64(2))
+    np.testing.assert_array_equal(given, expected)
+
+
+def test_no_step_count_is_left_to_diffusers_with_its_own_sigmas():
+    sigmas = [1.0, 0.5]
+    np.testing.assert_array_equal(generate("sd3", num_inference_steps=None, sigmas=sigmas, perturbed_heads="0:1"),
+                                  generate("sd3", sigmas=sigmas, perturbed_heads="0:1"))
+
+
+def reference_latents(pipe, latents, num_steps, prediction):
+    """The denoising loop by hand on a fresh copy of ``pipe``'s schedule; ``prediction(i, t, latents)`` is eps."""
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(num_steps)
+    for i, t in enumerate(scheduler.timesteps):
+        latents = scheduler.step(prediction(i, t, latents), t, latents, return_dict=False)[0]
+    return latents
+
+
+def perturbed_call(model, heads, u, call):
+    steer = HeadPerturbation(heads)
+    steer.set_weights(head_weights(heads, list_layers(model), u))
+    with steering(model, [steer]):
+        return call()
+
+
+def test_sd3_skip_layer_guidance_is_computed_from_the_true_conditional_prediction():
+    """eps_u + g (eps_c - eps_u) + s (eps_c - eps_skip) + w (eps_c - eps_p) with SD3's skip-layer guidance on
+    steps 1 and 2 of 3 (i > 0 * 3 and i < 1 * 3), against the loop by hand."""
+    pipe, model = pipe_of("sd3"), pipe_of("sd3").transformer
+    g, s, w, u, heads = 4.0, 2.0, 3.0, 0.5, {"transformer_blocks.0.attn": (1,)}
+    call = dict(prompt="a red circle", num_inference_steps=3, height=32, width=32, max_sequence_length=8,
+                guidance_scale=g, output_type="latent", skip_guidance_layers=[1], skip_layer_guidance_scale=s,
+                skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0)
+    ours = pipe(**call, perturbed_heads="transformer_blocks.0.attn:1", perturbation_scale=w, softpag_u=u,
+                generator=torch.Generator().manual_seed(0)).images
+    with torch.no_grad():
+        cond, uncond, pooled, uncond_pooled = pipe.encode_prompt("a red circle", None, None, max_sequence_length=8)
+        noise = pipe.prepare_latents(1, model.config.in_channels, 32, 32, cond.dtype, "cpu", torch.Generator().manual_seed(0))
+
+        def prediction(i, t, latents):
+            run = lambda text, pool, **kw: model(hidden_states=latents, timestep=t.expand(1), encoder_hidden_states=text,
+                                                 pooled_projections=pool, return_dict=False, **kw)[0]
+            eps_c, eps_u = run(cond, pooled), run(uncond, uncond_pooled)
+            eps_p = perturbed_call(model, heads, u, lambda: run(cond, pooled))
+            eps = eps_u + g * (eps_c - eps_u) + w * (eps_c - eps_p)
+            return eps + s * (eps_c - run(cond, pooled, skip_layers=[1])) if i > 0 else eps
+
+        expected = reference_latents(pipe, noise, 3, prediction)
+    assert (ours - pipe(**call, generator=torch.Generator().manual_seed(0)).images).abs().max() > 1e-3
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+    assert_restored(pipe)
+
+
+def test_wan22_second_stage_with_guidance_scale_2_zero_is_exact():
+    """Wan 2.2: transformer on step 0 (t = 1000 >= 0.5 * 1000) with g = 5, transformer_2 on step 1 with g = 0,
+    where CFG keeps only eps_u: eps_u + w (eps_c - eps_p), against the loop by hand."""
+    components = tiny_components("wan")
+    components["transformer_2"] = tiny_components("wan", seed=1)["transformer"]
+    pipe = WanSteerPipeline(**components, boundary_ratio=0.5)
+    pipe.set_progress_bar_config(disable=True)
+    g, w, u, heads = 5.0, 2.0, 0.7, {"blocks.0.attn1": (1,)}
+    ours = pipe(prompt="a red circle", num_inference_steps=2, num_frames=5, height=16, width=16, max_sequence_length=8,
+                guidance_scale=g, guidance_scale_2=0.0, output_type="latent", perturbed_heads="blocks.0.attn1:1",
+                perturbation_scale=w, softpag_u=u, generator=torch.Generator().manual_seed(0)).frames
+    with torch.no_grad():
+        cond, uncond = pipe.encode_prompt("a red circle", max_sequence_length=8, device="cpu")
+        noise = pipe.prepare_latents(1, 16, 16, 16, 5, torch.float32, "cpu", torch.Generator().manual_seed(0))
+
+        def prediction(i, t, latents):
+            model, scale = (pipe.transformer, g) if i == 0 else (pipe.transformer_2, 0.0)
+            run = lambda text: model(hidden_states=latents, timestep=t.expand(1), encoder_hidden_states=text,
+                                     return_dict=False)[0]
+            eps_c, eps_u = run(cond), run(uncond)
+            eps_p = perturbed_call(model, heads, u, lambda: run(cond))
+            return eps_u + scale * (eps_c - eps_u) + w * (eps_c - eps_p)
+
+        expected = reference_latents(pipe, noise, 2, prediction)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+    assert_restored(pipe)
+
+
+def test_attention_slicing_is_refused_when_steering_is_installed():
+    pipe = pipe_of("sd")
+    name = first_layer("sd")
+    pipe.enable_attention_slicing()
+    try:
+        assert_refused_before_denoising(
+            "sd", rf"layer '{name}' uses processor SlicedAttnProcessor, which bypasses torch's scaled_dot_product_attention; "
+                  r"steered layers need one of AttnProcessor2_0, .*WanAttnProcessor \(attention slicing: call "
+                  r"pipe.disable_attention_slicing\(\)\)", perturbed_heads=f"{name}:0")
+    finally:
+        pipe.disable_attention_slicing()
+
+
+def test_classic_attention_processor_is_refused_when_steering_is_installed():
+    from diffusers.models.attention_processor import AttnProcessor
+
+    pipe = pipe_of("sd3")
+    processors = pipe.transformer.attn_processors
+    pipe.transformer.set_attn_processor(AttnProcessor())
+    try:
+        assert_refused_before_denoising(
+            "sd3", r"layer 'transformer_blocks.0.attn' uses processor AttnProcessor, which bypasses torch's "
+                   r"scaled_dot_product_attention; steered layers need one of AttnProcessor2_0, FusedAttnProcessor2_0, "
+                   r"JointAttnProcessor2_0", perturbed_heads="0:0")
+    finally:
+        pipe.transformer.set_attn_processor(processors)
+
+
+def test_a_global_non_sdpa_attention_backend_is_refused_when_steering_is_installed():
+    from diffusers.models.attention_dispatch import attention_backend
+
+    with attention_backend("flex"):
+        assert_refused_before_denoising(
+            "wan", r"layer 'blocks.0.attn1' uses attention backend 'flex' \(the active default\), which bypasses torch's "
+                   r"scaled_dot_product_attention; steered layers need one of \('native', '_native_cudnn', "
+                   r"'_native_efficient', '_native_flash', '_native_math'\)", perturbed_heads="blocks.0.attn1:0")
+
+
 BAD = [
     (dict(perturbed_heads="transformer_blocks.9.attn:0"), r"unknown layer 'transformer_blocks.9.attn': allowed are the model's 2"),
     (dict(perturbed_heads="transformer_blocks.1.attn:4"), r"head 4 of layer 'transformer_blocks.1.attn' is out of range: it has 4 heads \(0-3\)"),
@@ -134,20 +298,28 @@ BAD = [
     (dict(perturbed_heads="0:0", perturbation_batching="parallel"), r"perturbation_batching 'parallel' is not one of"),
     (dict(perturbed_heads="0:0", perturbation_window=(0.5, 0.2)), r"perturbation_window \(0.5, 0.2\) must be"),
     (dict(perturbed_heads="0:0", perturbation_scale=float("nan")), r"perturbation_scale nan must be a finite number"),
+    (dict(perturbed_heads="0:0", perturbation_scale=True),
+     r"perturbation_scale True must be a number \(int, float, numpy scalar or 0-d tensor\), not bool"),
+    (dict(perturbed_heads="0:0", perturbation_scale=torch.ones(2)),
+     r"perturbation_scale tensor\(\[1., 1.\]\) must be a number \(int, float, numpy scalar or 0-d tensor\), not Tensor"),
+    (dict(perturbed_heads="0:0", softpag_u="0.5"),
+     r"softpag_u '0.5' must be a number \(int, float, numpy scalar or 0-d tensor\), not str"),
+    (dict(perturbed_heads="0:0", perturbation_window=(0.0, True)), r"perturbation_window \(0.0, True\) must be"),
+    (dict(perturbed_heads="0:0", perturbation_window=0.5), r"perturbation_window 0.5 must be"),
+    (dict(num_inference_steps=0), r"num_inference_steps 0 must be a positive integer"),
+    (dict(num_inference_steps=-1, perturbed_heads="0:0"), r"num_inference_steps -1 must be a positive integer"),
+    (dict(num_inference_steps=2.5), r"num_inference_steps 2.5 must be a positive integer"),
+    (dict(num_inference_steps=True), r"num_inference_steps True must be a positive integer"),
+    (dict(perturbed_heads="0:3-1"), r"head spec item '0:3-1': range '3-1' is reversed; ranges are a-b with a <= b"),
+    (dict(perturbed_heads="0:"), r"head spec item '0:' names no heads: HEADS is a comma list of integers, ranges a-b or '\*'"),
+    (dict(perturbed_heads={"transformer_blocks.0.attn": []}), r"head spec item 'transformer_blocks.0.attn:' names no heads"),
+    (dict(perturbed_heads="missing-heads.json"), r"head-set file 'missing-heads.json' does not exist"),
 ]
 
 
 @pytest.mark.parametrize("bad,message", BAD, ids=[m[:30] for _, m in BAD])
 def test_bad_input_is_refused_before_any_denoising(bad, message):
-    pipe = pipe_of("sd3")
-    calls = []
-    handle = pipe.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
-    try:
-        with pytest.raises(ValueError, match=message):
-            generate("sd3", **bad)
-    finally:
-        handle.remove()
-    assert calls == []
+    assert_refused_before_denoising("sd3", message, **bad)
 
 
 def test_cross_attention_heads_are_refused():
