@@ -255,3 +255,19 @@ def test_the_model_is_restored_when_the_call_raises():
     with pytest.raises(KeyboardInterrupt, match="stop"):
         run("sdxl", astar("sdxl"), callback_on_step_end=fail)
     assert_restored(pipe)
+
+
+def test_sd3_skip_layer_calls_get_the_updated_latents_too():
+    pipe = pipe_of("sd3")
+    guidance = astar("sd3", cls=KnownGradient, scale=3.0)
+    guidance.seen, guidance.grads = [], []
+    stepped, inputs = [], []
+    model = model_of(pipe)
+    with patched_attribute(pipe.scheduler, "step", recording(stepped, "sample", 2)(pipe.scheduler.step)), \
+            patched_attribute(model, "forward", recording(inputs, "hidden_states", 0)(model.forward)):
+        run("sd3", guidance, steps=3, guidance_scale=5.0, skip_guidance_layers=[1], skip_layer_guidance_start=0.0,
+            skip_layer_guidance_stop=1.0)
+    skip_calls = [x for x in inputs if x.shape[0] == 1]  # SD3 skips layers from step 1 on
+    assert len(skip_calls) == 2 and len(guidance.seen) == 3
+    for z_new, x in zip(stepped[1:], skip_calls):
+        torch.testing.assert_close(x, z_new, atol=1e-6, rtol=0)
