@@ -3,6 +3,19 @@
 The pipeline classes are imported on first use, so that the command line starts (and ``--help``
 answers) without loading diffusers."""
 
+import logging
+
+
+class _NoTorchvisionNotice(logging.Filter):
+    """diffusers' pipelines import transformers' image processors, which announce on import that they
+    fall back to PIL without torchvision; no image processor takes part in generation here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+logging.getLogger("transformers.utils.import_utils").addFilter(_NoTorchvisionNotice())
+
 __all__ = [
     "STEER_PIPELINES", "FluxSteerPipeline", "StableDiffusion3SteerPipeline", "StableDiffusionSteerPipeline",
     "StableDiffusionXLSteerPipeline", "SteerMixin", "WanSteerPipeline",

@@ -24,7 +24,10 @@ KNOWN = (*SHIPPED, *(TINY_PREFIX + k for k in TINY_KINDS))
 # API keyword -> command-line flag, so that errors raised by the Python API name what the user typed
 FLAGS = {"perturbed_heads": "--heads", "perturbation_scale": "--scale", "softpag_u": "--u",
          "perturbation_mode": "--mode", "perturbation_window": "--window", "perturbation_batching": "--batching",
-         "num_inference_steps": "--steps", "guidance_scale": "--guidance-scale"}
+         "num_inference_steps": "--steps", "guidance_scale": "--guidance-scale", "astar_tokens": "--astar",
+         "astar_scale": "--astar-scale", "astar_steps": "--astar-steps", "astar_weights": "--astar-weights",
+         "return_attention_maps": "--words", "attention_maps_steps": "--maps-steps",
+         "attention_maps_layers": "--maps-layers"}
 
 
 class UsageError(ValueError):
@@ -105,13 +108,51 @@ def _save(result, is_video: bool, out: Path, stem: str) -> list[Path]:
     return [out / f"{name}.png" for name, _ in named]
 
 
-def _steering(args, pipe) -> dict:
-    """The steering keyword arguments of the command line, checked against ``pipe`` before any compute."""
-    steering = dict(perturbed_heads=args.heads, perturbation_scale=args.scale, softpag_u=args.u,
-                    perturbation_mode=args.mode, perturbation_window=tuple(args.window),
-                    perturbation_batching=args.batching)
-    pipe.perturbation_guidance(**steering)
-    return steering
+def _steering(args) -> dict:
+    """The head perturbation keyword arguments of the command line."""
+    return dict(perturbed_heads=args.heads, perturbation_scale=args.scale, softpag_u=args.u,
+                perturbation_mode=args.mode, perturbation_window=tuple(args.window),
+                perturbation_batching=args.batching)
+
+
+def _astar(args):
+    """A-STAR's keyword arguments for a list of prompts, from ``--astar`` and its options; None when off.
+    ``nouns`` / ``objects`` take each shapes prompt's objects ('circle' / 'red circle'); any other value
+    is a comma list of words that every prompt holds."""
+    if args.astar is None:
+        return None
+    options = {name: tuple(value) if isinstance(value, list) else value for name, value in (
+        ("astar_scale", args.astar_scale), ("astar_steps", args.astar_steps), ("astar_weights", args.astar_weights))
+        if value is not None}
+    if args.astar in ("nouns", "objects"):
+        from attnsteer.guidance.shapes import caption_concepts
+
+        def concepts(prompt):
+            return caption_concepts(prompt, colour=args.astar == "objects")
+    else:
+        words = [word.strip() for word in args.astar.split(",") if word.strip()]
+
+        def concepts(prompt):
+            return words
+    return lambda prompts: {"astar_tokens": [concepts(p) for p in prompts], **options}
+
+
+def _method(args):
+    """(name, keyword arguments or a function of the prompts giving them) of the steering asked for, or None."""
+    parts = [name for name, on in (("heads", args.heads), ("astar", args.astar)) if on]
+    if not parts:
+        return None
+    astar = _astar(args)
+    steering = _steering(args) if args.heads else {}
+    return "+".join(parts), (lambda prompts: {**steering, **astar(prompts)}) if astar else steering
+
+
+def _single(kwargs, prompt: str) -> dict:
+    """A method's keyword arguments for one prompt given as a string."""
+    if not callable(kwargs):
+        return kwargs
+    one = kwargs([prompt])
+    return {**one, "astar_tokens": one["astar_tokens"][0]} if "astar_tokens" in one else one
 
 
 def _call(args, pipe, default_steps: int) -> dict:
@@ -125,24 +166,32 @@ def _call(args, pipe, default_steps: int) -> dict:
     return call
 
 
-def _method_label(args) -> str:
-    """What a steered picture shows, for its label: the heads and the options that differ from the defaults."""
-    if not args.heads:
-        return "output"
-    options = [f"{flag} {value:g}" for flag, value in (("w", args.scale), ("u", args.u)) if value is not None]
-    return " ".join([f"heads {args.heads}", *options, *([args.mode] if args.mode else [])])
+def _label(args) -> str:
+    """What a steered picture shows, for its label: the methods and the options given."""
+    words = []
+    if args.heads:
+        words += [f"heads {args.heads}", *(f"{flag} {value:g}" for flag, value in (("w", args.scale), ("u", args.u))
+                                           if value is not None), *([args.mode] if args.mode else [])]
+    if args.astar:
+        words += [f"A-STAR {args.astar}", *([f"alpha {args.astar_scale:g}"] if args.astar_scale is not None else [])]
+    return " ".join(words) or "output"
 
 
 def generate(args) -> None:
     import torch
 
     pipe, is_video = load_pipeline(args.model, args.device, args.dtype)
-    steering = _steering(args, pipe)
     call = dict(_call(args, pipe, 28), prompt=args.prompt, negative_prompt=args.negative_prompt, output_type="pil")
     if is_video:
         call["num_frames"] = args.frames
-    runs = [("baseline", {}, "baseline")] if args.baseline else []
-    runs.append(("steered" if args.heads else "output", steering, _method_label(args)))
+    method = _method(args)
+    if method is None:
+        runs = [("output", {}, "output")]
+    else:
+        runs = [("baseline", {}, "baseline")] if args.baseline else []
+        runs.append(("steered", _single(method[1], args.prompt), _label(args)))
+    for _, extra, _ in runs:
+        pipe.check_call(**call, **extra)
     firsts = []
     for name, extra, _ in runs:
         generator = torch.Generator(args.device).manual_seed(args.seed)
@@ -167,9 +216,12 @@ def evaluate(args) -> None:
     pipe, is_video = load_pipeline(args.model, args.device, args.dtype)
     if is_video:
         raise UsageError("video pipelines are not supported yet")
-    steering = _steering(args, pipe)
-    methods = {"baseline": {}, **({"heads": steering} if args.heads else {})}
     call = dict(_call(args, pipe, 20), output_type="pil")
+    methods = {"baseline": {}}
+    if _method(args) is not None:
+        name, kwargs = _method(args)
+        methods[name] = kwargs
+        pipe.check_call(prompt=prompts, **call, **(kwargs(prompts) if callable(kwargs) else kwargs))
     result = run(pipe, prompts, list(range(args.seeds)), methods, call, args.batch_size, keep_images=args.keep)
     state = process_state()
     if state.is_main_process:
@@ -231,6 +283,34 @@ def search(args) -> None:
         print(Path(args.out) / "heads.json")
 
 
+def maps(args) -> None:
+    import torch
+
+    from .evaluate import enlarged
+    from .maps import render_attention_maps
+
+    words = [word.strip() for word in args.words.split(",") if word.strip()]
+    pipe, is_video = load_pipeline(args.model, args.device, args.dtype)
+    if is_video:
+        raise UsageError("attention maps of video pipelines are not supported yet")
+    method = _method(args)
+    call = dict(_call(args, pipe, 28), prompt=args.prompt, output_type="pil", return_attention_maps=words,
+                attention_maps_steps=tuple(args.maps_steps), **(_single(method[1], args.prompt) if method else {}))
+    if args.maps_layers:
+        call["attention_maps_layers"] = [int(x) if x.strip().isdigit() else x.strip() for x in args.maps_layers.split(",")]
+    pipe.check_call(**call)
+    result = pipe(**call, generator=torch.Generator(args.device).manual_seed(args.seed))
+    found = result.attention_maps
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result.images[0].save(out / f"seed{args.seed}_image.png")
+    render_attention_maps(enlarged(result.images[0]), found.maps[0], found.labels[0]).save(out / f"seed{args.seed}_maps.png")
+    print(f"maps of {', '.join(found.labels[0])} at grid {tuple(found.grid)}, averaged over {len(found.layers)} "
+          f"layer(s) and {len(found.steps)} step(s): {', '.join(found.layers)}")
+    print(out / f"seed{args.seed}_image.png")
+    print(out / f"seed{args.seed}_maps.png")
+
+
 def layers(args) -> None:
     pipe, is_video = load_pipeline(args.model, args.device, args.dtype)
     listed = pipe.steer_layers()
@@ -269,6 +349,7 @@ def _number(kind, low=None, high=None, high_open=False, what=""):
 POSITIVE = _number(int, 1, what="a whole number >= 1")
 NON_NEGATIVE = _number(int, 0, what="a whole number >= 0")
 FINITE = _number(float, what="a finite number")
+NON_NEGATIVE_FLOAT = _number(float, 0.0, what="a finite number >= 0")
 FRACTION = _number(float, 0.0, 1.0, what="a fraction in [0, 1]")
 KEEP = _number(float, 0.0, 1.0, high_open=True, what="0 (off) or a fraction in (0, 1)")
 
@@ -307,6 +388,17 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--guidance-scale", type=FINITE, default=None,
                        help="CFG scale (default: the model folder's, else the pipeline's)")
 
+    def astar_options(p):
+        p.add_argument("--astar", default=None, metavar="CONCEPTS",
+                       help="A-STAR on these concepts: 'nouns' or 'objects' (each shapes prompt's object nouns, or "
+                            "colour and noun) or a comma list of words of the prompt, e.g. 'cat,dog' (default: off)")
+        p.add_argument("--astar-scale", type=NON_NEGATIVE_FLOAT, default=None,
+                       help="A-STAR step size alpha (default 20)")
+        p.add_argument("--astar-steps", type=FRACTION, nargs=2, default=None, metavar=("START", "STOP"),
+                       help="fractions of the steps that get A-STAR's gradient step (default: all)")
+        p.add_argument("--astar-weights", type=NON_NEGATIVE_FLOAT, nargs=2, default=None, metavar=("SEG", "RET"),
+                       help="segregation and retention loss weights (default 1 1)")
+
     def prompt_options(p, split, seeds, prompts_help):
         p.add_argument("--set", default="two", choices=["one", "two", "three"], help="named shapes prompt set")
         p.add_argument("--split", default=split, choices=["tune", "heldout"], help="prompt split of the set")
@@ -330,6 +422,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True, help="what to draw")
     g.add_argument("--negative-prompt", default=None, help="what to steer away from with CFG (default: none)")
     steering_options(g)
+    astar_options(g)
     g.add_argument("--steps", type=POSITIVE, default=None, help="denoising steps (default: the model folder's, else 28)")
     g.add_argument("--seed", type=NON_NEGATIVE, default=0, help="random seed; same seed, same picture")
     g.add_argument("--baseline", action="store_true", help="also write the unsteered picture of the same seed, "
@@ -340,6 +433,7 @@ def parser() -> argparse.ArgumentParser:
     e = command("eval", help="measure baseline and steering on a shapes prompt set x seeds")
     model_options(e)
     steering_options(e)
+    astar_options(e)
     prompt_options(e, split="heldout", seeds=4, prompts_help="a file of prompts, one per line, instead of --set")
     e.add_argument("--steps", type=POSITIVE, default=None, help="denoising steps (default: the model folder's, else 20)")
     e.add_argument("--batch-size", type=POSITIVE, default=8, help="prompts per pipeline call")
@@ -373,6 +467,21 @@ def parser() -> argparse.ArgumentParser:
                                                                         "(default: --steps)")
     s.add_argument("--out", default="head-search", help="folder for journal.jsonl, heads.json, contact_sheet.png")
     s.set_defaults(run=search)
+
+    m = command("maps", help="the attention map of each chosen word over one generated picture")
+    model_options(m)
+    m.add_argument("--prompt", required=True, help="what to draw")
+    m.add_argument("--words", required=True, help="comma list of words of the prompt to map, e.g. 'red,circle,blue square'")
+    steering_options(m)
+    astar_options(m)
+    m.add_argument("--maps-steps", type=FRACTION, nargs=2, default=(0.0, 1.0), metavar=("START", "STOP"),
+                   help="fractions of the steps whose maps are averaged")
+    m.add_argument("--maps-layers", default=None,
+                   help="comma list of layer names or indices of the text layers (default: every text layer at the map grid)")
+    m.add_argument("--steps", type=POSITIVE, default=None, help="denoising steps (default: the model folder's, else 28)")
+    m.add_argument("--seed", type=NON_NEGATIVE, default=0, help="random seed")
+    m.add_argument("--out", default="maps", help="output folder")
+    m.set_defaults(run=maps)
 
     ls = command("layers", help="list a model's attention layers, heads and token layouts")
     model_options(ls)

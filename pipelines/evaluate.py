@@ -26,12 +26,15 @@ METRICS = ("coverage", "bound", "binding", "count_right")
 
 def _images(pipe, prompts, seeds, call_kwargs, method_kwargs):
     generators = [torch.Generator(pipe.device).manual_seed(seed) for seed in seeds]
+    if callable(method_kwargs):  # arguments that depend on the batch's prompts (e.g. their concept words)
+        method_kwargs = method_kwargs(list(prompts))
     return pipe(prompt=list(prompts), generator=generators, **call_kwargs, **method_kwargs).images
 
 
 def evaluate(pipe, prompts: list[str], seeds: list[int], methods: dict[str, dict], call_kwargs: dict | None = None,
              batch_size: int = 8, keep_images: int = 0) -> dict:
-    """Run ``pipe`` on every (prompt, seed) for each method (name -> pipeline keyword arguments).
+    """Run ``pipe`` on every (prompt, seed) for each method (name -> pipeline keyword arguments, or a
+    function of a batch's prompts returning them).
 
     Returns ``{"records": [...], "summary": {method: rates}, "paired": {method: differences from the
     first method}, "images": {method: [first keep_images PIL]}}``, complete on every process.
@@ -106,7 +109,8 @@ LINE = 18  # pixels per line of FONT
 GAP = 6  # pixels between pictures side by side
 
 
-def _enlarged(image: Image.Image, view: int = VIEW) -> Image.Image:
+def enlarged(image: Image.Image, view: int = VIEW) -> Image.Image:
+    """``image`` scaled up by a whole factor (nearest neighbour) to about ``view`` pixels."""
     factor = max(1, view // max(image.size))
     return image.convert("RGB").resize((image.width * factor, image.height * factor), Image.NEAREST)
 
@@ -127,7 +131,7 @@ def contact_sheet(images: dict[str, list[Image.Image]], labels: list[str] | None
                   view: int = VIEW) -> Image.Image:
     """One row per method (its whole name at the left, if named), the same items in each column with
     their labels (e.g. prompts) wrapped below; pictures enlarged to about ``view`` pixels."""
-    rows = [(m, [_enlarged(image, view) for image in row]) for m, row in images.items() if row]
+    rows = [(m, [enlarged(image, view) for image in row]) for m, row in images.items() if row]
     width, height = rows[0][1][0].size
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     margin = max((int(measure.textlength(m, font=FONT)) + 12 for m, _ in rows if m), default=0)
@@ -148,7 +152,7 @@ def contact_sheet(images: dict[str, list[Image.Image]], labels: list[str] | None
 def labelled_grid(images: list[Image.Image], labels: list[str], title: str = "", view: int = 256) -> Image.Image:
     """Pictures side by side, enlarged to about ``view`` pixels, each with its label above and ``title``
     (e.g. the prompt) on top: the quick start's baseline-versus-method comparison."""
-    shown = [_enlarged(image, view) for image in images]
+    shown = [enlarged(image, view) for image in images]
     width, height = shown[0].size
     step = width + GAP
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))

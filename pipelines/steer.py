@@ -12,21 +12,12 @@ from __future__ import annotations
 
 import inspect
 import json
-import logging
 import numbers
 import os
 from contextlib import ExitStack
 from pathlib import Path, PurePath
 
-# diffusers' pipelines import transformers' image processors, which announce on import that they fall
-# back to PIL without torchvision; no image processor takes part in generation, so the notice is noise.
-_notices = logging.getLogger("transformers.utils.import_utils")
-_level = _notices.level
-_notices.setLevel(logging.ERROR)
-try:
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, WanPipeline
-finally:
-    _notices.setLevel(_level)
+from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, WanPipeline
 
 from attnsteer.attention_processors import HeadSetFile, LayoutRecorder, list_layers, resolve_heads, steering
 from attnsteer.guidance.perturbation import BranchInfo, HeadPerturbationGuidance
@@ -36,6 +27,8 @@ from .methods import AttentionMethods, pop_arguments
 DEFAULT_SCALE = 5.0  # HeadHunter paper, SD3-medium
 DEFAULT_U = 1.0  # plain head-level PAG; HeadHunter deploys found heads at u ~ 0.5
 DEFAULT_MODE = "joint"  # HeadHunter's definition of identity on joint attention
+PERTURBATION_ARGUMENTS = ("perturbed_heads", "perturbation_scale", "softpag_u", "perturbation_mode",
+                          "perturbation_window", "perturbation_batching", "perturbed_heads_per_prompt")
 CALL_DEFAULTS = "attnsteer.json"  # in a model folder: {"call": {parent call keyword arguments the model needs}}
 
 
@@ -142,20 +135,33 @@ class SteerMixin:
             batching=perturbation_batching,
         )
 
+    def _prepare(self, args: tuple, kwargs: dict, perturbation: dict):
+        """(parent keyword arguments, bound arguments, head perturbation, attention methods) of a call,
+        every argument checked; ValueError before any compute."""
+        methods = pop_arguments(kwargs)
+        given = inspect.signature(super().__call__).bind_partial(*args, **kwargs).arguments
+        kwargs = {**{k: v for k, v in self.call_defaults.items() if k not in given}, **kwargs}
+        bound = inspect.signature(super().__call__).bind(*args, **kwargs)
+        bound.apply_defaults()
+        check_steps(bound.arguments)
+        guidance = self.perturbation_guidance(**perturbation, prompt=bound.arguments.get("prompt"))
+        return kwargs, bound, guidance, AttentionMethods(self, bound.arguments, methods)
+
+    def check_call(self, *args, **kwargs) -> None:
+        """Check a call's arguments, the parent's and attnsteer's, as the call would, computing nothing
+        (ValueError naming a bad one): for front ends that must refuse bad input before other work."""
+        perturbation = {k: kwargs.pop(k) for k in list(kwargs) if k in PERTURBATION_ARGUMENTS}
+        self._prepare(args, kwargs, perturbation)
+
     def __call__(self, *args, perturbed_heads=None, perturbation_scale=None, softpag_u=None,
                  perturbation_mode=None, perturbation_window=(0.0, 1.0), perturbation_batching="batched",
                  perturbed_heads_per_prompt=None, **kwargs):
-        methods = pop_arguments(kwargs)
+        perturbation = dict(perturbed_heads=perturbed_heads, perturbation_scale=perturbation_scale,
+                            softpag_u=softpag_u, perturbation_mode=perturbation_mode,
+                            perturbation_window=perturbation_window, perturbation_batching=perturbation_batching,
+                            perturbed_heads_per_prompt=perturbed_heads_per_prompt)
+        kwargs, bound, guidance, attention = self._prepare(args, kwargs, perturbation)
         parent_call = super().__call__
-        given = inspect.signature(parent_call).bind_partial(*args, **kwargs).arguments
-        kwargs = {**{k: v for k, v in self.call_defaults.items() if k not in given}, **kwargs}
-        bound = inspect.signature(parent_call).bind(*args, **kwargs)
-        bound.apply_defaults()
-        check_steps(bound.arguments)
-        guidance = self.perturbation_guidance(perturbed_heads, perturbation_scale, softpag_u, perturbation_mode,
-                                              perturbation_window, perturbation_batching, perturbed_heads_per_prompt,
-                                              bound.arguments.get("prompt"))
-        attention = AttentionMethods(self, bound.arguments, methods)
         if not guidance.enabled and not attention.active:
             return parent_call(*args, **kwargs)
         with ExitStack() as stack:

@@ -23,6 +23,12 @@ def parse_caption(caption):
     return [m.groups() for m in _OBJECT.finditer(caption.lower())]
 
 
+def caption_concepts(caption, colour=False):
+    """One concept per object of a caption, for methods that steer by words: its shape ('circle'), or
+    with ``colour`` its colour and shape ('red circle')."""
+    return [f"{c} {s}" if colour else s for c, s in parse_caption(caption)]
+
+
 def _match(wanted, found):
     """For each wanted key, whether an unused equal key is left in ``found``."""
     left = Counter(found)

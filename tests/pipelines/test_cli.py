@@ -163,3 +163,32 @@ def test_layers_lists_names_heads_and_layouts(capsys):
     row = next(line for line in lines if "single_transformer_blocks.0.attn" in line).split()
     assert row[:4] == ["2", "single_transformer_blocks.0.attn", "joint", "2"]
     assert "grid (8, 8)" in lines[-1]
+
+
+def test_generate_and_eval_with_astar(tmp_path, capsys):
+    main(["generate", "--model", "tiny-sd", "--prompt", "a red circle and a blue square", "--steps", "2",
+          "--astar", "circle,square", "--astar-scale", "5", "--baseline", "--out", str(tmp_path)])
+    baseline, steered = (np.asarray(Image.open(tmp_path / f"seed0_{n}_0.png")) for n in ("baseline", "steered"))
+    assert not np.array_equal(baseline, steered)
+    main(["eval", "--model", "tiny-sd", "--set", "two", "--limit", "1", "--seeds", "1", "--steps", "2",
+          "--astar", "nouns", "--keep", "0", "--out", str(tmp_path / "eval")])
+    out = capsys.readouterr().out
+    assert "| astar | 1 |" in out and "| method - baseline |" in out
+
+
+def test_astar_words_are_checked_before_any_picture(tmp_path, capsys):
+    message = refused(["generate", "--model", "tiny-sd", "--prompt", "a red circle and a blue square", "--steps", "2",
+                       "--astar", "circle,dog", "--baseline", "--out", str(tmp_path)], capsys)
+    assert "attnsteer generate: --astar: word 'dog' is not in the prompt 'a red circle and a blue square'" in message
+    assert not any(tmp_path.iterdir())
+    assert "argument --astar-scale: -1 is not allowed: a finite number >= 0" in refused(
+        ["generate", "--model", "tiny-sd", "--prompt", "x", "--astar", "x", "--astar-scale", "-1"], capsys)
+
+
+def test_maps_draws_each_word_over_the_picture(tmp_path, capsys):
+    main(["maps", "--model", "tiny-sd", "--prompt", "a red circle and a blue square", "--words", "circle,blue square",
+          "--steps", "2", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "maps of circle, blue square at grid (16, 16), averaged over" in out
+    picture = Image.open(tmp_path / "seed0_maps.png")
+    assert picture.width == 3 * Image.open(tmp_path / "seed0_image.png").width * 6  # image + 2 maps, enlarged 6x
