@@ -22,6 +22,8 @@ import subprocess
 import sys
 import time
 
+from measure import peak_bytes  # benchmarks/measure.py, beside this script
+
 PROMPT, WORDS, INDICES = "a cat and a dog", ["cat", "dog"], [2, 5]  # CLIP tokens: <bos> a cat and a dog <eos>
 CONFIGS = {
     "cfg": "plain CFG step (parent pipeline)",
@@ -100,26 +102,10 @@ def timed_call(pipe, config: str, size: int, steps: int, device: str) -> list[fl
     return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
-def _rss(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
-
-
 def peak_memory(config: str, args) -> int:
     """Peak bytes one call of ``config`` needs beyond the loaded model (run in a fresh process)."""
-    import torch
-
     pipe = build(config, args.model, args.device, args.dtype)
-    if args.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        before = _rss("VmRSS")
-    timed_call(pipe, config, args.size, 1, args.device)
-    peak = torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else _rss("VmHWM")
-    return peak - before
+    return peak_bytes(lambda: timed_call(pipe, config, args.size, 1, args.device), args.device)
 
 
 def main() -> None:

@@ -19,6 +19,8 @@ import subprocess
 import sys
 import time
 
+from measure import peak_bytes  # benchmarks/measure.py, beside this script
+
 CONFIGS = {
     "cfg": "CFG alone (StableDiffusion3Pipeline)",
     "pag-diffusers": "CFG + diffusers StableDiffusion3PAGPipeline, layer 1 (all 24 heads)",
@@ -92,29 +94,10 @@ def timed_call(pipe, config: str, layers: int, size: int, steps: int, device: st
     return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
-def _rss(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
-
-
 def peak_memory(config: str, layers: int, size: int, device: str, dtype: str = "float32") -> int:
-    """Peak bytes one call of ``config`` needs beyond the loaded model (run in a fresh process).
-
-    CUDA: max allocated minus allocated before the call; CPU: peak RSS (VmHWM, reset through
-    /proc/self/clear_refs) minus RSS before the call."""
-    import torch
-
+    """Peak bytes one call of ``config`` needs beyond the loaded model (run in a fresh process)."""
     pipe = build(config, layers, device, dtype=dtype)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        before = _rss("VmRSS")
-    timed_call(pipe, config, layers, size, 1, device)
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else _rss("VmHWM")
-    return peak - before
+    return peak_bytes(lambda: timed_call(pipe, config, layers, size, 1, device), device)
 
 
 def main() -> None:

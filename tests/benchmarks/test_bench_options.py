@@ -34,3 +34,15 @@ def test_head_search_u_is_refused_before_the_search(tmp_path):
     stderr = refused("bench_head_search.py", "--model", "shapes-sd3", "--u", "1.5", "--out", str(tmp_path))
     assert "softpag_u 1.5 must be in [0, 1]" in stderr
     assert not any(tmp_path.iterdir())  # no journal was started
+
+
+@pytest.mark.parametrize("script,options,message", [
+    ("bench_astar.py", ["--size", "100"], "--size 100: a multiple of 32, at least 64"),
+    ("bench_astar.py", ["--steps", "0"], "--steps 0 and --repeats 3 must be at least 1"),
+    ("bench_astar.py", ["--model", "sdxl", "--configs", "ae"], "Attend-and-Excite is SD1.x only in diffusers"),
+    ("bench_astar_quality.py", ["--count", "0"], "--count and --seeds must be at least 1"),
+    ("bench_astar_quality.py", ["--model", "shapes-sd3", "--methods", "ae"], "Attend-and-Excite is SD1.x only"),
+    ("bench_astar_quality.py", ["--scale", "-1"], "--scale [-1.0]: alpha must be >= 0"),
+])
+def test_astar_benchmark_options(script, options, message):
+    assert message in refused(script, *options)
