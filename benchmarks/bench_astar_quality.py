@@ -40,6 +40,8 @@ def parse_args():
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None, help="write the records and tables here (JSON)")
+    p.add_argument("--pool", nargs="+", default=None, metavar="JSON",
+                   help="generate nothing: pool the records of earlier runs' --out files (their baselines must agree)")
     args = p.parse_args()
     if args.count < 1 or args.seeds < 1 or args.first < 0:
         p.error("--count and --seeds must be at least 1, --first at least 0")
@@ -76,12 +78,43 @@ def attend_and_excite(pipe, steps: int):
     return call
 
 
+def pooled(paths: list[str]) -> list[dict]:
+    """The records of several runs' JSON files, each baseline image once; SystemExit if two runs drew
+    a different baseline image for the same prompt and seed (then they are not paired)."""
+    records, baseline = [], {}
+    for path in paths:
+        for r in json.loads(Path(path).read_text())["records"]:
+            if r["method"] != "baseline":
+                records.append(r)
+            elif baseline.setdefault((r["prompt"], r["seed"]), r)["pixel_mean"] != r["pixel_mean"]:
+                raise SystemExit(f"{path}: its baseline image of {r['prompt']!r} seed {r['seed']} differs from an earlier run's")
+    return list(baseline.values()) + records
+
+
+def report(records: list[dict], heading: str, out: str | None, extra: dict) -> None:
+    """Print each method's rates and its paired difference from the baseline; write them with the records."""
+    from attnsteer.guidance.shapes import summarize
+    from attnsteer.pipelines.evaluate import paired, paired_table, table
+
+    names = list(dict.fromkeys(r["method"] for r in records))
+    summary = {m: summarize([r for r in records if r["method"] == m]) for m in names}
+    differences = paired(records, "baseline")
+    print(heading + "\n\n" + table(summary) + "\n\n" + paired_table(differences, "baseline"))
+    if out:
+        Path(out).write_text(json.dumps({**extra, "summary": summary, "paired": differences, "records": records}, indent=1))
+
+
 def main():
     args = parse_args()
+    if args.pool:
+        records = pooled(args.pool)
+        items = len({(r["prompt"], r["seed"]) for r in records})
+        report(records, f"pooled from {', '.join(args.pool)}: {items} prompt-seed items", args.out, {"pooled": args.pool})
+        return
     torch.set_num_threads(args.threads)
     from attnsteer.guidance.shapes import caption_concepts, prompt_set
     from attnsteer.pipelines.cli import load_pipeline
-    from attnsteer.pipelines.evaluate import evaluate, paired, paired_table, summarize, table
+    from attnsteer.pipelines.evaluate import evaluate
 
     pipe, _ = load_pipeline(args.model, "cpu", "float32")
     pipe.set_progress_bar_config(disable=True)
@@ -101,8 +134,8 @@ def main():
             for scale in args.scale:
                 methods[name + (f" a{scale:g}" if len(args.scale) > 1 else "")] = astar(WEIGHTS[name], scale)
     t = time.time()
-    result = evaluate(pipe, prompts, seeds, methods, call, args.batch_size)
-    records, timing = result["records"], {"ours_s": round(time.time() - t, 1)}
+    records = evaluate(pipe, prompts, seeds, methods, call, args.batch_size)["records"]
+    timing = {"ours_s": round(time.time() - t, 1)}
     if "ae" in args.methods:
         t = time.time()
         ae = evaluate(attend_and_excite(pipe, steps), prompts, seeds, {"ae": {}},
@@ -110,15 +143,9 @@ def main():
                       args.batch_size)
         records += ae["records"]
         timing["ae_s"] = round(time.time() - t, 1)
-    names = list(dict.fromkeys(r["method"] for r in records))
-    summary = {m: summarize([r for r in records if r["method"] == m]) for m in names}
-    differences = paired(records, "baseline")
-    print(f"{args.model}, {args.set}-object {args.split} prompts {args.first}..{args.first + len(prompts) - 1} x "
-          f"seeds 0..{args.seeds - 1}, {steps} steps, concepts: {args.concepts}; {timing}\n")
-    print(table(summary) + "\n\n" + paired_table(differences, "baseline"))
-    if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "timing": timing, "summary": summary,
-                                              "paired": differences, "records": records}, indent=1))
+    heading = (f"{args.model}, {args.set}-object {args.split} prompts {args.first}..{args.first + len(prompts) - 1} x "
+               f"seeds 0..{args.seeds - 1}, {steps} steps, concepts: {args.concepts}; {timing}")
+    report(records, heading, args.out, {"args": vars(args), "timing": timing})
 
 
 if __name__ == "__main__":
