@@ -12,24 +12,31 @@ generation uses, so training and inference see the same text tokens.
 
 1. Clips: --n-clips clips of --frames frames at --size px from guidance.shapes.draw_video (1 or 2
    objects moving, bouncing off the border; a motion named in the caption half the time).
-2. VAE: trained on random crops (--vae-frames frames from any start, --vae-crop px squares), then a few
-   steps on whole clips; latents_mean / latents_std are set per channel from the encoded clips.
+2. VAE: trained on random crops (--vae-frames frames from any start, --vae-crop px squares), then on
+   whole clips (a crop-trained VAE degrades in the frames after the crop's length); MSE + L1 with the
+   pixels off the background grey weighted --vae-object-weight (unweighted, 400 steps drew every object
+   in one brown). latents_mean / latents_std are set per channel from the encoded clips.
 3. Every clip encoded once (posterior mean and std kept, a latent sampled per step) and cached with its
-   caption: a resumed run neither redraws nor re-encodes.
-4. Text encoder + transformer, jointly from scratch; a few tune-prompt videos generated and scored with
-   the video metrics at the end (and a contact sheet of them written to --work).
+   caption: a resumed run neither redraws nor re-encodes (--vae-only stops here, to tune the VAE).
+4. Text encoder + transformer, jointly from scratch; then a few tune-prompt videos generated and scored
+   with the video metrics (and a contact sheet of them written to --work).
 
 Why 17 frames at 64x64: 64 px is the size the shapes detector is built and tested for (objects 14-26
-px), and 17 frames (5 latent frames, 5 x 8 x 8 = 320 video tokens with patch 1x2x2) is the shortest
-clip with several latent frames after the first, which is what frame-queue and sparse-attention video
-methods act on, and long enough for a named motion to travel 16-32 px. Fewer pixels would blur the
-shapes below what the detector reads; more frames or pixels cost tokens that two CPU cores cannot
-afford in two hours (a step costs about linearly in tokens at this size).
+px; at 32 px it already misreads 9% of clean drawn two-object scenes, at 48 px 1.5%), and 17 frames
+(5 latent frames, 5 x 8 x 8 = 320 video tokens with patch 1x2x2) is the shortest clip with several
+latent frames after the first, which is what frame-queue and sparse-attention video methods act on, and
+long enough for a named motion to travel 16-32 px. A step costs about linearly in tokens here, so twice
+the frames or pixels would halve the transformer steps two cores manage in two hours (see below).
 
-The real run (2 hours on a 2-core CPU; stage times measured by the smoke run, see the issue):
+Sizing, measured on the shared 2-core AMD EPYC at 1 thread (2 threads could not be timed there: with
+other jobs running they oversubscribed the cores, 4-10 s a step): transformer + text encoder 0.65-0.71 s
+a step at batch 8; VAE 1.25-1.4 s a crop step (batch 8, 9 frames of 32 px), 1.9 s a whole-clip step
+(batch 2); encoding 0.08 s a clip; drawing 13-32 ms a clip. Assuming 2 threads run 1.3-1.6x faster on
+the idle machine: clips 1-2 min, VAE 20-25 min, encoding 5-6 min, then 88 min of transformer: 10,000-
+12,000 steps (at 0.43-0.52 s). The real run (--max-minutes stops the transformer stage if it is slower):
 
     HF_HUB_OFFLINE=1 python samples/train_shapes_wan.py --output samples/models/shapes-wan \
-        --work /tmp/shapes-wan-work --threads 2 --steps 9000 --max-minutes 92
+        --work /tmp/shapes-wan-work --threads 2 --steps 11000 --max-minutes 88
 
 A state checkpoint is written under --work every --ckpt-every steps (and the pipeline saved to --output
 at the same time); rerunning the same command resumes from it.
@@ -56,6 +63,7 @@ from PIL import Image
 from transformers import UMT5Config, UMT5EncoderModel
 
 from attnsteer.guidance.shapes import draw_video, score_video, summarize_videos, video_prompt_set
+from attnsteer.guidance.shapes.scene import BACKGROUND
 from attnsteer.pipelines.tiny import clip_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -64,6 +72,8 @@ from train_shapes_sd import cosine_lr, end_step, n_params, optimizer_step, posit
 VOCAB_SIZE, EOS_ID = 49408, 49407
 SPATIAL, TEMPORAL = 4, 4  # the VAE's compression: two downsampling stages, both also temporal
 PATCH = (1, 2, 2)
+BACKGROUND_TOL = 0.02  # a pixel this far (in [-1, 1]) from the scenes' grey on some channel is off the background
+LOGVAR_INIT = -6.0  # the VAE posterior's initial log-variance: std 0.05
 
 
 # ----------------------------------------------------------------------------- options
@@ -139,14 +149,21 @@ def parse_args(argv=None):
     p.add_argument("--vae-dim", type=positive_int, default=12, help="encoder base channels")
     p.add_argument("--vae-decoder-dim", type=positive_int, default=16, help="decoder base channels")
     p.add_argument("--z-dim", type=positive_int, default=16, help="latent channels")
-    p.add_argument("--vae-steps", type=positive_int, default=1000, help="steps on crops")
-    p.add_argument("--vae-full-steps", type=whole, default=100, help="then steps on whole clips")
+    p.add_argument("--vae-steps", type=positive_int, default=1200, help="steps on crops")
+    p.add_argument("--vae-full-steps", type=whole, default=200,
+                   help="then steps on whole clips (crop-trained VAEs degrade after the crop's length)")
     p.add_argument("--vae-batch", type=positive_int, default=8)
     p.add_argument("--vae-full-batch", type=positive_int, default=2)
     p.add_argument("--vae-frames", type=clip_frames, default=9, help="frames per crop: 1 + 4k")
     p.add_argument("--vae-crop", type=crop_side, default=32, help="crop side in pixels")
-    p.add_argument("--vae-lr", type=float, default=1e-3)
-    p.add_argument("--kl-weight", type=float, default=1e-6)
+    p.add_argument("--vae-lr", type=float, default=3e-3)
+    p.add_argument("--kl-weight", type=non_negative, default=0.0,
+                   help="0: Adam turns even a 1e-6 KL into full-size steps on the log-variance of latents the "
+                        "decoder does not use yet (the posterior std rose from 0.05 to 0.8 in 400 steps)")
+    p.add_argument("--vae-object-weight", type=non_negative, default=5.0,
+                   help="VAE loss weight of pixels off the background grey (objects and their edges): with 1, "
+                        "400 steps drew every object in one brown; with 5 they had their colours")
+    p.add_argument("--vae-only", action="store_true", help="stop after the VAE stage and its check (to tune it)")
     # transformer + text encoder
     p.add_argument("--layers", type=positive_int, default=4)
     p.add_argument("--heads", type=positive_int, default=4)
@@ -157,7 +174,7 @@ def parse_args(argv=None):
     p.add_argument("--max-seq", type=positive_int, default=16,
                    help="max_sequence_length in training and generation (the longest caption is 13 tokens)")
     # training
-    p.add_argument("--steps", type=positive_int, default=9000)
+    p.add_argument("--steps", type=positive_int, default=11000)
     p.add_argument("--batch", type=positive_int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=positive_int, default=100)
@@ -184,13 +201,18 @@ def parse_args(argv=None):
 
 def make_vae(args):
     """Wan's VAE with one downsampling stage fewer than Wan 2.1's (4x spatial instead of 8x), both stages
-    also temporal; the decoder wider than the encoder (it has the harder job)."""
+    also temporal; the decoder wider than the encoder (it has the harder job). The posterior starts
+    nearly deterministic (std ``exp(LOGVAR_INIT / 2)``): from the default std 1 the decoder sees as much
+    noise as signal (after 330 steps it was still 0.89)."""
     z = args.z_dim
-    return AutoencoderKLWan(
+    vae = AutoencoderKLWan(
         base_dim=args.vae_dim, decoder_base_dim=args.vae_decoder_dim, z_dim=z, dim_mult=[1, 2, 2], num_res_blocks=1,
         temperal_downsample=[True, True], scale_factor_spatial=SPATIAL, scale_factor_temporal=TEMPORAL,
         latents_mean=[0.0] * z, latents_std=[1.0] * z,
     )
+    with torch.no_grad():
+        vae.quant_conv.bias[z:] = LOGVAR_INIT  # quant_conv gives (mean, logvar) channels
+    return vae
 
 
 def make_text_encoder(args):
@@ -274,6 +296,7 @@ def train_vae(args, clips, log):
     opt = torch.optim.AdamW(vae.parameters(), args.vae_lr, weight_decay=0.0)
     total = args.vae_steps + args.vae_full_steps
     n, frames, size = clips.shape[:3]
+    background = torch.tensor(BACKGROUND).view(1, 3, 1, 1, 1) / 127.5 - 1
     t0 = time.time()
     for step in range(total):
         if step < args.vae_steps:
@@ -288,7 +311,9 @@ def train_vae(args, clips, log):
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
         mse = F.mse_loss(rec, x)
-        loss = mse + F.l1_loss(rec, x) + args.kl_weight * post.kl().mean()
+        off = (x - background).abs().amax(1, keepdim=True) > BACKGROUND_TOL
+        weight = 1 + (args.vae_object_weight - 1) * off
+        loss = ((rec - x).square() + (rec - x).abs()).mul(weight).mean() + args.kl_weight * post.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -335,6 +360,8 @@ def load_or_train_vae(args, work, log, timings):
         if data["key"] != expect:
             raise SystemExit(f"{cache} holds clips {data['key']}, not {expect}: use another --work")
         log(f"VAE and {len(data['captions'])} cached latents from {work}")
+        for key, seconds in data["timings"].items():
+            timings.setdefault(key, seconds)
         return vae, data["means"], data["stds"], data["captions"]
     t = time.time()
     clips, captions = draw_clips(args)
@@ -346,9 +373,9 @@ def load_or_train_vae(args, work, log, timings):
     timings["vae_s"] = time.time() - t
     t = time.time()
     means, stds = encode_clips(vae, clips)
-    torch.save({"means": means, "stds": stds, "captions": captions,
-                "key": {"n_clips": args.n_clips, "frames": args.frames, "size": args.size, "seed": args.seed}}, cache)
     timings["encode_s"] = time.time() - t
+    torch.save({"means": means, "stds": stds, "captions": captions, "timings": dict(timings),
+                "key": {"n_clips": args.n_clips, "frames": args.frames, "size": args.size, "seed": args.seed}}, cache)
     log(f"encoded latents {tuple(means.shape)} in {timings['encode_s']:.0f}s")
     return vae, means, stds, captions
 
@@ -415,6 +442,9 @@ def main(argv=None):
 
     vae, means, stds, captions = load_or_train_vae(args, work, log, timings)
     vae_check = check_vae(args, vae, log)
+    if args.vae_only:
+        log("stopping after the VAE stage (--vae-only)")
+        return
     lmean, lstd = set_latent_stats(vae, means, stds)
     tokenizer = clip_tokenizer(model_max_length=args.max_seq)
     longest = max(len(tokenizer(c).input_ids) for c in set(captions))
@@ -495,6 +525,18 @@ def main(argv=None):
     write_record(args, out, trained, timings, eval_s, vae_check, evaluation, pipe, log)
 
 
+def command_line(args):
+    """The options that reproduce ``args``: the record's command."""
+    parts = []
+    for key, value in vars(args).items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            parts.append(flag)
+        elif value is not False:
+            parts.append(f"{flag} {','.join(map(str, value)) if isinstance(value, tuple) else value}")
+    return " ".join(parts)
+
+
 def write_record(args, out, trained, timings, eval_s, vae_check, evaluation, pipe, log):
     total = sum(v for k, v in timings.items() if k.endswith("_s"))
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and f.suffix == ".safetensors")
@@ -510,8 +552,7 @@ def write_record(args, out, trained, timings, eval_s, vae_check, evaluation, pip
         "vae_reconstructions": vae_check, "evaluation": evaluation,
     }
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
-    command = " ".join(f"--{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, tuple) else v}"
-                       for k, v in vars(args).items())
+    command = command_line(args)
     (out / "TRAINING.md").write_text(
         f"# shapes-wan training record\n\n"
         f"Trained by `samples/train_shapes_wan.py`:\n\n"
@@ -529,7 +570,9 @@ def write_record(args, out, trained, timings, eval_s, vae_check, evaluation, pip
         f"with the same (attnsteer.json holds the call defaults)\n"
         f"- VAE: AutoencoderKLWan, 4x spatial and 4x temporal, {args.z_dim} channels; {args.vae_steps} steps on "
         f"{args.vae_frames}-frame {args.vae_crop} px crops (batch {args.vae_batch}) + {args.vae_full_steps} on whole "
-        f"clips (batch {args.vae_full_batch}); video metrics on its reconstructions: {vae_check}\n"
+        f"clips (batch {args.vae_full_batch}), lr {args.vae_lr}, MSE + L1 with object pixels weighted "
+        f"{args.vae_object_weight}, KL weight {args.kl_weight}; video metrics on its reconstructions of "
+        f"{args.check_clips} fresh clips: {vae_check}\n"
         f"- transformer: {args.layers} layers x {args.heads} heads of {args.head_dim}, ffn {args.ffn}, patch "
         f"{'x'.join(map(str, PATCH))}, adaLN-zero initialisation; text encoder: UMT5 d_model {args.te_dim}, "
         f"{args.te_layers} layers, the CLIP BPE tokenizer\n"

@@ -78,7 +78,9 @@ def test_tiny_run_saves_a_wan_pipeline_that_loads_offline_and_resumes(tmp_path):
         "max_sequence_length": 16}}
     record = json.loads((out / "training.json").read_text())
     assert record["steps_trained"] == 2 and len(record["evaluation"]["per_video"]) == 1
-    assert "# shapes-wan training record" in (out / "TRAINING.md").read_text()
+    record_md = (out / "TRAINING.md").read_text()
+    command = record_md.split("python samples/train_shapes_wan.py ")[1].split("\n")[0]
+    assert wan.parse_args(command.split()) == wan.parse_args(argv + ["--steps", "2"])  # the record reproduces the run
 
     pipe = WanPipeline.from_pretrained(out)
     pipe.set_progress_bar_config(disable=True)
@@ -91,3 +93,11 @@ def test_tiny_run_saves_a_wan_pipeline_that_loads_offline_and_resumes(tmp_path):
     log = (work / "train.log").read_text()
     assert "resumed at step 2" in log and "step 3/3 loss" in log and log.count("drew 4 clips") == 1
     assert json.loads((out / "training.json").read_text())["steps_trained"] == 3
+
+
+def test_vae_only_stops_before_the_transformer(tmp_path):
+    wan.main(TINY + ["--work", str(tmp_path / "work"), "--output", str(tmp_path / "out"), "--vae-only"])
+    log = (tmp_path / "work" / "train.log").read_text()
+    assert "video metrics on 1 VAE reconstructions" in log and "stopping after the VAE stage" in log
+    assert (tmp_path / "work" / "latents.pt").exists() and not (tmp_path / "work" / "state.pt").exists()
+    assert not (tmp_path / "out").exists()
