@@ -335,6 +335,11 @@ def encode_clips(vae, clips, batch=16):
     return torch.cat(means), torch.cat(stds)
 
 
+def headline(summary):
+    """Each metric's mean (or rate) from ``summarize_videos``, rounded: the log's and the record's line."""
+    return {m: round(v["mean"] if "mean" in v else v["rate"], 3) for m, v in summary.items() if isinstance(v, dict)}
+
+
 @torch.no_grad()
 def check_vae(args, vae, log):
     """The video metrics on VAE reconstructions of --check-clips fresh clips: the ceiling the transformer can
@@ -343,9 +348,7 @@ def check_vae(args, vae, log):
     args_fresh = argparse.Namespace(**{**vars(args), "n_clips": n, "seed": args.seed + 1000, "threads": 1})
     clips, captions = draw_clips(args_fresh)
     rec = to_frames(vae.decode(vae.encode(to_video(clips)).latent_dist.mean).sample)
-    summary = summarize_videos([score_video(list(r), c) for r, c in zip(rec, captions)])
-    line = {m: round(v["mean"] if "mean" in v else v["rate"], 3) for m, v in summary.items()
-            if isinstance(v, dict)}
+    line = headline(summarize_videos([score_video(list(r), c) for r, c in zip(rec, captions)]))
     log(f"video metrics on {n} VAE reconstructions: {line}")
     return line
 
@@ -403,8 +406,7 @@ def evaluate(args, pipe, work, log):
                    **call_defaults(args), output_type="np").frames
         videos.extend(out)
     results = [score_video(v, p) for v, p in zip(videos, prompts)]
-    summary = summarize_videos(results)
-    line = {m: round(v["mean"] if "mean" in v else v["rate"], 3) for m, v in summary.items() if isinstance(v, dict)}
+    line = headline(summarize_videos(results))
     log(f"video metrics on {len(prompts)} generated tune videos: {line}")
     sheet = np.concatenate([np.concatenate(list((v * 255).round().astype(np.uint8)), 1) for v in videos], 0)
     Image.fromarray(sheet).save(work / "samples.png")
