@@ -3,7 +3,8 @@
 Each clip holds 1 or 2 objects with distinct colours and shapes, drawn frame by frame by scene.py's
 ``render`` (the same palette, shapes, textures and supersampling as the images). An object keeps its
 colour, shape, size, shade and texture in every frame while it moves in a straight line at a constant
-speed, bouncing off the image border; objects never touch (a layout whose tracks would is redrawn).
+speed, bouncing off the image border; objects never touch (a layout whose tracks would touch is redrawn;
+two objects find one for every seed up to about 49 frames at 64 px, not always beyond).
 Some captions name an object's motion ("a red circle moving left and a blue square"): a named motion
 is along one axis and, wherever the clip is short enough for it, never bounces, so the caption holds in
 every frame. Velocity components are whole pixels per frame at 64 px (``size / 64`` times that at other
@@ -99,6 +100,8 @@ def plan_video_objects(specs, seed, frames=FRAMES, size=64):
     """Tracks for the given (colour, shape) or (colour, shape, direction) list (direction None or
     missing: an unnamed motion), with sizes, shades, textures, velocities and start positions drawn
     from ``seed`` (an int or a numpy Generator). Nothing is rendered. Returns (caption, tracks)."""
+    if any(len(s) not in (2, 3) for s in specs):
+        raise ValueError(f"each object must be (colour, shape) or (colour, shape, direction), not {specs!r}")
     specs = [tuple(s) + (None,) * (3 - len(s)) for s in specs]
     _check(frames, size, specs)
     rng = np.random.default_rng(seed)
@@ -148,7 +151,7 @@ def plan_video(seed, n_objects=None, frames=FRAMES, size=64, named=NAMED_FRACTIO
     if not 0 <= named <= 1:
         raise ValueError(f"named must be a probability in [0, 1], not {named!r}")
     rng = np.random.default_rng(seed)
-    n = n_objects or int(rng.integers(1, MAX_VIDEO_OBJECTS + 1))
+    n = int(rng.integers(1, MAX_VIDEO_OBJECTS + 1)) if n_objects is None else n_objects
     if not 1 <= n <= MAX_VIDEO_OBJECTS:
         raise ValueError(f"n_objects must be 1 to {MAX_VIDEO_OBJECTS}, not {n_objects!r}")
     colours, shapes = rng.choice(COLOURS, n, replace=False), rng.choice(SHAPES, n, replace=False)

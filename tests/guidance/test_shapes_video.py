@@ -107,6 +107,8 @@ def test_chosen_objects_and_motions():
 
 @pytest.mark.parametrize("call,message", [
     (lambda: plan_video(0, n_objects=3), "n_objects must be 1 to 2, not 3"),
+    (lambda: plan_video(0, n_objects=0), "n_objects must be 1 to 2, not 0"),
+    (lambda: plan_video_objects([("red", "circle", "left", 2)], 0), "each object must be (colour, shape) or"),
     (lambda: plan_video(0, named=1.5), "named must be a probability in [0, 1], not 1.5"),
     (lambda: plan_video(0, frames=0), "frames must be a whole number >= 1, not 0"),
     (lambda: plan_video_objects([("red", "circle", "sideways")], 0), "direction must be one of"),
