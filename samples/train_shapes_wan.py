@@ -181,9 +181,11 @@ def parse_args(argv=None):
     p.add_argument("--min-lr-frac", type=float, default=0.1, help="cosine decay floor, fraction of --lr")
     p.add_argument("--ema", type=float, default=0.995)
     p.add_argument("--drop", type=probability, default=0.1, help="caption dropout to the empty prompt")
-    p.add_argument("--shift", type=float, default=3.0, help="sampling shift of the saved FlowMatchEulerDiscreteScheduler")
+    p.add_argument("--shift", type=float, default=3.0,
+                   help="sampling shift of the saved FlowMatchEulerDiscreteScheduler")
     p.add_argument("--default-cfg", type=float, default=5.0, help="guidance_scale written to attnsteer.json")
-    p.add_argument("--default-steps", type=positive_int, default=30, help="num_inference_steps written to attnsteer.json")
+    p.add_argument("--default-steps", type=positive_int, default=30,
+                   help="num_inference_steps written to attnsteer.json")
     p.add_argument("--eval-videos", type=whole, default=16, help="tune-prompt videos generated and scored at the end")
     p.add_argument("--check-clips", type=positive_int, default=24, help="fresh clips the VAE check reconstructs")
     p.add_argument("--ckpt-every", type=positive_int, default=250)
@@ -216,6 +218,7 @@ def make_vae(args):
 
 
 def make_text_encoder(args):
+    """A small UMT5 encoder over the CLIP vocabulary (the tokenizer's ids), no dropout."""
     d = args.te_dim
     return UMT5EncoderModel(UMT5Config(
         vocab_size=VOCAB_SIZE, d_model=d, d_kv=max(4, d // 4), d_ff=4 * d, num_layers=args.te_layers, num_heads=4,
@@ -242,6 +245,7 @@ def make_transformer(args):
 
 
 def build_pipeline(vae, text_encoder, transformer, tokenizer, shift):
+    """A WanPipeline of these parts and a flow-matching Euler scheduler with sampling ``shift``."""
     return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=shift))
 
@@ -249,6 +253,7 @@ def build_pipeline(vae, text_encoder, transformer, tokenizer, shift):
 # ----------------------------------------------------------------------------- data
 
 def _draw_chunk(job):
+    """Clips and captions of (seeds, object counts, frames, size, named): one worker's share."""
     seeds, counts, frames, size, named = job
     clips, captions = np.empty((len(seeds), frames, size, size, 3), np.uint8), []
     for i, (seed, n) in enumerate(zip(seeds, counts)):
@@ -327,6 +332,7 @@ def train_vae(args, clips, log):
 
 @torch.no_grad()
 def encode_clips(vae, clips, batch=16):
+    """Posterior means and stds of uint8 clips, a batch at a time."""
     means, stds = [], []
     for i in range(0, len(clips), batch):
         post = vae.encode(to_video(clips[i:i + batch])).latent_dist
@@ -414,11 +420,15 @@ def evaluate(args, pipe, work, log):
 
 
 def call_defaults(args):
-    return {"num_frames": args.frames, "height": args.size, "width": args.size, "num_inference_steps": args.default_steps,
-            "guidance_scale": args.default_cfg, "max_sequence_length": args.max_seq}
+    """The call arguments generation needs as trained (WanPipeline's own defaults are 81 frames at 480x832):
+    attnsteer.json's "call"."""
+    return {"num_frames": args.frames, "height": args.size, "width": args.size,
+            "num_inference_steps": args.default_steps, "guidance_scale": args.default_cfg,
+            "max_sequence_length": args.max_seq}
 
 
 def open_log(work):
+    """A logger to stdout and --work/train.log (appended, so a resumed run's log continues)."""
     logfile = open(work / "train.log", "a")
 
     def log(msg):
@@ -469,7 +479,8 @@ def main(argv=None):
     start = 0
     if state_path.exists():
         st = torch.load(state_path, weights_only=False)
-        for model, key in ((text_encoder, "te"), (transformer, "transformer"), (ema_te, "ema_te"), (ema_tr, "ema_transformer")):
+        for model, key in ((text_encoder, "te"), (transformer, "transformer"), (ema_te, "ema_te"),
+                           (ema_tr, "ema_transformer")):
             model.load_state_dict(st[key])
         opt.load_state_dict(st["opt"]); rng.bit_generator.state = st["rng"]; gen.set_state(st["gen"])
         start = st["step"]
@@ -544,7 +555,7 @@ def write_record(args, out, trained, timings, eval_s, vae_check, evaluation, pip
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and f.suffix == ".safetensors")
     cpu = subprocess.run("lscpu | grep 'Model name' | sed 's/.*: *//'", shell=True, capture_output=True,
                          text=True).stdout.strip()
-    params = {"vae": n_params(pipe.vae), "text_encoder": n_params(pipe.text_encoder), "transformer": n_params(pipe.transformer)}
+    params = {name: n_params(getattr(pipe, name)) for name in ("vae", "text_encoder", "transformer")}
     record = {
         "seed": args.seed, "args": vars(args), "steps_trained": trained,
         "timings_s": {k: round(v, 1) for k, v in {**timings, "eval_s": eval_s}.items()},
