@@ -1,0 +1,103 @@
+"""samples/train_shapes_wan.py: options refused on parse, the default model within its size budget, and
+a whole tiny run (clips, VAE, cached latents, transformer, save, score) that WanPipeline loads offline
+and that resumes from its state."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import WanPipeline
+
+SAMPLES = Path(__file__).resolve().parents[2] / "samples"
+sys.path.insert(0, str(SAMPLES))
+import train_shapes_wan as wan  # noqa: E402
+
+TINY = ["--n-clips", "4", "--frames", "5", "--size", "32", "--vae-steps", "2", "--vae-full-steps", "1",
+        "--vae-batch", "2", "--vae-frames", "5", "--vae-crop", "16", "--layers", "2", "--heads", "2",
+        "--head-dim", "8", "--ffn", "16", "--te-dim", "8", "--te-layers", "1", "--batch", "2",
+        "--eval-videos", "1", "--check-clips", "1", "--default-steps", "2", "--log-every", "1"]
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--frames", "16", "argument --frames: '16' is not 1 + 4k frames (1, 5, 9, 13, 17, ...)"),
+    ("--vae-frames", "0", "argument --vae-frames: '0' is not 1 + 4k frames"),
+    ("--size", "40", "argument --size: '40' is not a multiple of 16 pixels >= 16"),
+    ("--vae-crop", "30", "argument --vae-crop: '30' is not a multiple of 4 pixels >= 8"),
+    ("--head-dim", "7", "argument --head-dim: '7' is not an even number >= 6"),
+    ("--named", "1.5", "argument --named: '1.5' is not a probability in [0, 1]"),
+    ("--drop", "half", "argument --drop: 'half' is not a probability in [0, 1]"),
+    ("--object-weights", "1,1,1", "argument --object-weights: '1,1,1' is not two non-negative weights"),
+    ("--object-weights", "0,0", "argument --object-weights: '0,0' is not two non-negative weights"),
+    ("--threads", "0", "argument --threads: '0' is not a whole number >= 1"),
+    ("--steps", "many", "argument --steps: 'many' is not a whole number >= 1"),
+    ("--eval-videos", "-1", "argument --eval-videos: '-1' is not a whole number >= 0"),
+    ("--max-minutes", "-5", "argument --max-minutes: '-5' is not a number >= 0"),
+])
+def test_bad_options_are_named(option, value, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        wan.parse_args([option, value])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_crop_must_fit_in_a_clip(capsys):
+    with pytest.raises(SystemExit):
+        wan.parse_args(["--size", "32", "--vae-crop", "48"])
+    assert "a VAE crop (9 frames of 48 px) must fit in a clip (17 frames of 32 px)" in capsys.readouterr().err
+
+
+def test_the_run_refuses_before_starting_its_log(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        wan.main(["--frames", "8", "--work", str(tmp_path)])
+    assert exit_.value.code == 2 and "'8' is not 1 + 4k frames" in capsys.readouterr().err
+    assert not (tmp_path / "train.log").exists()
+
+
+def test_default_model_fits_its_budget_and_starts_at_zero():
+    args = wan.parse_args([])
+    vae, text_encoder, transformer = wan.make_vae(args), wan.make_text_encoder(args), wan.make_transformer(args)
+    assert 4 * sum(wan.n_params(m) for m in (vae, text_encoder, transformer)) <= 25e6
+    with torch.no_grad():
+        latents = vae.encode(torch.zeros(1, 3, 17, 64, 64)).latent_dist.mean
+        assert latents.shape == (1, 16, 5, 16, 16)  # 4x temporal (1 + 4k -> 1 + k), 4x spatial
+        out = transformer(hidden_states=latents, timestep=torch.tensor([500.0]),
+                          encoder_hidden_states=torch.randn(1, 16, args.te_dim), return_dict=False)[0]
+    assert out.shape == latents.shape and not out.any()  # adaLN-zero: the untrained model predicts zero
+
+
+def test_tiny_run_saves_a_wan_pipeline_that_loads_offline_and_resumes(tmp_path):
+    work, out = tmp_path / "work", tmp_path / "out"
+    argv = TINY + ["--work", str(work), "--output", str(out)]
+    wan.main(argv + ["--steps", "2"])
+    log = (work / "train.log").read_text()
+    assert "drew 4 clips of 5 frames at 32 px" in log and "step 2/2 loss" in log
+    assert torch.load(work / "latents.pt")["means"].shape == (4, 16, 2, 8, 8)
+    assert json.loads((out / "attnsteer.json").read_text()) == {"call": {
+        "num_frames": 5, "height": 32, "width": 32, "num_inference_steps": 2, "guidance_scale": 5.0,
+        "max_sequence_length": 16}}
+    record = json.loads((out / "training.json").read_text())
+    assert record["steps_trained"] == 2 and len(record["evaluation"]["per_video"]) == 1
+    record_md = (out / "TRAINING.md").read_text()
+    command = record_md.split("python samples/train_shapes_wan.py ")[1].split("\n")[0]
+    assert wan.parse_args(command.split()) == wan.parse_args(argv + ["--steps", "2"])  # the record reproduces the run
+
+    pipe = WanPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe.tokenizer).__name__ == "CLIPTokenizer" and type(pipe.text_encoder).__name__ == "UMT5EncoderModel"
+    frames = pipe("a red circle moving left", num_frames=9, height=48, width=32, num_inference_steps=2,
+                  max_sequence_length=16, output_type="np").frames
+    assert frames.shape == (1, 9, 48, 32, 3)
+
+    wan.main(argv + ["--steps", "3"])
+    log = (work / "train.log").read_text()
+    assert "resumed at step 2" in log and "step 3/3 loss" in log and log.count("drew 4 clips") == 1
+    assert json.loads((out / "training.json").read_text())["steps_trained"] == 3
+
+
+def test_vae_only_stops_before_the_transformer(tmp_path):
+    wan.main(TINY + ["--work", str(tmp_path / "work"), "--output", str(tmp_path / "out"), "--vae-only"])
+    log = (tmp_path / "work" / "train.log").read_text()
+    assert "video metrics on 1 VAE reconstructions" in log and "stopping after the VAE stage" in log
+    assert (tmp_path / "work" / "latents.pt").exists() and not (tmp_path / "work" / "state.pt").exists()
+    assert not (tmp_path / "out").exists()
