@@ -42,6 +42,9 @@ def parse_args():
     p.add_argument("--out", default=None, help="write the records and tables here (JSON)")
     p.add_argument("--pool", nargs="+", default=None, metavar="JSON",
                    help="generate nothing: pool the records of earlier runs' --out files (their baselines must agree)")
+    p.add_argument("--reference", default="baseline",
+                   help="with --pool: the method the others are paired against; other than 'baseline', the runs' "
+                        "baselines are left out (runs in other batches may differ from each other in the last bits)")
     args = p.parse_args()
     if args.count < 1 or args.seeds < 1 or args.first < 0:
         p.error("--count and --seeds must be at least 1, --first at least 0")
@@ -78,28 +81,28 @@ def attend_and_excite(pipe, steps: int):
     return call
 
 
-def pooled(paths: list[str]) -> list[dict]:
-    """The records of several runs' JSON files, each baseline image once; SystemExit if two runs drew
-    a different baseline image for the same prompt and seed (then they are not paired)."""
+def pooled(paths: list[str], baselines: bool = True) -> list[dict]:
+    """The records of several runs' JSON files, each baseline image once (none without ``baselines``);
+    SystemExit if two runs drew a different baseline image for the same prompt and seed."""
     records, baseline = [], {}
     for path in paths:
         for r in json.loads(Path(path).read_text())["records"]:
             if r["method"] != "baseline":
                 records.append(r)
-            elif baseline.setdefault((r["prompt"], r["seed"]), r)["pixel_mean"] != r["pixel_mean"]:
+            elif baselines and baseline.setdefault((r["prompt"], r["seed"]), r)["pixel_mean"] != r["pixel_mean"]:
                 raise SystemExit(f"{path}: its baseline image of {r['prompt']!r} seed {r['seed']} differs from an earlier run's")
     return list(baseline.values()) + records
 
 
-def report(records: list[dict], heading: str, out: str | None, extra: dict) -> None:
-    """Print each method's rates and its paired difference from the baseline; write them with the records."""
+def report(records: list[dict], heading: str, out: str | None, extra: dict, reference: str = "baseline") -> None:
+    """Print each method's rates and its paired difference from ``reference``; write them with the records."""
     from attnsteer.guidance.shapes import summarize
     from attnsteer.pipelines.evaluate import paired, paired_table, table
 
     names = list(dict.fromkeys(r["method"] for r in records))
     summary = {m: summarize([r for r in records if r["method"] == m]) for m in names}
-    differences = paired(records, "baseline")
-    print(heading + "\n\n" + table(summary) + "\n\n" + paired_table(differences, "baseline"))
+    differences = paired(records, reference)
+    print(heading + "\n\n" + table(summary) + "\n\n" + paired_table(differences, reference))
     if out:
         Path(out).write_text(json.dumps({**extra, "summary": summary, "paired": differences, "records": records}, indent=1))
 
@@ -107,9 +110,10 @@ def report(records: list[dict], heading: str, out: str | None, extra: dict) -> N
 def main():
     args = parse_args()
     if args.pool:
-        records = pooled(args.pool)
+        records = pooled(args.pool, baselines=args.reference == "baseline")
         items = len({(r["prompt"], r["seed"]) for r in records})
-        report(records, f"pooled from {', '.join(args.pool)}: {items} prompt-seed items", args.out, {"pooled": args.pool})
+        report(records, f"pooled from {', '.join(args.pool)}: {items} prompt-seed items", args.out,
+               {"pooled": args.pool}, args.reference)
         return
     torch.set_num_threads(args.threads)
     from attnsteer.guidance.shapes import caption_concepts, prompt_set
