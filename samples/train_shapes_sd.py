@@ -210,10 +210,11 @@ def finetune_decoder(args, vae, images, log):
 
 
 @torch.no_grad()
-def encode_dataset(vae, images, batch=256):
+def encode_dataset(vae, images, batch=256, convert=None):
+    """Posterior means and stds of uint8 images (or, with ``convert``, any items it makes tensors of)."""
     means, stds = [], []
     for i in range(0, len(images), batch):
-        post = vae.encode(to_tensor(images[i:i + batch])).latent_dist
+        post = vae.encode((convert or to_tensor)(images[i:i + batch])).latent_dist
         means.append(post.mean)
         stds.append(post.std)
     return torch.cat(means), torch.cat(stds)

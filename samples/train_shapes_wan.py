@@ -67,7 +67,9 @@ from attnsteer.guidance.shapes.scene import BACKGROUND
 from attnsteer.pipelines.tiny import clip_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_shapes_sd import cosine_lr, end_step, n_params, optimizer_step, positive_int  # noqa: E402
+from train_shapes_sd import (  # noqa: E402
+    cosine_lr, encode_dataset, end_step, n_params, optimizer_step, positive_int,
+)
 
 VOCAB_SIZE, EOS_ID = 49408, 49407
 SPATIAL, TEMPORAL = 4, 4  # the VAE's compression: two downsampling stages, both also temporal
@@ -330,17 +332,6 @@ def train_vae(args, clips, log):
     return vae.eval()
 
 
-@torch.no_grad()
-def encode_clips(vae, clips, batch=16):
-    """Posterior means and stds of uint8 clips, a batch at a time."""
-    means, stds = [], []
-    for i in range(0, len(clips), batch):
-        post = vae.encode(to_video(clips[i:i + batch])).latent_dist
-        means.append(post.mean)
-        stds.append(post.std)
-    return torch.cat(means), torch.cat(stds)
-
-
 def headline(summary):
     """Each metric's mean (or rate) from ``summarize_videos``, rounded: the log's and the record's line."""
     return {m: round(v["mean"] if "mean" in v else v["rate"], 3) for m, v in summary.items() if isinstance(v, dict)}
@@ -381,7 +372,7 @@ def load_or_train_vae(args, work, log, timings):
     vae.save_pretrained(work / "vae")
     timings["vae_s"] = time.time() - t
     t = time.time()
-    means, stds = encode_clips(vae, clips)
+    means, stds = encode_dataset(vae, clips, batch=16, convert=to_video)
     timings["encode_s"] = time.time() - t
     torch.save({"means": means, "stds": stds, "captions": captions, "timings": dict(timings),
                 "key": {"n_clips": args.n_clips, "frames": args.frames, "size": args.size, "seed": args.seed}}, cache)
