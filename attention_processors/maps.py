@@ -16,6 +16,10 @@ computed without the L x L map, in O(L_image x L_text) memory, as
 where the text mass m comes from one extra SDPA call whose value is 1 on text keys and 0 on image
 keys (it runs after the layer's own attention, so it cannot be taken for it by another steer).
 
+With gradient checkpointing (``checkpointing``), a checkpointed block recomputes its forward for the
+backward pass; the capture then repeats the maps it recorded in that block, so the recomputation
+matches the forward.
+
 A token group is a list of text-key indices; its map is the sum of its tokens' maps (the
 probability mass the query puts on the group, e.g. a word of several tokens). Groups may differ per
 batch row (one list of groups per row, shorter lists padded with empty groups, whose maps are 0).
@@ -24,6 +28,7 @@ batch row (one list of groups per row, shorter lists padded with empty groups, w
 from __future__ import annotations
 
 import math
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
@@ -31,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .architectures import CROSS, JOINT, SELF, TokenLayout, architecture_of, list_layers
-from .core import AttentionCall, Next
+from .core import AttentionCall, Next, patched_attribute
 from .perturb import _additive
 
 TokenGroups = Sequence[Sequence[Sequence[int]]]  # per batch row, per group, text-key indices
@@ -110,6 +115,7 @@ class AttentionMapCapture:
         self.layers = frozenset(layers)
         self.maps: dict[str, torch.Tensor] = {}
         self._request: _Request | None = None
+        self._replay: _Request | None = None  # the request of the block being recomputed for backward
         self._weights: dict[int, torch.Tensor] = {}
 
     def arm(self, tokens: TokenGroups, rows: torch.Tensor | None = None, grad: bool = False, stop: bool = False) -> None:
@@ -137,8 +143,40 @@ class AttentionMapCapture:
             raise RuntimeError(f"the forward did not run attention layer(s) {missing}, so their maps are missing")
         return self.maps
 
+    @contextmanager
+    def checkpointing(self, model: torch.nn.Module, enable: bool = True):
+        """For a block: the blocks of ``model`` that support gradient checkpointing (diffusers'
+        ``gradient_checkpointing``) checkpoint their activations under grad, when ``enable`` or when
+        the model already has checkpointing on, with a non-reentrant checkpoint whose recomputation
+        repeats this capture's maps. The modules' own settings are restored afterwards."""
+        blocks = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+        if not any(m.gradient_checkpointing for m in blocks) and not enable:
+            yield
+            return
+
+        def func(module, *args):
+            return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False,
+                                                     context_fn=lambda: (nullcontext(), self._replaying(self._request)))
+
+        with ExitStack() as stack:
+            for m in blocks:
+                stack.enter_context(patched_attribute(m, "gradient_checkpointing", True))
+                stack.enter_context(patched_attribute(m, "_gradient_checkpointing_func", func))
+            yield
+
+    @contextmanager
+    def _replaying(self, request: _Request | None):
+        old, self._replay = self._replay, request
+        try:
+            yield
+        finally:
+            self._replay = old
+
     def attention(self, call: AttentionCall, q, k, v, mask, next: Next) -> torch.Tensor:
         out = next(q, k, v, mask)
+        if self._replay is not None and call.name in self.layers:
+            self._maps(call, q, k, mask, self._replay)  # the same ops as the forward, for the recomputation
+            return out
         request = self._request
         if request is None or call.name in self.maps:
             return out
@@ -146,6 +184,12 @@ class AttentionMapCapture:
             raise ValueError(f"layer {call.name!r} is self-attention: it has no text keys to map")
         if call.layout.grid is None:
             raise RuntimeError(f"layer {call.name!r}: the image grid of this call is unknown, so its maps cannot be shaped")
+        self.maps[call.name] = self._maps(call, q, k, mask, request)
+        if request.stop and self.maps.keys() >= self.layers:
+            raise _Complete
+        return out
+
+    def _maps(self, call: AttentionCall, q, k, mask, request: _Request) -> torch.Tensor:
         if request.rows is not None:
             rows = request.rows.to(q.device)
             q, k = q[rows], k[rows]
@@ -157,10 +201,7 @@ class AttentionMapCapture:
         if text_len not in self._weights:
             self._weights[text_len] = token_weights(request.tokens, text_len)
         with torch.set_grad_enabled(request.grad and torch.is_grad_enabled()):
-            self.maps[call.name] = attention_maps(q, k, call.layout, call.scale(q.shape[-1]), self._weights[text_len], mask)
-        if request.stop and self.maps.keys() >= self.layers:
-            raise _Complete
-        return out
+            return attention_maps(q, k, call.layout, call.scale(q.shape[-1]), self._weights[text_len], mask)
 
 
 def map_layers(model: torch.nn.Module, latent: tuple[int, ...], layers=None, grid=None) -> tuple[list[str], tuple[int, ...]]:

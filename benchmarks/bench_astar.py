@@ -28,6 +28,7 @@ PROMPT, WORDS, INDICES = "a cat and a dog", ["cat", "dog"], [2, 5]  # CLIP token
 CONFIGS = {
     "cfg": "plain CFG step (parent pipeline)",
     "astar": "A-STAR (ours): CFG step + one gradient step",
+    "astar-ckpt": "A-STAR (ours) with astar_checkpointing=True",
     "ae": "Attend-and-Excite (diffusers): CFG step + one gradient step",
 }
 
@@ -80,7 +81,7 @@ def build(config: str, model: str, device: str, dtype: str, unet=None):
     return pipe.to(device, getattr(torch, dtype))
 
 
-def timed_call(pipe, config: str, size: int, steps: int, device: str) -> list[float]:
+def timed_call(pipe, config: str, size: int, steps: int, device: str, batch: int = 1) -> list[float]:
     """Seconds of each denoising step after the first (warm-up) of one pipeline call."""
     import torch
 
@@ -92,12 +93,13 @@ def timed_call(pipe, config: str, size: int, steps: int, device: str) -> list[fl
         stamps.append(time.perf_counter())
 
     common = dict(height=size, width=size, num_inference_steps=steps + 1, guidance_scale=7.5, output_type="latent",
+                  num_images_per_prompt=batch,
                   generator=torch.Generator(device).manual_seed(0))
     if config == "ae":
         pipe(PROMPT, token_indices=INDICES, max_iter_to_alter=steps + 2, thresholds={}, attn_res=(size // 32,) * 2,
              callback=lambda *a: stamp(), **common)
     else:
-        extra = {"astar_tokens": WORDS} if config == "astar" else {}
+        extra = {"astar_tokens": WORDS, "astar_checkpointing": config == "astar-ckpt"} if config.startswith("astar") else {}
         pipe(PROMPT, callback_on_step_end=lambda *a: (stamp(), a[3])[1], **common, **extra)
     return [b - a for a, b in zip(stamps, stamps[1:])]
 
@@ -105,13 +107,14 @@ def timed_call(pipe, config: str, size: int, steps: int, device: str) -> list[fl
 def peak_memory(config: str, args) -> int:
     """Peak bytes one call of ``config`` needs beyond the loaded model (run in a fresh process)."""
     pipe = build(config, args.model, args.device, args.dtype)
-    return peak_bytes(lambda: timed_call(pipe, config, args.size, 1, args.device), args.device)
+    return peak_bytes(lambda: timed_call(pipe, config, args.size, 1, args.device, args.batch), args.device)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="sd15", choices=["sd15", "sdxl"], help="UNet shape")
     parser.add_argument("--size", type=int, default=512, help="image side in pixels (latent = size / 8)")
+    parser.add_argument("--batch", type=int, default=1, help="images per call (num_images_per_prompt)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per call (one more runs as warm-up)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds of every configuration")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -123,8 +126,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.size % 32 or args.size < 64:
         parser.error(f"--size {args.size}: a multiple of 32, at least 64 (maps at size / 32)")
-    if args.steps < 1 or args.repeats < 1:
-        parser.error(f"--steps {args.steps} and --repeats {args.repeats} must be at least 1")
+    if args.steps < 1 or args.repeats < 1 or args.batch < 1:
+        parser.error(f"--steps {args.steps}, --repeats {args.repeats} and --batch {args.batch} must be at least 1")
     configs = args.configs or [c for c in CONFIGS if not (c == "ae" and args.model == "sdxl")]
     if "ae" in configs and args.model == "sdxl":
         parser.error("--configs ae: Attend-and-Excite is SD1.x only in diffusers")
@@ -144,18 +147,18 @@ def main() -> None:
     results = {config: {"step_s": [], "peak_bytes": 0} for config in configs}
     for repeat in range(args.repeats):
         for config in configs:
-            steps = timed_call(pipes[config], config, args.size, args.steps, args.device)
+            steps = timed_call(pipes[config], config, args.size, args.steps, args.device, args.batch)
             results[config]["step_s"] += steps
             print(f"round {repeat} {config}: {statistics.median(steps):.4f} s/step", file=sys.stderr)
     del pipes
     for config in configs:
         command = [sys.executable, __file__, "--one", config, "--model", args.model, "--size", str(args.size),
-                   "--device", args.device, "--dtype", args.dtype] + (["--threads", str(args.threads)] if args.threads else [])
+                   "--device", args.device, "--dtype", args.dtype, "--batch", str(args.batch)] + (["--threads", str(args.threads)] if args.threads else [])
         out = subprocess.run(command, check=True, capture_output=True, text=True,
                              env={**os.environ, "HF_HUB_OFFLINE": "1"}).stdout
         results[config]["peak_bytes"] = json.loads(out.splitlines()[-1])
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{args.model} UNet shape, {args.size}x{args.size}, {args.dtype}, {name}, "
+    print(f"{args.model} UNet shape, {args.size}x{args.size}, batch {args.batch}, {args.dtype}, {name}, "
           f"{args.repeats} rounds x {args.steps} timed steps per configuration\n")
     print("| configuration | s / step, min | s / step, median | x CFG (median) | peak memory beyond the model (MiB) |")
     print("|---|---|---|---|---|")

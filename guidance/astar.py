@@ -164,7 +164,9 @@ class AStarGuidance:
     scale sqrt(linspace(1, 0.5, T))_t, A&E's) or "constant"; iterations: gradient steps per guided
     step; weights: (w_seg, w_ret); masks: None, or per prompt a [concepts, H, W] layout mask (any
     resolution; resized to the grid by area, then >= 0.5) used instead of the retention masks;
-    early_stop: end the gradient forward after the last map layer.
+    early_stop: end the gradient forward after the last map layer; checkpointing: gradient
+    checkpointing in the gradient forward (activations of the model's blocks recomputed in the
+    backward: less memory, more time; on also when the model has diffusers' checkpointing enabled).
 
     The latent update (``attached``): the first denoiser call of each step (the conditional one)
     first runs a gradient pass on the conditional rows only: z as a leaf, through the pipeline's own
@@ -180,13 +182,15 @@ class AStarGuidance:
                  context: list[list[int]] | None = None, scale: float = 20.0, window: tuple[float, float] = (0.0, 1.0),
                  schedule: str = "sqrt", iterations: int = 1, weights: tuple[float, float] = (1.0, 1.0),
                  normalize: str = "softmax", temperature: float = 100.0, smoothing: tuple[int, float] = (3, 0.5),
-                 binarization: str | float = "otsu", masks: list | None = None, early_stop: bool = True):
+                 binarization: str | float = "otsu", masks: list | None = None, early_stop: bool = True,
+                 checkpointing: bool = False):
         self.concepts = [[list(c) for c in prompt] for prompt in concepts]
         self.context = context or [[] for _ in concepts]
         self.layers, self.grid = list(layers), tuple(grid)
         self.scale, self.window, self.schedule, self.iterations = float(scale), tuple(window), schedule, int(iterations)
         self.weights, self.normalize, self.temperature = tuple(weights), normalize, float(temperature)
         self.smoothing, self.binarization, self.early_stop = tuple(smoothing), binarization, early_stop
+        self.checkpointing = checkpointing
         self.masks = masks
         self.step, self.retained, self.losses = 0, None, []
 
@@ -332,8 +336,9 @@ class AStarGuidance:
 
         def maps_at(leaf):
             a, k = _with_sample(cond_args, cond_kwargs, scale(leaf))
-            with auxiliary_call(), frozen_parameters(model):
+            with auxiliary_call(), capture.checkpointing(model, self.checkpointing):
                 return capture.collect(lambda: forward(*a, **k), groups, grad=True, stop=self.early_stop)
 
-        z_new = self.update(maps_at, z, info.num_steps).detach()
+        with frozen_parameters(model):  # also over the backward, where checkpointed blocks recompute
+            z_new = self.update(maps_at, z, info.num_steps).detach()
         state.delta, state.shift = z_new - z, scale(z_new) - scale(z)

@@ -18,6 +18,9 @@ Keyword arguments (defaults in ``ASTAR_DEFAULTS``):
         a list of 2-D arrays / PIL images, one per concept, values in [0, 1] (any resolution).
     astar_normalize: "softmax" (A&E's token softmax, then max) or "max"; astar_smoothing: Gaussian
         (size, sigma), (3, 0.5); astar_binarization: "otsu" or a threshold in (0, 1].
+    astar_checkpointing: gradient checkpointing in the gradient pass (less memory, about one more
+        forward of the blocks up to the last map layer); also used when the denoiser has diffusers'
+        gradient checkpointing enabled.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from .tokens import content_indices, prompts_of, text_length, word_indices
 ASTAR_DEFAULTS = dict(
     astar_tokens=None, astar_scale=20.0, astar_steps=(0.0, 1.0), astar_schedule="sqrt", astar_iterations=1,
     astar_weights=(1.0, 1.0), astar_layers=None, astar_grid=None, astar_masks=None, astar_normalize="softmax",
-    astar_smoothing=(3, 0.5), astar_binarization="otsu",
+    astar_smoothing=(3, 0.5), astar_binarization="otsu", astar_checkpointing=False,
 )
 
 
@@ -82,6 +85,8 @@ def check_options(o: dict) -> None:
     if (not isinstance(s, (tuple, list)) or len(s) != 2 or not isinstance(s[0], int) or s[0] < 1 or s[0] % 2 == 0
             or not _finite(s[1])):
         raise ValueError(f"astar_smoothing {s!r} must be (size, sigma): an odd size >= 1 and a sigma >= 0")
+    if not isinstance(o["astar_checkpointing"], bool):
+        raise ValueError(f"astar_checkpointing {o['astar_checkpointing']!r} must be True or False")
     b = o["astar_binarization"]
     if b != "otsu" and not (_finite(b) and 0 < b <= 1):
         raise ValueError(f"astar_binarization {b!r} must be 'otsu' or a threshold in (0, 1]")
@@ -177,6 +182,7 @@ def astar_guidance(pipe, arguments: dict, options: dict) -> AStarGuidance | None
     guidance = AStarGuidance(concepts, layers, grid, context, scale=o["astar_scale"], window=o["astar_steps"],
                              schedule=o["astar_schedule"], iterations=o["astar_iterations"], weights=(w_seg, w_ret),
                              normalize=o["astar_normalize"], smoothing=o["astar_smoothing"],
-                             binarization=o["astar_binarization"], masks=masks)
+                             binarization=o["astar_binarization"], masks=masks,
+                             checkpointing=o["astar_checkpointing"])
     return guidance if guidance.enabled else None
 

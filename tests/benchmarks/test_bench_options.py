@@ -38,7 +38,7 @@ def test_head_search_u_is_refused_before_the_search(tmp_path):
 
 @pytest.mark.parametrize("script,options,message", [
     ("bench_astar.py", ["--size", "100"], "--size 100: a multiple of 32, at least 64"),
-    ("bench_astar.py", ["--steps", "0"], "--steps 0 and --repeats 3 must be at least 1"),
+    ("bench_astar.py", ["--steps", "0"], "--steps 0, --repeats 3 and --batch 1 must be at least 1"),
     ("bench_astar.py", ["--model", "sdxl", "--configs", "ae"], "Attend-and-Excite is SD1.x only in diffusers"),
     ("bench_astar_quality.py", ["--count", "0"], "--count and --seeds must be at least 1"),
     ("bench_astar_quality.py", ["--model", "shapes-sd3", "--methods", "ae"], "Attend-and-Excite is SD1.x only"),

@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers import T5Config, T5EncoderModel
 
+from attnsteer.attention_processors import AttentionMapCapture
 from attnsteer.guidance.astar import AStarGuidance
 from attnsteer.pipelines.steer import (
     FluxSteerPipeline,
@@ -121,6 +122,34 @@ def test_the_model_is_restored_when_the_call_raises():
     assert_restored(pipe_of("flux"))
 
 
+@pytest.mark.parametrize("kind", ["sd", "flux"])
+def test_gradient_checkpointing_recomputes_the_maps_and_changes_nothing(kind, monkeypatch):
+    guided = dict(astar_tokens=["circle", "square"], astar_scale=200.0)
+    base = generate(kind, **guided)
+    recomputed, maps = [], AttentionMapCapture._maps
+
+    def spy(self, call, *args):
+        if self._replay is not None:
+            recomputed.append(call.name)
+        return maps(self, call, *args)
+
+    monkeypatch.setattr(AttentionMapCapture, "_maps", spy)
+    assert np.array_equal(generate(kind, **guided), base) and recomputed == []
+    np.testing.assert_array_equal(generate(kind, **guided, astar_checkpointing=True), base)
+    assert recomputed, "the backward did not recompute a checkpointed block's maps"
+    model, recomputed[:] = model_of(pipe_of(kind)), []
+    blocks = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+    model.enable_gradient_checkpointing()  # the user's own setting is honoured, then restored
+    funcs = [m._gradient_checkpointing_func for m in blocks]
+    try:
+        np.testing.assert_array_equal(generate(kind, **guided), base)
+        assert recomputed and all(m.gradient_checkpointing for m in blocks)
+        assert [m._gradient_checkpointing_func for m in blocks] == funcs
+    finally:
+        model.disable_gradient_checkpointing()
+    assert not any(m.gradient_checkpointing for m in blocks)
+
+
 def test_words_map_to_each_encoders_text_keys():
     sd = pipe_of("sd")
     args = dict(prompt=PROMPT)
@@ -164,6 +193,7 @@ BAD = [
     (dict(astar_tokens=["circle", "square"], astar_weights=(1.0,)), r"astar_weights \(1.0,\) must be \(w_seg, w_ret\)"),
     (dict(astar_tokens=["circle", "square"], astar_normalize="l2"), r"astar_normalize 'l2' is not one of \('softmax', 'max'\)"),
     (dict(astar_tokens=["circle", "square"], astar_smoothing=(2, 0.5)), r"astar_smoothing \(2, 0.5\) must be \(size, sigma\)"),
+    (dict(astar_tokens=["circle", "square"], astar_checkpointing="yes"), r"astar_checkpointing 'yes' must be True or False"),
     (dict(astar_tokens=["circle", "square"], astar_binarization=1.5), r"astar_binarization 1.5 must be 'otsu' or a threshold in \(0, 1\]"),
     (dict(astar_tokens=["circle", "square"], astar_masks=[np.ones((4, 4))]),
      r"astar_masks: prompt 0 needs 2 2-D masks of one size, one per concept, got shapes \[\(4, 4\)\]"),
