@@ -1,5 +1,5 @@
-"""The ``attnsteer`` command line: ``generate`` pictures with steering, ``eval`` them on shapes prompts,
-``search-heads`` (HeadHunter), list a model's ``layers``.
+"""The ``attnsteer`` command line: ``generate`` pictures (or a ``video``) with steering, ``eval`` them on
+shapes prompts, ``search-heads`` (HeadHunter), list a model's ``layers``.
 
 Every argument that can be checked without the model is checked before it is loaded; nothing here
 imports torch or diffusers until a command runs, so ``attnsteer --help`` is instant."""
@@ -17,9 +17,11 @@ from pathlib import Path
 TINY_PREFIX = "tiny-"
 TINY_KINDS = ("sd", "sdxl", "sd3", "flux", "wan")  # attnsteer.pipelines.tiny.KINDS, without importing diffusers
 TINY_CALL = {"height": 32, "width": 32}  # a size every tiny model draws quickly
-SHIPPED = ("shapes-sd", "shapes-sd3")  # small models trained on drawn shapes, in the repository's samples/models
+TINY_FRAMES = 9  # frames of a tiny video model's call
+SHIPPED = ("shapes-sd", "shapes-sd3", "shapes-wan")  # small models trained on drawn shapes, in samples/models
 SHIPPED_DIR = Path(__file__).resolve().parents[1] / "samples" / "models"
-DEFAULT_MODEL = "shapes-sd"
+DEFAULT_MODEL, DEFAULT_VIDEO_MODEL = "shapes-sd", "shapes-wan"
+GIF_FRAME_MS = 125  # 8 frames per second
 KNOWN = (*SHIPPED, *(TINY_PREFIX + k for k in TINY_KINDS))
 # API keyword -> command-line flag, so that errors raised by the Python API name what the user typed
 FLAGS = {"perturbed_heads": "--heads", "perturbation_scale": "--scale", "softpag_u": "--u",
@@ -77,7 +79,7 @@ def load_pipeline(model: str, device: str, dtype: str):
         if kind not in TINY_KINDS:
             raise UsageError(f"unknown tiny model {model!r}; choose one of {', '.join(TINY_PREFIX + k for k in TINY_KINDS)}")
         pipe = tiny_pipeline(kind, STEER_PIPELINES[PIPELINE_CLASSES[kind].__name__])
-        pipe.call_defaults = dict(TINY_CALL)
+        pipe.call_defaults = dict(TINY_CALL, **({"num_frames": TINY_FRAMES} if kind == "wan" else {}))
         pipe.set_progress_bar_config(disable=False)
         if dtype != "float32":
             pipe.to(getattr(torch, dtype))
@@ -99,13 +101,21 @@ def load_pipeline(model: str, device: str, dtype: str):
 
 
 def _save(result, is_video: bool, out: Path, stem: str) -> list[Path]:
-    """Write a pipeline's PIL output as PNGs: one per image, one per video frame."""
+    """Write a pipeline's PIL output as PNGs, one per image or video frame, and each video as an
+    animated GIF enlarged to be seen."""
+    from .evaluate import enlarged
+
     out.mkdir(parents=True, exist_ok=True)
     named = [(f"{stem}_{v}_frame{f:03d}", frame) for v, video in enumerate(result.frames) for f, frame in enumerate(video)] \
         if is_video else [(f"{stem}_{i}", image) for i, image in enumerate(result.images)]
     for name, picture in named:
         picture.save(out / f"{name}.png")
-    return [out / f"{name}.png" for name, _ in named]
+    paths = [out / f"{name}.png" for name, _ in named]
+    for v, video in enumerate(result.frames if is_video else []):
+        shown = [enlarged(frame) for frame in video]
+        shown[0].save(out / f"{stem}_{v}.gif", save_all=True, append_images=shown[1:], duration=GIF_FRAME_MS, loop=0)
+        paths.append(out / f"{stem}_{v}.gif")
+    return paths
 
 
 def _steering(args) -> dict:
@@ -156,10 +166,12 @@ def _single(kwargs, prompt: str) -> dict:
 
 
 def _call(args, pipe, default_steps: int) -> dict:
-    """Pipeline call arguments: the model's call defaults, then the command line's size, steps and CFG."""
+    """Pipeline call arguments: the model's call defaults, then the command line's size, frames, steps and CFG."""
+    if getattr(args, "frames", None) is not None and not hasattr(pipe, "vae_scale_factor_temporal"):  # diffusers' video pipelines
+        raise UsageError(f"--frames {args.frames}: {args.model} is an image model; --frames is for video models")
     call = dict(pipe.call_defaults)
     for name, flag in (("height", "height"), ("width", "width"), ("guidance_scale", "guidance_scale"),
-                       ("num_inference_steps", "steps")):
+                       ("num_inference_steps", "steps"), ("num_frames", "frames")):
         if getattr(args, flag, None) is not None:
             call[name] = getattr(args, flag)
     call.setdefault("num_inference_steps", default_steps)
@@ -181,9 +193,10 @@ def generate(args) -> None:
     import torch
 
     pipe, is_video = load_pipeline(args.model, args.device, args.dtype)
+    if args.command == "video" and not is_video:
+        raise UsageError(f"--model {args.model} is an image model; `attnsteer video` needs a video model, e.g. "
+                         f"{DEFAULT_VIDEO_MODEL} (or use `attnsteer generate`)")
     call = dict(_call(args, pipe, 28), prompt=args.prompt, negative_prompt=args.negative_prompt, output_type="pil")
-    if is_video:
-        call["num_frames"] = args.frames
     method = _method(args)
     if method is None:
         runs = [("output", {}, "output")]
@@ -212,36 +225,41 @@ def evaluate(args) -> None:
 
     from .evaluate import evaluate as run, paired_table, table, write
 
+    from attnsteer.guidance.shapes import VIDEO_METRICS
+
     prompts = _prompts(args)
     pipe, is_video = load_pipeline(args.model, args.device, args.dtype)
-    if is_video:
-        raise UsageError("video pipelines are not supported yet")
+    if is_video != args.video:
+        raise UsageError(f"--model {args.model} is {'a video' if is_video else 'an image'} model: "
+                         + ("add --video" if is_video else "--video needs a video model, e.g. shapes-wan"))
     call = dict(_call(args, pipe, 20), output_type="pil")
     methods = {"baseline": {}}
     if _method(args) is not None:
         name, kwargs = _method(args)
         methods[name] = kwargs
         pipe.check_call(prompt=prompts, **call, **(kwargs(prompts) if callable(kwargs) else kwargs))
-    result = run(pipe, prompts, list(range(args.seeds)), methods, call, args.batch_size, keep_images=args.keep)
+    result = run(pipe, prompts, list(range(args.seeds)), methods, call, args.batch_size, keep_images=args.keep,
+                 video=is_video)
     state = process_state()
     if state.is_main_process:
-        print(table(result["summary"]))
+        metrics = {"metrics": VIDEO_METRICS} if is_video else {}
+        print(table(result["summary"], **metrics))
         if result["paired"]:
-            print(paired_table(result["paired"], "baseline"))
+            print(paired_table(result["paired"], "baseline", **metrics))
         config = {k: v for k, v in vars(args).items() if k != "run"}
         for path in write(result, args.out, {**config, "prompts": len(prompts), "processes": state.num_processes}):
             print(path)
 
 
 def _prompts(args) -> list[str]:
-    from attnsteer.guidance.shapes import prompt_set
+    from attnsteer.guidance.shapes import prompt_set, video_prompt_set
 
     if args.prompts:
         prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
         if not prompts:
             raise UsageError(f"--prompts file {args.prompts!r} holds no prompt")
     else:
-        prompts = prompt_set(args.set, args.split)
+        prompts = (video_prompt_set if getattr(args, "video", False) else prompt_set)(args.set, args.split)
     return prompts[:args.limit] if args.limit else prompts
 
 
@@ -314,9 +332,7 @@ def maps(args) -> None:
 def layers(args) -> None:
     pipe, is_video = load_pipeline(args.model, args.device, args.dtype)
     listed = pipe.steer_layers()
-    call = {k: v for k, v in _call(args, pipe, 1).items() if k in ("height", "width", "max_sequence_length")}
-    if is_video:
-        call["num_frames"] = args.frames
+    call = {k: v for k, v in _call(args, pipe, 1).items() if k in ("height", "width", "max_sequence_length", "num_frames")}
     seen = pipe.token_layouts(prompt="a photo", **call) if args.layout else {}
     print(f"{'index':>5}  {'layer':<60} {'kind':<6} heads  layout")
     index = 0
@@ -400,38 +416,49 @@ def parser() -> argparse.ArgumentParser:
                        help="segregation and retention loss weights (default 1 1)")
 
     def prompt_options(p, split, seeds, prompts_help):
-        p.add_argument("--set", default="two", choices=["one", "two", "three"], help="named shapes prompt set")
+        p.add_argument("--set", default="two", choices=["one", "two", "three", "one-moving", "two-moving"],
+                       help="named shapes prompt set (one-moving and two-moving name motions: --video only)")
         p.add_argument("--split", default=split, choices=["tune", "heldout"], help="prompt split of the set")
         p.add_argument("--prompts", default=None, help=f"{prompts_help} (default: none, --set's prompts)")
         p.add_argument("--limit", type=POSITIVE, default=None, help="use the first N prompts (default: all)")
         p.add_argument("--seeds", type=POSITIVE, default=seeds, help="seeds 0..N-1 per prompt")
 
-    def model_options(p):
-        p.add_argument("--model", default=DEFAULT_MODEL,
+    def model_options(p, default=DEFAULT_MODEL):
+        p.add_argument("--model", default=default,
                        help=f"model id, local diffusers folder, a shipped shapes model ({', '.join(SHIPPED)}) or "
-                            f"tiny-sd|tiny-sdxl|tiny-sd3|tiny-flux|tiny-wan (random weights)")
+                            f"tiny-sd|tiny-sdxl|tiny-sd3|tiny-flux|tiny-wan (random weights)"
+                            + ("" if default else f" (default: {DEFAULT_MODEL}, with --video {DEFAULT_VIDEO_MODEL})"))
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, ... (default: cuda if a GPU is visible, else cpu)")
         p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                        help="weights and compute precision (use float32 on a CPU)")
         p.add_argument("--height", type=POSITIVE, default=None, help="pixels (default: the model's)")
         p.add_argument("--width", type=POSITIVE, default=None, help="pixels (default: the model's)")
-        p.add_argument("--frames", type=POSITIVE, default=9, help="video frames (Wan)")
+        p.add_argument("--frames", type=POSITIVE, default=None,
+                       help="video frames, 1 + 4k for Wan (default: the model folder's, else the pipeline's)")
 
-    g = command("generate", help="generate pictures, optionally with head perturbation guidance")
+    def generate_options(p, out):
+        p.add_argument("--prompt", required=True, help="what to draw")
+        p.add_argument("--negative-prompt", default=None, help="what to steer away from with CFG (default: none)")
+        steering_options(p)
+        astar_options(p)
+        p.add_argument("--steps", type=POSITIVE, default=None, help="denoising steps (default: the model folder's, else 28)")
+        p.add_argument("--seed", type=NON_NEGATIVE, default=0, help="random seed; same seed, same picture")
+        p.add_argument("--baseline", action="store_true", help="also write the unsteered output of the same seed, "
+                                                               "and both side by side")
+        p.add_argument("--out", default=out, help="output folder")
+        p.set_defaults(run=generate)
+
+    g = command("generate", help="generate pictures, optionally with head perturbation guidance or A-STAR")
     model_options(g)
-    g.add_argument("--prompt", required=True, help="what to draw")
-    g.add_argument("--negative-prompt", default=None, help="what to steer away from with CFG (default: none)")
-    steering_options(g)
-    astar_options(g)
-    g.add_argument("--steps", type=POSITIVE, default=None, help="denoising steps (default: the model folder's, else 28)")
-    g.add_argument("--seed", type=NON_NEGATIVE, default=0, help="random seed; same seed, same picture")
-    g.add_argument("--baseline", action="store_true", help="also write the unsteered picture of the same seed, "
-                                                           "and both side by side")
-    g.add_argument("--out", default="out", help="output folder")
-    g.set_defaults(run=generate)
+    generate_options(g, "out")
+
+    v = command("video", help="generate a video (frames as PNG and an animated GIF), optionally steered")
+    model_options(v, DEFAULT_VIDEO_MODEL)
+    generate_options(v, "video")
 
     e = command("eval", help="measure baseline and steering on a shapes prompt set x seeds")
-    model_options(e)
+    model_options(e, None)
+    e.add_argument("--video", action="store_true", help="a video model, video prompt sets and video metrics")
     steering_options(e)
     astar_options(e)
     prompt_options(e, split="heldout", seeds=4, prompts_help="a file of prompts, one per line, instead of --set")
@@ -494,6 +521,13 @@ def check(args) -> None:
     """The checks that need no model, run before it is loaded: device, model name, files, output folder."""
     import torch
 
+    if args.model is None:
+        args.model = DEFAULT_VIDEO_MODEL if getattr(args, "video", False) else DEFAULT_MODEL
+    video_sets, image_sets = {"one-moving", "two-moving"}, {"three"}
+    if getattr(args, "set", None) in (image_sets if getattr(args, "video", False) else video_sets):
+        allowed = "one, two, one-moving, two-moving" if args.video else "one, two, three"
+        raise UsageError(f"--set {args.set} is not a{' video' if args.video else 'n image'} prompt set; "
+                         f"allowed: {allowed}" + ("" if args.video else " (the moving sets need --video)"))
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     elif args.device.startswith("cuda") and not torch.cuda.is_available():

@@ -1,4 +1,5 @@
-"""Measure a pipeline and its methods on shapes prompts x seeds: the ``attnsteer eval`` harness.
+"""Measure a pipeline and its methods on shapes prompts x seeds: the ``attnsteer eval`` harness, for
+images (``shapes.score``) and, with ``video=True``, videos (``shapes.score_video``).
 
 Items (prompt, seed) are cut into fixed batches first; under ``accelerate launch`` the batches,
 not the items, are shared out across processes, so every image is computed from the same inputs in
@@ -18,26 +19,52 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from attnsteer.guidance.distributed import process_state
-from attnsteer.guidance.shapes import detect, score, summarize
+from attnsteer.guidance.shapes import VIDEO_METRICS, detect, score, score_video, summarize, summarize_videos
 from attnsteer.guidance.stats import paired_difference
 
 METRICS = ("coverage", "bound", "binding", "count_right")
+OBJECT_FIELDS = ("colour", "shape", "direction", "identity", "smooth", "followed")  # a video record's objects
 
 
-def _images(pipe, prompts, seeds, call_kwargs, method_kwargs):
+def _outputs(pipe, prompts, seeds, call_kwargs, method_kwargs, video: bool):
     generators = [torch.Generator(pipe.device).manual_seed(seed) for seed in seeds]
     if callable(method_kwargs):  # arguments that depend on the batch's prompts (e.g. their concept words)
         method_kwargs = method_kwargs(list(prompts))
-    return pipe(prompt=list(prompts), generator=generators, **call_kwargs, **method_kwargs).images
+    result = pipe(prompt=list(prompts), generator=generators, **call_kwargs, **method_kwargs)
+    return result.frames if video else result.images
+
+
+def _scored(output, prompt: str, video: bool) -> dict:
+    """A record's scores: ``score`` of an image, or a video's ``score_video`` metrics and per-object scores."""
+    pixel_mean = float(np.asarray(output, dtype=np.float64).mean())
+    if not video:
+        return {"pixel_mean": pixel_mean, **score(detect(output), prompt)}
+    result = score_video(output, prompt)
+    return {"pixel_mean": pixel_mean, **{m: result[m] for m in VIDEO_METRICS},
+            "objects": [{k: o[k] for k in OBJECT_FIELDS} for o in result["objects"]]}
+
+
+def frame_strip(frames, shown: int = 3, view: int = 128) -> Image.Image:
+    """``shown`` frames of a video, evenly spaced from first to last, side by side, each enlarged to
+    about ``view`` pixels."""
+    picks = [frames[round(i * (len(frames) - 1) / max(shown - 1, 1))] for i in range(min(shown, len(frames)))]
+    picks = [enlarged(frame if isinstance(frame, Image.Image) else Image.fromarray(np.asarray(frame)), view)
+             for frame in picks]
+    width, height = picks[0].size
+    strip = Image.new("RGB", (len(picks) * (width + 2) - 2, height), "white")
+    for i, frame in enumerate(picks):
+        strip.paste(frame.convert("RGB"), (i * (width + 2), 0))
+    return strip
 
 
 def evaluate(pipe, prompts: list[str], seeds: list[int], methods: dict[str, dict], call_kwargs: dict | None = None,
-             batch_size: int = 8, keep_images: int = 0) -> dict:
+             batch_size: int = 8, keep_images: int = 0, video: bool = False) -> dict:
     """Run ``pipe`` on every (prompt, seed) for each method (name -> pipeline keyword arguments, or a
-    function of a batch's prompts returning them).
+    function of a batch's prompts returning them); ``video``: score videos (``VIDEO_METRICS``).
 
     Returns ``{"records": [...], "summary": {method: rates}, "paired": {method: differences from the
-    first method}, "images": {method: [first keep_images PIL]}}``, complete on every process.
+    first method}, "images": {method: [first keep_images PIL, a video as a strip of frames]}}``,
+    complete on every process.
     """
     from accelerate.utils import gather_object
 
@@ -49,57 +76,69 @@ def evaluate(pipe, prompts: list[str], seeds: list[int], methods: dict[str, dict
         for method, method_kwargs in methods.items():
             for batch in mine:
                 _, batch_prompts, batch_seeds = zip(*batch)
-                for (index, prompt, seed), image in zip(batch, _images(pipe, batch_prompts, batch_seeds, call_kwargs or {}, method_kwargs)):
-                    result = score(detect(image), prompt)
+                outputs = _outputs(pipe, batch_prompts, batch_seeds, call_kwargs or {}, method_kwargs, video)
+                for (index, prompt, seed), output in zip(batch, outputs):
                     records.append({"method": method, "index": index, "prompt": prompt, "seed": seed,
-                                    "pixel_mean": float(np.asarray(image, dtype=np.float64).mean()), **result})
+                                    **_scored(output, prompt, video)})
                     if index < keep_images:
-                        kept.append((method, index, image))
+                        kept.append((method, index, frame_strip(output) if video else output))
     if state.num_processes > 1:
         records, kept = gather_object(records), gather_object(kept)
     order = list(methods)
     records.sort(key=lambda r: (order.index(r["method"]), r["index"]))
     kept.sort(key=lambda k: (order.index(k[0]), k[1]))
+    def summary(rows):
+        return summarize_videos(rows, [r["prompt"] for r in rows]) if video else summarize(rows)
+
     return {
         "records": records,
-        "summary": {m: summarize([r for r in records if r["method"] == m]) for m in methods},
-        "paired": paired(records, order[0]),
+        "summary": {m: summary([r for r in records if r["method"] == m]) for m in methods},
+        "paired": paired(records, order[0], VIDEO_METRICS if video else METRICS),
         "images": {m: [image for method, _, image in kept if method == m] for m in methods},
     }
 
 
-def table(summary: dict) -> str:
-    """Markdown table of each method's rates with 95% intervals."""
-    lines = ["| method | images | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 2) + "|"]
+def _cell(s: dict | None, sign: str = "") -> str:
+    if s is None:
+        return "-"
+    value = s["rate"] if "rate" in s else s["mean"] if "mean" in s else s["diff"]
+    return f"{value:{sign}.3f} [{s['low']:{sign}.3f}, {s['high']:{sign}.3f}]"
+
+
+def table(summary: dict, metrics: tuple = METRICS) -> str:
+    """Markdown table of each method's rates (or, for videos, means) with 95% intervals."""
+    unit = "videos" if "n_videos" in next(iter(summary.values())) else "images"
+    lines = [f"| method | {unit} | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 2) + "|"]
     for method, s in summary.items():
-        cells = [f"{s[m]['rate']:.3f} [{s[m]['low']:.3f}, {s[m]['high']:.3f}]" for m in METRICS]
-        lines.append(f"| {method} | {s['n_images']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {method} | {s['n_' + unit]} | " + " | ".join(_cell(s[m]) for m in metrics) + " |")
     return "\n".join(lines)
 
 
-def paired(records: list[dict], reference: str) -> dict:
+def paired(records: list[dict], reference: str, metrics: tuple = METRICS) -> dict:
     """Each other method minus ``reference`` on the same prompts and seeds, per metric
     (``paired_difference``, seeds grouped by prompt; coverage and bound per image, which for
-    images with equal object counts is the pooled rates' difference)."""
+    images with equal object counts is the pooled rates' difference). Pairs where either value is
+    None (a video's "followed" when its caption names no motion) are left out; None if none is left."""
     by_method = {}
     for r in records:
         by_method.setdefault(r["method"], {})[(r["prompt"], r["seed"])] = r
     if reference not in by_method:
         raise ValueError(f"reference method {reference!r} is not one of {list(by_method)}")
     keys = sorted(by_method[reference])
-    base = [by_method[reference][k] for k in keys]
-    prompts = [p for p, _ in keys]
-    return {method: {m: paired_difference([float(r[m]) for r in base], [float(rows[k][m]) for k in keys], prompts)
-                     for m in METRICS}
-            for method, rows in by_method.items() if method != reference}
+
+    def difference(rows, m):
+        kept = [k for k in keys if by_method[reference][k][m] is not None and rows[k][m] is not None]
+        return paired_difference([float(by_method[reference][k][m]) for k in kept], [float(rows[k][m]) for k in kept],
+                                 [p for p, _ in kept]) if kept else None
+
+    return {method: {m: difference(rows, m) for m in metrics} for method, rows in by_method.items() if method != reference}
 
 
-def paired_table(differences: dict, reference: str) -> str:
+def paired_table(differences: dict, reference: str, metrics: tuple = METRICS) -> str:
     """Markdown table of ``paired`` differences with 95% intervals."""
-    lines = [f"| method - {reference} | pairs | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 2) + "|"]
+    lines = [f"| method - {reference} | pairs | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 2) + "|"]
     for method, d in differences.items():
-        cells = [f"{d[m]['diff']:+.3f} [{d[m]['low']:+.3f}, {d[m]['high']:+.3f}]" for m in METRICS]
-        lines.append(f"| {method} | {d[METRICS[0]]['n']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {method} | {d[metrics[0]]['n']} | " + " | ".join(_cell(d[m], "+") for m in metrics) + " |")
     return "\n".join(lines)
 
 

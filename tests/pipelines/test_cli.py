@@ -1,5 +1,7 @@
 """The attnsteer command line, run in-process on tiny random pipelines."""
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -23,10 +25,39 @@ def test_generate_writes_baseline_and_steered_pngs(tmp_path, capsys):
     assert "2/2" in captured.err  # the pipeline's progress bar
 
 
-def test_generate_writes_video_frames(tmp_path):
-    main(["generate", "--model", "tiny-wan", "--prompt", "a cat", "--steps", "2", "--heads", "blocks.1.attn1:*",
+def test_video_writes_frames_and_an_animated_gif(tmp_path):
+    main(["video", "--model", "tiny-wan", "--prompt", "a cat", "--steps", "2", "--heads", "blocks.1.attn1:*",
           "--height", "16", "--width", "16", "--frames", "5", "--out", str(tmp_path)])
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f"seed0_steered_0_frame{f:03d}.png" for f in range(5)]
+    frames = [f"seed0_steered_0_frame{f:03d}.png" for f in range(5)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["seed0_steered_0.gif", *frames]
+    gif = Image.open(tmp_path / "seed0_steered_0.gif")
+    assert gif.n_frames == 5 and gif.size == (192, 192)  # 16 px enlarged 12x to be seen
+    first = np.asarray(Image.open(tmp_path / frames[0]).convert("RGB"), dtype=float)
+    assert np.abs(np.asarray(gif.convert("RGB"), dtype=float)[::12, ::12] - first).mean() < 8  # up to the GIF palette
+
+
+def test_video_and_frames_need_a_video_model(tmp_path, capsys):
+    assert "--model tiny-sd is an image model; `attnsteer video` needs a video model, e.g. shapes-wan" in refused(
+        ["video", "--model", "tiny-sd", "--prompt", "x", "--out", str(tmp_path)], capsys)
+    assert "--frames 5: tiny-sd is an image model; --frames is for video models" in refused(
+        ["generate", "--model", "tiny-sd", "--prompt", "x", "--frames", "5", "--out", str(tmp_path)], capsys)
+    assert "--model tiny-wan is a video model: add --video" in refused(["eval", "--model", "tiny-wan", "--limit", "1"], capsys)
+    assert "--model tiny-sd is an image model: --video needs a video model, e.g. shapes-wan" in refused(
+        ["eval", "--video", "--model", "tiny-sd", "--limit", "1"], capsys)
+    assert "--set one-moving is not an image prompt set; allowed: one, two, three (the moving sets need --video)" in refused(
+        ["eval", "--model", "tiny-sd", "--set", "one-moving"], capsys)
+    assert "--set three is not a video prompt set; allowed: one, two, one-moving, two-moving" in refused(
+        ["eval", "--video", "--model", "tiny-wan", "--set", "three"], capsys)
+
+
+def test_eval_video_scores_videos(tmp_path, capsys):
+    main(["eval", "--video", "--model", "tiny-wan", "--set", "one-moving", "--limit", "2", "--seeds", "1", "--steps", "1",
+          "--frames", "5", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "| method | videos | coverage | bound | binding | identity | smooth | followed | flicker |" in out
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["config"]["video"] and len(saved["records"]) == 2 and saved["records"][0]["objects"][0]["direction"] == "left"
+    assert (tmp_path / "contact_sheet.png").is_file()
 
 
 def refused(argv, capsys) -> str:
@@ -82,7 +113,7 @@ def test_api_errors_name_the_flags(tmp_path, capsys):
 def test_mistyped_or_missing_model_is_named_without_a_hub_lookup(tmp_path, capsys):
     message = refused(["generate", "--model", "shapes-sdx", "--prompt", "x", "--out", str(tmp_path)], capsys)
     assert ("attnsteer generate: --model 'shapes-sdx' is neither a local folder nor a known name (shapes-sd, "
-            "shapes-sd3, tiny-sd, tiny-sdxl, tiny-sd3, tiny-flux, tiny-wan), and not a hub id of the form org/name. "
+            "shapes-sd3, shapes-wan, tiny-sd, tiny-sdxl, tiny-sd3, tiny-flux, tiny-wan), and not a hub id of the form org/name. "
             "Did you mean shapes-sd?") in message
     missing = str(tmp_path / "no-such-model")
     assert f"--model {missing!r} is neither a local folder nor a known name" in refused(

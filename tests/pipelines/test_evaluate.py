@@ -50,6 +50,48 @@ def test_rates_follow_the_images():
         paired(result["records"], "none")
 
 
+class DrawingVideoPipeline:
+    """Draws each prompt's objects moving as named, 9 frames; ``still`` repeats the first frame (a
+    "method" that does not move)."""
+
+    device = "cpu"
+
+    def __call__(self, prompt, generator, still=False):
+        from attnsteer.guidance.shapes import draw_video_objects, parse_motion
+
+        videos = []
+        for text, g in zip(prompt, generator):
+            frames = draw_video_objects(parse_motion(text), int(g.initial_seed()), frames=9)[0]
+            videos.append([frames[0]] * 9 if still else frames)
+        return type("Output", (), {"frames": videos})
+
+
+def test_video_metrics_follow_the_videos():
+    prompts = ["a red circle moving left", "a green star and a blue square moving up"]
+    result = evaluate(DrawingVideoPipeline(), prompts, [0, 1], {"moving": {}, "still": {"still": True}},
+                      batch_size=3, keep_images=1, video=True)
+    moving, still = result["summary"]["moving"], result["summary"]["still"]
+    assert moving["n_videos"] == 4 and moving["followed"]["k"] == 4 and moving["followed"]["n"] == 4
+    assert still["followed"]["k"] == 0 and moving["identity"]["mean"] > 0.9 and still["identity"]["mean"] == 1.0
+    assert still["flicker"]["mean"] == moving["flicker"]["mean"] == 0.0  # the drawn background never changes
+    differences = result["paired"]["still"]
+    assert differences["followed"]["diff"] == -1.0 and differences["followed"]["n"] == 4
+    assert set(result["records"][0]["objects"][0]) == {"colour", "shape", "direction", "identity", "smooth", "followed"}
+    strip = result["images"]["moving"][0]
+    assert strip.size == (3 * 128 + 2 * 2, 128)  # first, middle and last frame, 64 px enlarged 2x
+    assert "| still | 4 | " in table(result["summary"], ("followed",)) and "| still | 4 | -1.000 [" in paired_table(
+        result["paired"], "moving", ("followed",))
+
+
+def test_video_followed_is_paired_only_where_a_motion_is_named():
+    prompts = ["a red circle", "a blue square moving down"]
+    result = evaluate(DrawingVideoPipeline(), prompts, [0], {"moving": {}, "still": {"still": True}}, video=True)
+    assert result["paired"]["still"]["followed"]["n"] == 1 and result["paired"]["still"]["coverage"]["n"] == 2
+    none_named = evaluate(DrawingVideoPipeline(), ["a red circle"], [0], {"a": {}, "b": {}}, video=True)
+    assert none_named["paired"]["b"]["followed"] is None and none_named["summary"]["a"]["followed"] is None
+    assert "| b | 1 | " in paired_table(none_named["paired"], "a", ("coverage", "followed"))
+
+
 def test_cli_eval_writes_table_json_and_contact_sheet(tmp_path, capsys):
     main(["eval", "--model", "tiny-sd", "--set", "two", "--limit", "2", "--seeds", "2", "--steps", "2",
           "--heads", "0:*", "--keep", "3", "--out", str(tmp_path)])
