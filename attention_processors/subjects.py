@@ -37,10 +37,14 @@ ROTARY_MODELS = ("FluxTransformer2DModel", "WanTransformer3DModel")
 class Subjects:
     """Subject masks [rows, S, h, w] (bool or {0, 1}) and the source row each row reads per subject
     [rows, S] (-1: none; None: no reading). When the attention batch holds several stacks of these
-    rows (CFG halves, a perturbed branch), each stack reads within itself."""
+    rows (CFG halves, a perturbed branch), each stack reads within itself. ``isolation=False`` leaves
+    the subjects open to each other; ``reposition=False`` reads the source's subject tokens where they
+    sit in the source (shared attention, as ConsiStory and StoryDiffusion)."""
 
     masks: torch.Tensor
     sources: torch.Tensor | None = None
+    isolation: bool = True
+    reposition: bool = True
 
 
 def resize_masks(masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -112,7 +116,8 @@ def check_subject_layers(model: torch.nn.Module, isolate, read=()) -> None:
 class SubjectAttention:
     """Steer: isolation on ``isolate`` layers, isolation plus reading repositioned references on
     ``read`` layers (see the module docstring; ``check_subject_layers`` checks them against a model).
-    ``subjects`` is set between model calls (None: the layers run untouched)."""
+    ``subjects`` is set between model calls (None: the layers run untouched). Steers after it in a
+    chain see the reading rows apart from the others: put it last."""
 
     def __init__(self, isolate, read=()):
         self.read, self.layers = frozenset(read), frozenset(isolate) | frozenset(read)
@@ -136,11 +141,13 @@ class SubjectAttention:
             src = subjects.sources.to(q.device).repeat(stacks, 1)
             sources = torch.where(src >= 0, src + offsets, src)
         reading = sources is not None and bool((sources >= 0).any())
-        if not reading and not bool((masks.sum(1) > 0).any()):
+        isolating = subjects.isolation and bool((masks.any(2).sum(1) > 1).any())  # two subjects in a row
+        if not reading and not isolating:
             return next(q, k, v, mask)
         img = call.layout.image
         allowed = torch.ones(q.shape[0], 1, q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device)
-        allowed[:, 0, img, img] = isolation(masks)
+        if isolating:
+            allowed[:, 0, img, img] = isolation(masks)
         if not reading:
             return next(q, k, v, _combined(mask, allowed, q.dtype))
         readers = (sources >= 0).any(1)
@@ -155,8 +162,10 @@ class SubjectAttention:
             valid = torch.zeros(len(rows_r), masks.shape[-1], dtype=torch.bool, device=q.device)
             src_rows = sources[rows_r, s].clamp(min=0)
             for j, (row, src) in enumerate(zip(rows_r.tolist(), sources[rows_r, s].tolist())):
-                if src >= 0:
+                if src >= 0 and subjects.reposition:
                     index[j], valid[j] = reposition(masks[src, s].view(grid), masks[row, s].view(grid))
+                elif src >= 0:
+                    index[j], valid[j] = torch.arange(masks.shape[-1], device=q.device), masks[src, s]
             gather = index[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
             k_ext.append(k[src_rows][:, :, img].gather(2, gather))
             v_ext.append(v[src_rows][:, :, img].gather(2, gather))

@@ -1,4 +1,4 @@
-"""The attention-map methods of one pipeline call: A-STAR and map recording, from keyword arguments."""
+"""The attention-map methods of one pipeline call: A-STAR, IR-Diffusion and map recording, from keyword arguments."""
 
 from __future__ import annotations
 
@@ -6,31 +6,37 @@ from contextlib import ExitStack, contextmanager
 
 from .astar import ASTAR_DEFAULTS, astar_guidance, denoiser
 from .maps import MAPS_DEFAULTS, AttentionMaps, map_recorder
+from .story import STORY_DEFAULTS, story_guidance
+
+OPTIONS = {**ASTAR_DEFAULTS, **MAPS_DEFAULTS, **STORY_DEFAULTS}
 
 
 def pop_arguments(kwargs: dict) -> dict:
     """Remove and return the attention-method keyword arguments from a call's ``kwargs``."""
-    return {name: kwargs.pop(name) for name in list(kwargs) if name in ASTAR_DEFAULTS or name in MAPS_DEFAULTS}
+    return {name: kwargs.pop(name) for name in list(kwargs) if name in OPTIONS}
 
 
 class AttentionMethods:
-    """A-STAR and map recording of one call (checked when built, before compute). Attached outside
-    head perturbation, A-STAR outermost, so that A-STAR's gradient passes and latent updates see the
-    pipeline's own denoiser calls and the recorder sees the updated latents."""
+    """A-STAR, IR-Diffusion and map recording of one call (checked when built, before compute).
+    Attached outside head perturbation, A-STAR outermost, so that A-STAR's gradient passes and latent
+    updates see the pipeline's own denoiser calls and the recorder sees the updated latents."""
 
     def __init__(self, pipe, arguments: dict, options: dict):
         self.pipe = pipe
+        self.story = story_guidance(pipe, arguments, {k: v for k, v in options.items() if k in STORY_DEFAULTS})
         self.astar = astar_guidance(pipe, arguments, {k: v for k, v in options.items() if k in ASTAR_DEFAULTS})
         self.recorder = map_recorder(pipe, arguments, {k: v for k, v in options.items() if k in MAPS_DEFAULTS})
 
     @property
     def active(self) -> bool:
-        return self.astar is not None or self.recorder is not None
+        return self.astar is not None or self.recorder is not None or self.story is not None
 
     @contextmanager
     def attached(self, branch_info):
         model, scheduler = denoiser(self.pipe), self.pipe.scheduler
         with ExitStack() as stack:
+            if self.story is not None:
+                stack.enter_context(self.story.attached(model, scheduler, branch_info))
             if self.recorder is not None:
                 stack.enter_context(self.recorder[0].attached(model, scheduler, branch_info))
             if self.astar is not None:

@@ -23,6 +23,7 @@ from attnsteer.attention_processors import HeadSetFile, LayoutRecorder, list_lay
 from attnsteer.guidance.perturbation import BranchInfo, HeadPerturbationGuidance
 
 from .methods import AttentionMethods, pop_arguments
+from .story import expand_story
 
 DEFAULT_SCALE = 5.0  # HeadHunter paper, SD3-medium
 DEFAULT_U = 1.0  # plain head-level PAG; HeadHunter deploys found heads at u ~ 0.5
@@ -136,12 +137,16 @@ class SteerMixin:
         )
 
     def _prepare(self, args: tuple, kwargs: dict, perturbation: dict):
-        """(parent keyword arguments, bound arguments, head perturbation, attention methods) of a call,
-        every argument checked; ValueError before any compute."""
+        """(parent keyword arguments, positional ones included by name; bound arguments; head
+        perturbation; attention methods) of a call, every argument checked; ValueError before any compute."""
         methods = pop_arguments(kwargs)
-        given = inspect.signature(super().__call__).bind_partial(*args, **kwargs).arguments
-        kwargs = {**{k: v for k, v in self.call_defaults.items() if k not in given}, **kwargs}
-        bound = inspect.signature(super().__call__).bind(*args, **kwargs)
+        signature = inspect.signature(super().__call__)
+        named = signature.bind_partial(*args, **kwargs).arguments
+        for name in [n for n in named if signature.parameters[n].kind is inspect.Parameter.VAR_KEYWORD]:
+            named.update(named.pop(name))
+        kwargs = expand_story(dict(named), methods)
+        kwargs = {**{k: v for k, v in self.call_defaults.items() if k not in kwargs}, **kwargs}
+        bound = signature.bind(**kwargs)
         bound.apply_defaults()
         check_steps(bound.arguments)
         guidance = self.perturbation_guidance(**perturbation, prompt=bound.arguments.get("prompt"))
@@ -163,13 +168,13 @@ class SteerMixin:
         kwargs, bound, guidance, attention = self._prepare(args, kwargs, perturbation)
         parent_call = super().__call__
         if not guidance.enabled and not attention.active:
-            return parent_call(*args, **kwargs)
+            return parent_call(**kwargs)
         with ExitStack() as stack:
             for model in self.steer_denoisers().values() if guidance.enabled else ():
                 stack.enter_context(guidance.attached(model, lambda m: self.branch_info(m, bound.arguments)))
             if attention.active:
                 stack.enter_context(attention.attached(lambda m: self.branch_info(m, bound.arguments)))
-            return attention.finish(parent_call(*args, **kwargs))
+            return attention.finish(parent_call(**kwargs))
 
 
 def check_steps(call_arguments: dict) -> None:

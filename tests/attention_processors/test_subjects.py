@@ -53,7 +53,7 @@ def test_reposition_resizes_the_source_box_onto_the_target_box_nearest():
     assert not reposition(torch.zeros(GRID, dtype=torch.bool), target)[1].any()
 
 
-def reference(q, k, v, masks, sources, text=0):
+def reference(q, k, v, masks, sources, text=0, isolate=True, move=True):
     """Per row and query: softmax over the explicitly listed keys it may see (own keys under isolation,
     then each read subject's canvas tokens), with the canvas built token by token."""
     out = torch.zeros_like(q)
@@ -62,7 +62,7 @@ def reference(q, k, v, masks, sources, text=0):
         for qi in range(q.shape[-2]):
             keys, values = [], []
             for ki in range(k.shape[-2]):
-                if qi < n_img and ki < n_img:
+                if isolate and qi < n_img and ki < n_img:
                     q_in, k_in = masks[b, :, qi], masks[b, :, ki]
                     if q_in.any() and k_in.any() and not (q_in & k_in).any():
                         continue
@@ -71,7 +71,8 @@ def reference(q, k, v, masks, sources, text=0):
                 src = -1 if sources is None else int(sources[b, s])
                 if src < 0 or qi >= n_img or not masks[b, s, qi]:
                     continue
-                index, valid = reposition(masks[src, s].view(GRID), masks[b, s].view(GRID))
+                index, valid = reposition(masks[src, s].view(GRID), masks[b, s].view(GRID)) if move else (
+                    torch.arange(n_img), masks[src, s])
                 for p in range(n_img):
                     if valid[p]:
                         keys.append(k[src, :, index[p]]), values.append(v[src, :, index[p]])
@@ -98,6 +99,9 @@ def test_isolation_and_reading_equal_the_explicit_reference(text):
     steer.subjects = Subjects(masks)  # isolation only
     torch.testing.assert_close(steer.attention(call(JOINT if text else SELF, text), q, k, v, None, sdpa),
                                reference(q, k, v, flat, None, text), atol=1e-5, rtol=1e-5)
+    steer.subjects = Subjects(masks, sources, isolation=False, reposition=False)  # shared attention
+    torch.testing.assert_close(steer.attention(call(JOINT if text else SELF, text), q, k, v, None, sdpa),
+                               reference(q, k, v, flat, sources, text, isolate=False, move=False), atol=1e-5, rtol=1e-5)
 
 
 def test_each_stack_of_rows_reads_within_itself():

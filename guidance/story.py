@@ -1,0 +1,121 @@
+"""IR-Diffusion (arXiv 2411.19261) on one pipeline call whose batch is [references..., targets...].
+
+Each reference row draws one subject alone; each target row draws a scene holding every subject.
+Per step, on ``SubjectAttention`` (floor 1):
+- isolation on every self-attention layer given: a target's subjects do not attend to each other;
+- reposition on the reading layers (the decoder by default): a target's subject i also reads
+  reference i's subject-i features, moved onto where subject i sits in the target.
+
+Subject masks come from the user (per row, fixed) or from the subjects' cross-attention maps: the
+first denoiser call of each step records, on the conditional rows, the head-mean map of each
+subject's tokens (``AttentionMapCapture``, no gradients), normalised to a maximum of 1 and
+binarised by Otsu's threshold; those masks act from the next step on (step 0 runs without IR).
+Reference masks then lose each token with probability ``dropout`` (ConsiStory's mask dropout, 0.5),
+drawn from a generator seeded by ``seed`` and the step, so that a target does not copy a
+reference's whole layout and the same seed gives the same output.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from typing import Callable
+
+import torch
+
+from attnsteer.attention_processors import AttentionMapCapture, patched_attribute, steering
+from attnsteer.attention_processors.subjects import SubjectAttention, Subjects
+
+from .astar import binarize
+from .auxiliary import in_auxiliary_call
+from .perturbation import BranchInfo
+
+
+class SubjectConsistency:
+    """IR-Diffusion on one call (see the module docstring).
+
+    groups: per batch row, per subject, the text-key indices of the subject's words in that row's
+    prompt ([] where the row does not hold the subject); sources: per row, per subject, the row it
+    reads the subject from (-1: none); isolate / read: layer names; map_layers, grid: the
+    cross-attention layers the masks come from and their grid; masks: None, or per row a [S, H, W]
+    tensor of fixed masks (any resolution) replacing the maps; dropout: reference mask dropout;
+    seed: of the dropout; binarization: "otsu" or a threshold in (0, 1]; isolation, reposition:
+    the two mechanisms (``Subjects``).
+    """
+
+    def __init__(self, groups: list[list[list[int]]], sources: list[list[int]], isolate, read, map_layers,
+                 grid: tuple[int, ...], masks: torch.Tensor | None = None, dropout: float = 0.5, seed: int = 0,
+                 binarization: str | float = "otsu", isolation: bool = True, reposition: bool = True):
+        self.groups, self.sources = groups, torch.tensor(sources, dtype=torch.long)
+        self.references = [all(s < 0 for s in row) and sum(map(bool, g)) == 1 for row, g in zip(sources, groups)]
+        self.steer = SubjectAttention(isolate, read)
+        self.map_layers, self.grid = list(map_layers), tuple(grid)
+        self.fixed, self.dropout, self.seed, self.binarization = masks, float(dropout), int(seed), binarization
+        self.isolation, self.reposition = isolation, reposition
+        self.step, self.masks = 0, None
+
+    def subject_masks(self, maps: torch.Tensor) -> torch.Tensor:
+        """[rows, S, h, w] bool from captured maps [rows, S, h, w]: normalised, binarised, absent subjects empty."""
+        maps = maps.float()
+        maps = maps / maps.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-8)
+        present = torch.tensor([[bool(g) for g in row] for row in self.groups], device=maps.device)
+        return binarize(maps, self.binarization).bool() & present[:, :, None, None]
+
+    def dropped(self, masks: torch.Tensor) -> torch.Tensor:
+        """``masks`` with each reference-row token dropped with probability ``dropout``."""
+        if not self.dropout:
+            return masks
+        generator = torch.Generator().manual_seed(self.seed * 100003 + self.step)
+        keep = torch.rand(masks.shape, generator=generator) >= self.dropout
+        references = torch.tensor(self.references)[:, None, None, None]
+        return masks & (keep.to(masks.device) | ~references.to(masks.device))
+
+    def _set_subjects(self) -> None:
+        masks = self.fixed if self.fixed is not None else self.masks
+        self.steer.subjects = None if masks is None else Subjects(self.dropped(masks.bool()), self.sources,
+                                                                  self.isolation, self.reposition)
+
+    @contextmanager
+    def attached(self, model: torch.nn.Module, scheduler, branch_info: Callable[[torch.nn.Module], BranchInfo]):
+        """IR on ``model`` for a ``with`` block; ``scheduler.step`` ends each step."""
+        capture = AttentionMapCapture(self.map_layers) if self.fixed is None else None
+        self.step, self.masks = 0, None
+        seen = {"step": None}
+        self._set_subjects()
+
+        def forward_of(forward):
+            def run(*args, **kwargs):
+                if capture is None or in_auxiliary_call() or seen["step"] == self.step:
+                    return forward(*args, **kwargs)
+                seen["step"] = self.step
+                sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+                n = sample.shape[0]
+                cond = torch.arange(n // 2 if branch_info(model).cfg_in_batch else 0, n)
+                if len(cond) != len(self.groups):
+                    raise RuntimeError(f"IR-Diffusion: {len(self.groups)} rows of subjects for a conditional batch of {len(cond)}")
+                capture.arm(self.groups, rows=cond)
+                try:
+                    out = forward(*args, **kwargs)
+                finally:
+                    capture.disarm()
+                self.masks = self.subject_masks(torch.stack([capture.maps[name] for name in self.map_layers]).mean(0))
+                return out
+
+            return run
+
+        def stepped(original):
+            def step(*args, **kwargs):
+                self.step += 1
+                self._set_subjects()
+                return original(*args, **kwargs)
+
+            return step
+
+        steers = ([capture] if capture is not None else []) + [self.steer]  # the capture sees the whole batch
+        try:
+            with ExitStack() as stack:
+                stack.enter_context(steering(model, steers))
+                stack.enter_context(patched_attribute(model, "forward", forward_of(model.forward)))
+                stack.enter_context(patched_attribute(scheduler, "step", stepped(scheduler.step)))
+                yield self
+        finally:
+            self.steer.subjects = None

@@ -1,0 +1,151 @@
+"""IR-Diffusion as keyword arguments of the SD, SDXL and SD3 steer pipelines, checked before compute.
+
+    out = pipe("a red circle and a blue square on a beach", story_subjects=["a red circle", "a blue square"],
+               generator=torch.Generator().manual_seed(0))
+    references, targets = out.images[:2], out.images[2:]
+
+The call draws each subject alone (a reference) and every scene (``prompt``: one or a list) in one
+batch, [references..., scenes...]; row k gets the seed of the given generator plus k, so a reference
+is the picture its subject prompt gives alone with that seed. Keyword arguments (``STORY_DEFAULTS``):
+    story_subjects: the subject prompts ("a red circle"); None: no IR (the parent pipeline).
+    story_words: per subject, the words naming it in its prompt and in every scene; default: the
+        subject prompt without a leading article ("red circle").
+    story_masks: fixed subject masks instead of the maps: [rows, subjects, H, W] values in [0, 1],
+        rows = references then scenes, any resolution.
+    story_isolation, story_reposition: the two mechanisms (True); story_read: targets read the
+        references (True; False: isolation only). story_reposition=False reads the references'
+        tokens where they sit (shared attention, as ConsiStory).
+    story_isolate_layers, story_read_layers: self-attention layer names; default: every one for
+        isolation, the decoder's for reading (UNet: the up blocks; SD3: the second half of the blocks).
+    story_dropout: reference mask dropout (0.5).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+from attnsteer.attention_processors import JOINT, SELF, list_layers, map_layers
+from attnsteer.attention_processors.subjects import check_subject_layers
+from attnsteer.guidance.story import SubjectConsistency
+
+from .astar import denoiser, latent_size
+from .tokens import word_indices
+
+STORY_DEFAULTS = dict(
+    story_subjects=None, story_words=None, story_masks=None, story_isolation=True, story_reposition=True,
+    story_read=True, story_isolate_layers=None, story_read_layers=None, story_dropout=0.5,
+)
+ARTICLES = ("a ", "an ", "the ")
+SUPPORTED = (StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline)
+
+
+def default_word(subject: str) -> str:
+    text = subject.strip()
+    for article in ARTICLES:
+        if text.lower().startswith(article):
+            return text[len(article):].strip()
+    return text
+
+
+def decoder_layers(model: torch.nn.Module) -> list[str]:
+    """Self-attention layers of the decoder half: a UNet's up blocks, else the second half of the blocks."""
+    own = [n for n, info in list_layers(model).items() if info.kind in (SELF, JOINT)]
+    if any(n.startswith("up_blocks.") for n in own):
+        return [n for n in own if n.startswith("up_blocks.")]
+    return own[len(own) // 2:]
+
+
+def _flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} {value!r} must be True or False")
+
+
+def expand_story(kwargs: dict, options: dict) -> dict:
+    """The parent call's keyword arguments with the references put before the scenes: prompt, and
+    one generator per row (seed + row) from a single generator; ValueError on what cannot be expanded."""
+    subjects = options.get("story_subjects")
+    if subjects is None:
+        return kwargs
+    if (not isinstance(subjects, (list, tuple)) or not subjects
+            or not all(isinstance(s, str) and s.strip() for s in subjects)):
+        raise ValueError(f"story_subjects must be a non-empty list of subject prompts, e.g. ['a red circle', "
+                         f"'a blue square'], got {subjects!r}")
+    scenes = kwargs.get("prompt")
+    scenes = [scenes] if isinstance(scenes, str) else scenes
+    if not isinstance(scenes, (list, tuple)) or not scenes or not all(isinstance(s, str) for s in scenes):
+        raise ValueError(f"story_subjects needs the scene prompt(s) as prompt (a string or a list), got {scenes!r}")
+    for name in ("prompt_embeds", "prompt_2", "prompt_3"):
+        if kwargs.get(name) is not None:
+            raise ValueError(f"story_subjects builds the prompts of the references itself: {name} cannot be given")
+    if not isinstance(kwargs.get("negative_prompt") or "", str):
+        raise ValueError("with story_subjects, negative_prompt must be one string (it is used for every row)")
+    if kwargs.get("num_images_per_prompt", 1) != 1:
+        raise ValueError(f"with story_subjects, num_images_per_prompt must be 1 (give several scenes instead), "
+                         f"got {kwargs['num_images_per_prompt']!r}")
+    rows = len(subjects) + len(scenes)
+    generator = kwargs.get("generator")
+    if isinstance(generator, torch.Generator):
+        seed = generator.initial_seed()
+        generator = [torch.Generator(generator.device).manual_seed(seed + k) for k in range(rows)]
+    elif isinstance(generator, (list, tuple)) and len(generator) != rows:
+        raise ValueError(f"with story_subjects, generator must be one generator or a list of {rows} "
+                         f"({len(subjects)} references + {len(scenes)} scenes), got {len(generator)}")
+    return {**kwargs, "prompt": list(subjects) + list(scenes), "generator": generator}
+
+
+def story_guidance(pipe, arguments: dict, options: dict) -> SubjectConsistency | None:
+    """IR-Diffusion of one call from its (expanded) arguments and keyword options, or None (off)."""
+    o = {**STORY_DEFAULTS, **options}
+    for name in ("story_isolation", "story_reposition", "story_read"):
+        _flag(name, o[name])
+    dropout = o["story_dropout"]
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
+        raise ValueError(f"story_dropout {dropout!r} must be a number in [0, 1)")
+    subjects = o["story_subjects"]
+    if subjects is None:
+        return None
+    if not isinstance(pipe, SUPPORTED):
+        raise ValueError(f"story_subjects: IR-Diffusion runs on the SD, SDXL and SD3 steer pipelines, not "
+                         f"{type(pipe).__name__} (its rotary positions would make repositioned keys wrong)")
+    prompts = arguments["prompt"]
+    count, rows = len(subjects), len(prompts)
+    words = o["story_words"] or [default_word(s) for s in subjects]
+    if not isinstance(words, (list, tuple)) or len(words) != count or not all(isinstance(w, str) for w in words):
+        raise ValueError(f"story_words must be one word (or phrase) per subject ({count}), got {words!r}")
+    groups = []
+    for row, prompt in enumerate(prompts):
+        held = [row] if row < count else range(count)
+        found = []
+        for s, word in enumerate(words):
+            if s not in held:
+                found.append([])
+                continue
+            try:
+                found.append(word_indices(pipe, arguments, word, row))
+            except ValueError:
+                where = f"subject prompt {row}" if row < count else f"scene {row - count}"
+                raise ValueError(f"story_words: the word {word!r} of subject {s} is not in {where} {prompt!r}; "
+                                 f"name each subject with words its prompt and every scene contain (story_words)") from None
+        groups.append(found)
+    model = denoiser(pipe)
+    isolate = o["story_isolate_layers"] or [n for n, i in list_layers(model).items() if i.kind in (SELF, JOINT)]
+    read = (o["story_read_layers"] or decoder_layers(model)) if o["story_read"] else []
+    check_subject_layers(model, isolate, read)
+    masks = o["story_masks"]
+    if masks is not None:
+        masks = torch.as_tensor(np.asarray(masks, dtype=np.float32))
+        if masks.dim() != 4 or masks.shape[:2] != (rows, count):
+            raise ValueError(f"story_masks must be [rows, subjects, H, W] = [{rows}, {count}, H, W] "
+                             f"(references then scenes), got shape {tuple(masks.shape)}")
+        if not (0 <= masks.min() <= masks.max() <= 1) or not math.isfinite(float(masks.sum())):
+            raise ValueError("story_masks values must lie in [0, 1]")
+        masks = masks >= 0.5
+    layers, grid = map_layers(model, latent_size(pipe, arguments))
+    sources = [[-1] * count if row < count else list(range(count)) for row in range(rows)]
+    seed = arguments["generator"][0].initial_seed() if isinstance(arguments.get("generator"), list) else 0
+    return SubjectConsistency(groups, sources, isolate, read, layers, grid, masks=masks, dropout=float(dropout),
+                              seed=seed, isolation=o["story_isolation"], reposition=o["story_reposition"])
