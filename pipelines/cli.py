@@ -1,5 +1,5 @@
 """The ``attnsteer`` command line: ``generate`` pictures (or a ``video``) with steering, ``eval`` them on
-shapes prompts, ``search-heads`` (HeadHunter), list a model's ``layers``.
+shapes prompts, ``search-heads`` (HeadHunter), draw a ``story`` (IR-Diffusion), list a model's ``layers``.
 
 Every argument that can be checked without the model is checked before it is loaded; nothing here
 imports torch or diffusers until a command runs, so ``attnsteer --help`` is instant."""
@@ -29,7 +29,7 @@ FLAGS = {"perturbed_heads": "--heads", "perturbation_scale": "--scale", "softpag
          "num_inference_steps": "--steps", "guidance_scale": "--guidance-scale", "astar_tokens": "--astar",
          "astar_scale": "--astar-scale", "astar_steps": "--astar-steps", "astar_weights": "--astar-weights",
          "return_attention_maps": "--words", "attention_maps_steps": "--maps-steps",
-         "attention_maps_layers": "--maps-layers"}
+         "attention_maps_layers": "--maps-layers", "story_subjects": "--subject", "story_words": "--words"}
 
 
 class UsageError(ValueError):
@@ -218,6 +218,39 @@ def generate(args) -> None:
         grid = Path(args.out) / f"seed{args.seed}_grid.png"
         labelled_grid(firsts, [label for _, _, label in runs], args.prompt).save(grid)
         print(grid)
+
+
+def story(args) -> None:
+    """References of each --subject and every --scene with IR-Diffusion, in one batch; with --baseline
+    also the scenes generated independently at the same seeds."""
+    import torch
+
+    from .evaluate import labelled_grid
+
+    pipe, is_video = load_pipeline(args.model, args.device, args.dtype)
+    if is_video:
+        raise UsageError(f"--model {args.model} is a video model; `attnsteer story` draws images (SD, SDXL, SD3)")
+    call = dict(_call(args, pipe, 28), prompt=args.scene, negative_prompt=args.negative_prompt, output_type="pil")
+    options = dict(story_subjects=args.subject, story_isolation=not args.no_isolation,
+                   story_reposition=not args.no_reposition, story_read=not args.no_read,
+                   **({"story_words": [w.strip() for w in args.words.split(",")]} if args.words else {}),
+                   **(_steering(args) if args.heads else {}))
+    pipe.check_call(**call, **options)
+    images = pipe(**call, **options, generator=torch.Generator(args.device).manual_seed(args.seed)).images
+    count = len(args.subject)
+    named = [(f"seed{args.seed}_reference{i}", f"reference: {s}") for i, s in enumerate(args.subject)] + \
+            [(f"seed{args.seed}_scene{j}", f"IR: {s}") for j, s in enumerate(args.scene)]
+    if args.baseline:
+        generators = [torch.Generator(args.device).manual_seed(args.seed + count + j) for j in range(len(args.scene))]
+        images += pipe(**call, generator=generators).images
+        named += [(f"seed{args.seed}_scene{j}_independent", f"independent: {s}") for j, s in enumerate(args.scene)]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for image, (stem, _) in zip(images, named):
+        image.save(out / f"{stem}.png")
+        print(out / f"{stem}.png")
+    labelled_grid(images, [label for _, label in named]).save(out / f"seed{args.seed}_story.png")
+    print(out / f"seed{args.seed}_story.png")
 
 
 def evaluate(args) -> None:
@@ -509,6 +542,24 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=NON_NEGATIVE, default=0, help="random seed")
     m.add_argument("--out", default="maps", help="output folder")
     m.set_defaults(run=maps)
+
+    st = command("story", help="IR-Diffusion: the same subjects in several scenes, drawn alone as references first")
+    model_options(st)
+    st.add_argument("--subject", action="append", required=True, help="a subject prompt, e.g. 'a red circle'; repeat "
+                                                                        "for each subject")
+    st.add_argument("--scene", action="append", required=True, help="a scene holding every subject; repeat for more")
+    st.add_argument("--words", default=None, help="comma list, one per subject, of the words naming it in its prompt "
+                                                  "and every scene (default: each subject without its article)")
+    st.add_argument("--no-isolation", action="store_true", help="let the subjects of a scene attend to each other")
+    st.add_argument("--no-reposition", action="store_true", help="read the references where they sit (shared attention)")
+    st.add_argument("--no-read", action="store_true", help="scenes do not read the references (isolation only)")
+    st.add_argument("--negative-prompt", default=None, help="what to steer away from with CFG (default: none)")
+    steering_options(st)
+    st.add_argument("--steps", type=POSITIVE, default=None, help="denoising steps (default: the model folder's, else 28)")
+    st.add_argument("--seed", type=NON_NEGATIVE, default=0, help="random seed of the first reference; row k has seed + k")
+    st.add_argument("--baseline", action="store_true", help="also draw each scene independently at its seed")
+    st.add_argument("--out", default="story", help="output folder")
+    st.set_defaults(run=story)
 
     ls = command("layers", help="list a model's attention layers, heads and token layouts")
     model_options(ls)

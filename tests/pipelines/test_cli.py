@@ -223,3 +223,15 @@ def test_maps_draws_each_word_over_the_picture(tmp_path, capsys):
     assert "maps of circle, blue square at grid (16, 16), averaged over" in out
     picture = Image.open(tmp_path / "seed0_maps.png")
     assert picture.width == 3 * Image.open(tmp_path / "seed0_image.png").width * 6  # image + 2 maps, enlarged 6x
+
+
+def test_story_writes_references_scenes_and_the_independent_scenes(tmp_path, capsys):
+    main(["story", "--model", "tiny-sd", "--subject", "a red circle", "--subject", "a blue square",
+          "--scene", "a red circle and a blue square", "--steps", "2", "--baseline", "--out", str(tmp_path)])
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == ["seed0_reference0.png", "seed0_reference1.png", "seed0_scene0.png", "seed0_scene0_independent.png",
+                       "seed0_story.png"]
+    assert Image.open(tmp_path / "seed0_story.png").width == 4 * 256 + 3 * 6
+    assert "the word 'green star' of subject 1 is not in scene 0" in refused(
+        ["story", "--model", "tiny-sd", "--subject", "a red circle", "--subject", "a green star",
+         "--scene", "a red circle and a blue square", "--out", str(tmp_path)], capsys)
