@@ -113,71 +113,116 @@ def check_subject_layers(model: torch.nn.Module, isolate, read=()) -> None:
         check_reposition(model)
 
 
+@dataclass
+class _Plan:
+    """What every layer call at one grid and batch size needs, made once per ``subjects``."""
+
+    masks: torch.Tensor  # [B, S, L_img] bool
+    isolated: torch.Tensor | None  # [B, L_img, L_img] allowed, or None when no row holds two subjects
+    plain: list[int]  # rows that read nothing
+    readers: list[int]  # rows that read
+    sources: torch.Tensor | None  # [R, S] source row per reader and subject (0 where none)
+    index: torch.Tensor | None  # [R, S, L_img] source token of each canvas token
+    canvas: torch.Tensor | None  # [R, S, L_img, L_img] query x canvas token allowed
+
+
 class SubjectAttention:
     """Steer: isolation on ``isolate`` layers, isolation plus reading repositioned references on
     ``read`` layers (see the module docstring; ``check_subject_layers`` checks them against a model).
-    ``subjects`` is set between model calls (None: the layers run untouched). Steers after it in a
-    chain see the reading rows apart from the others: put it last."""
+    ``subjects`` is set between model calls (None: the layers run untouched); the masks, boxes and
+    indices it implies are made once per grid and batch size. Steers after it in a chain see the
+    reading rows apart from the others: put it last."""
 
     def __init__(self, isolate, read=()):
         self.read, self.layers = frozenset(read), frozenset(isolate) | frozenset(read)
-        self.subjects: Subjects | None = None
+        self.subjects = None
+
+    @property
+    def subjects(self) -> Subjects | None:
+        return self._subjects
+
+    @subjects.setter
+    def subjects(self, value: Subjects | None) -> None:
+        self._subjects, self._plans = value, {}
+
+    def _plan(self, grid: tuple[int, int], batch: int, reading: bool, device) -> _Plan:
+        key = (tuple(grid), batch, reading, str(device))
+        if key in self._plans:
+            return self._plans[key]
+        subjects, rows = self._subjects, self._subjects.masks.shape[0]
+        if batch % rows:
+            raise ValueError(f"subject masks for {rows} rows do not divide the attention batch of {batch}")
+        stacks = batch // rows
+        masks = resize_masks(subjects.masks.to(device), grid).flatten(2).repeat(stacks, 1, 1)
+        two = subjects.isolation and bool((masks.any(2).sum(1) > 1).any())
+        plan = _Plan(masks, isolation(masks) if two else None, list(range(batch)), [], None, None, None)
+        if reading and subjects.sources is not None:
+            offsets = torch.arange(stacks).repeat_interleave(rows)[:, None] * rows
+            src = subjects.sources.cpu().repeat(stacks, 1)
+            src = torch.where(src >= 0, src + offsets, src)
+            plan.readers = [r for r in range(batch) if (src[r] >= 0).any()]
+            plan.plain = [r for r in range(batch) if r not in plan.readers]
+        if plan.readers:
+            length = masks.shape[-1]
+            index = torch.zeros(len(plan.readers), masks.shape[1], length, dtype=torch.long, device=device)
+            valid = torch.zeros(len(plan.readers), masks.shape[1], length, dtype=torch.bool, device=device)
+            for j, row in enumerate(plan.readers):
+                for s, source in enumerate(src[row].tolist()):
+                    if source >= 0 and subjects.reposition:
+                        index[j, s], valid[j, s] = reposition(masks[source, s].view(grid), masks[row, s].view(grid))
+                    elif source >= 0:
+                        index[j, s], valid[j, s] = torch.arange(length, device=device), masks[source, s]
+            readers = torch.tensor(plan.readers)
+            plan.sources, plan.index = src[readers].clamp(min=0).to(device), index
+            plan.canvas = masks[readers.to(device)][:, :, :, None] & valid[:, :, None, :]
+        self._plans[key] = plan
+        return plan
 
     def attention(self, call: AttentionCall, q, k, v, mask, next: Next) -> torch.Tensor:
-        subjects = self.subjects
         grid = call.layout.grid
-        if subjects is None or grid is None:
+        if self._subjects is None or grid is None:
             return next(q, k, v, mask)
         if len(grid) != 2:
             raise ValueError(f"layer {call.name!r}: subject attention needs a 2-D image grid, not {grid}")
-        rows = subjects.masks.shape[0]
-        if q.shape[0] % rows:
-            raise ValueError(f"subject masks for {rows} rows do not divide the attention batch of {q.shape[0]}")
-        stacks = q.shape[0] // rows
-        masks = resize_masks(subjects.masks.to(q.device), grid).flatten(2).repeat(stacks, 1, 1)  # [B, S, L_img]
-        sources = None
-        if subjects.sources is not None and call.name in self.read:
-            offsets = (torch.arange(stacks, device=q.device) * rows).repeat_interleave(rows)[:, None]
-            src = subjects.sources.to(q.device).repeat(stacks, 1)
-            sources = torch.where(src >= 0, src + offsets, src)
-        reading = sources is not None and bool((sources >= 0).any())
-        isolating = subjects.isolation and bool((masks.any(2).sum(1) > 1).any())  # two subjects in a row
-        if not reading and not isolating:
+        plan = self._plan(grid, q.shape[0], call.name in self.read, q.device)
+        if plan.isolated is None and not plan.readers:
             return next(q, k, v, mask)
-        img = call.layout.image
-        allowed = torch.ones(q.shape[0], 1, q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device)
-        if isolating:
-            allowed[:, 0, img, img] = isolation(masks)
-        if not reading:
-            return next(q, k, v, _combined(mask, allowed, q.dtype))
-        readers = (sources >= 0).any(1)
+        img, batch = call.layout.image, q.shape[0]
+
+        def allowed(rows: list[int], extra: int = 0) -> torch.Tensor | None:
+            """Query x key allowed for ``rows`` (None: all, with no canvases)."""
+            if plan.isolated is None and not extra:
+                return None
+            full = torch.ones(len(rows), 1, q.shape[-2], k.shape[-2] + extra, dtype=torch.bool, device=q.device)
+            if plan.isolated is not None:
+                full[:, 0, img, img] = plan.isolated[rows]
+            return full
+
+        if not plan.readers:
+            return next(q, k, v, _combined(mask, allowed(plan.plain), q.dtype))
         out = torch.empty_like(q)
-        plain = (~readers).nonzero()[:, 0]
-        if len(plain):
-            out[plain] = next(q[plain], k[plain], v[plain], _combined(_rows(mask, plain, q.shape[0]), allowed[plain], q.dtype))
-        rows_r = readers.nonzero()[:, 0]
-        k_ext, v_ext, extra = [k[rows_r]], [v[rows_r]], []
-        for s in range(masks.shape[1]):
-            index = torch.zeros(len(rows_r), masks.shape[-1], dtype=torch.long, device=q.device)
-            valid = torch.zeros(len(rows_r), masks.shape[-1], dtype=torch.bool, device=q.device)
-            src_rows = sources[rows_r, s].clamp(min=0)
-            for j, (row, src) in enumerate(zip(rows_r.tolist(), sources[rows_r, s].tolist())):
-                if src >= 0 and subjects.reposition:
-                    index[j], valid[j] = reposition(masks[src, s].view(grid), masks[row, s].view(grid))
-                elif src >= 0:
-                    index[j], valid[j] = torch.arange(masks.shape[-1], device=q.device), masks[src, s]
-            gather = index[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
-            k_ext.append(k[src_rows][:, :, img].gather(2, gather))
-            v_ext.append(v[src_rows][:, :, img].gather(2, gather))
-            query_in = torch.zeros(len(rows_r), q.shape[-2], dtype=torch.bool, device=q.device)
-            query_in[:, img] = masks[rows_r, s]
-            extra.append(query_in[:, None, :, None] & valid[:, None, None, :])
-        full = torch.cat([allowed[rows_r], *extra], dim=-1)
-        base = _rows(mask, rows_r, q.shape[0])
+        if plan.plain:
+            rows = plan.plain
+            out[rows] = next(q[rows], k[rows], v[rows], _combined(_rows(mask, rows, batch), allowed(rows), q.dtype))
+        rows, subjects = plan.readers, plan.index.shape[1]
+        k_ext, v_ext = [k[rows]], [v[rows]]
+        for s in range(subjects):
+            gather = plan.index[:, s, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
+            k_ext.append(k[plan.sources[:, s]][:, :, img].gather(2, gather))
+            v_ext.append(v[plan.sources[:, s]][:, :, img].gather(2, gather))
+        length = plan.masks.shape[-1]
+        full = allowed(rows, subjects * length)
+        for s in range(subjects):
+            columns = slice(k.shape[-2] + s * length, k.shape[-2] + (s + 1) * length)
+            full[:, 0, img, columns] = plan.canvas[:, s]
+            if img.stop - img.start != q.shape[-2]:  # joint attention: text queries see no canvas
+                full[:, 0, :img.start, columns] = False
+                full[:, 0, img.stop:, columns] = False
+        base = _rows(mask, rows, batch)
         if base is not None:  # the layer's own mask covers its own keys; the canvases have none
-            base = F.pad(_additive(base, q.dtype).expand(len(rows_r), *base.shape[1:-1], base.shape[-1]),
+            base = F.pad(_additive(base, q.dtype).expand(len(rows), *base.shape[1:-1], base.shape[-1]),
                          (0, full.shape[-1] - k.shape[-2]))
-        out[rows_r] = next(q[rows_r], torch.cat(k_ext, 2), torch.cat(v_ext, 2), _combined(base, full, q.dtype))
+        out[rows] = next(q[rows], torch.cat(k_ext, 2), torch.cat(v_ext, 2), _combined(base, full, q.dtype))
         return out
 
 
@@ -188,8 +233,8 @@ def _rows(mask, rows: torch.Tensor, batch: int):
     return mask[rows]
 
 
-def _combined(mask, allowed: torch.Tensor, dtype) -> torch.Tensor:
-    """``allowed`` (bool) with a layer's own mask, if any, as an additive mask."""
-    if mask is None:
-        return allowed
+def _combined(mask, allowed: torch.Tensor | None, dtype):
+    """``allowed`` (bool, or None: all) with a layer's own mask, if any, as an additive mask of ``dtype``."""
+    if mask is None or allowed is None:
+        return allowed if mask is None else mask
     return torch.where(allowed, _additive(mask, dtype), torch.tensor(float("-inf"), dtype=dtype, device=allowed.device))

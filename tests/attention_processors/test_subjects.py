@@ -53,15 +53,18 @@ def test_reposition_resizes_the_source_box_onto_the_target_box_nearest():
     assert not reposition(torch.zeros(GRID, dtype=torch.bool), target)[1].any()
 
 
-def reference(q, k, v, masks, sources, text=0, isolate=True, move=True):
-    """Per row and query: softmax over the explicitly listed keys it may see (own keys under isolation,
-    then each read subject's canvas tokens), with the canvas built token by token."""
+def reference(q, k, v, masks, sources, text=0, isolate=True, move=True, own=None):
+    """Per row and query: softmax over the explicitly listed keys it may see (own keys under isolation
+    and the layer's own mask ``own``, then each read subject's canvas tokens), the canvas built token
+    by token."""
     out = torch.zeros_like(q)
     n_img = 16
     for b in range(q.shape[0]):
         for qi in range(q.shape[-2]):
             keys, values = [], []
             for ki in range(k.shape[-2]):
+                if own is not None and not own[b, 0, qi, ki]:
+                    continue
                 if isolate and qi < n_img and ki < n_img:
                     q_in, k_in = masks[b, :, qi], masks[b, :, ki]
                     if q_in.any() and k_in.any() and not (q_in & k_in).any():
@@ -144,3 +147,17 @@ def test_rotary_models_are_refused_for_reposition():
 
     with pytest.raises(ValueError, match="FluxTransformer2DModel rotates positions into its keys \\(RoPE\\)"):
         check_reposition(FluxTransformer2DModel())
+
+
+def test_a_layers_own_mask_is_kept_on_its_keys():
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(3, 2, 16, 8) for _ in range(3))
+    own = torch.ones(3, 1, 16, 16, dtype=torch.bool)
+    own[..., 12:] = False  # the layer itself hides keys 12-15
+    masks = torch.zeros(3, 2, *GRID, dtype=torch.bool)
+    masks[0, 0], masks[1, 1], masks[2, 0], masks[2, 1] = box(0, 2, 0, 2), box(0, 2, 2, 4), box(2, 4, 0, 2), box(0, 2, 0, 2)
+    sources = torch.tensor([[-1, -1], [-1, -1], [0, 1]])
+    steer = SubjectAttention(["layer"], ["layer"])
+    steer.subjects = Subjects(masks, sources)
+    out = steer.attention(call(), q, k, v, own, sdpa)
+    torch.testing.assert_close(out, reference(q, k, v, masks.flatten(2), sources, own=own), atol=1e-5, rtol=1e-5)

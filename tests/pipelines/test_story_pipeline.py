@@ -4,10 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from attnsteer.pipelines.steer import FluxSteerPipeline, StableDiffusion3SteerPipeline, StableDiffusionSteerPipeline
+from attnsteer.pipelines.steer import (FluxSteerPipeline, StableDiffusion3SteerPipeline, StableDiffusionSteerPipeline,
+                                      StableDiffusionXLSteerPipeline)
 from attnsteer.pipelines.tiny import tiny_pipeline
 
-CLASSES = {"sd": StableDiffusionSteerPipeline, "sd3": StableDiffusion3SteerPipeline, "flux": FluxSteerPipeline}
+CLASSES = {"sd": StableDiffusionSteerPipeline, "sdxl": StableDiffusionXLSteerPipeline, "sd3": StableDiffusion3SteerPipeline,
+           "flux": FluxSteerPipeline}
 SCENE, SUBJECTS = "a red circle and a blue square", ["a red circle", "a blue square"]
 _PIPES = {}
 
@@ -20,7 +22,7 @@ def pipe_of(kind):
 
 def generate(kind, prompt=SCENE, seed=0, **extra):
     kwargs = dict(num_inference_steps=2, height=32, width=32, output_type="np")
-    if kind != "sd":
+    if kind in ("sd3", "flux"):
         kwargs["max_sequence_length"] = 8
     kwargs.update(extra)
     return pipe_of(kind)(prompt, **kwargs, generator=torch.Generator().manual_seed(seed)).images
@@ -30,7 +32,7 @@ def model_of(pipe):
     return pipe.unet if hasattr(pipe, "unet") else pipe.transformer
 
 
-@pytest.mark.parametrize("kind", ["sd", "sd3"])
+@pytest.mark.parametrize("kind", ["sd", "sdxl", "sd3"])
 def test_references_are_their_prompts_alone_and_the_target_changes(kind):
     story = generate(kind, story_subjects=SUBJECTS, num_inference_steps=3)  # IR acts from the second step
     assert story.shape[0] == 3
