@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 
-from measure import peak_bytes  # benchmarks/measure.py, beside this script
+from measure import device_options, peak_bytes, peak_in_own_process  # benchmarks/measure.py, beside this script
 
 PROMPT, WORDS, INDICES = "a cat and a dog", ["cat", "dog"], [2, 5]  # CLIP tokens: <bos> a cat and a dog <eos>
 CONFIGS = {
@@ -117,12 +115,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1, help="images per call (num_images_per_prompt)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per call (one more runs as warm-up)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds of every configuration")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--configs", nargs="+", default=None, choices=list(CONFIGS))
-    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--json", default=None, help="also write the results here")
+    device_options(parser)
     args = parser.parse_args()
     if args.size % 32 or args.size < 64:
         parser.error(f"--size {args.size}: a multiple of 32, at least 64 (maps at size / 32)")
@@ -152,11 +146,7 @@ def main() -> None:
             print(f"round {repeat} {config}: {statistics.median(steps):.4f} s/step", file=sys.stderr)
     del pipes
     for config in configs:
-        command = [sys.executable, __file__, "--one", config, "--model", args.model, "--size", str(args.size),
-                   "--device", args.device, "--dtype", args.dtype, "--batch", str(args.batch)] + (["--threads", str(args.threads)] if args.threads else [])
-        out = subprocess.run(command, check=True, capture_output=True, text=True,
-                             env={**os.environ, "HF_HUB_OFFLINE": "1"}).stdout
-        results[config]["peak_bytes"] = json.loads(out.splitlines()[-1])
+        results[config]["peak_bytes"] = peak_in_own_process(__file__, config, args.device)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
     print(f"{args.model} UNet shape, {args.size}x{args.size}, batch {args.batch}, {args.dtype}, {name}, "
           f"{args.repeats} rounds x {args.steps} timed steps per configuration\n")

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 
-from measure import peak_bytes  # benchmarks/measure.py, beside this script
+from measure import device_options, peak_bytes, peak_in_own_process  # benchmarks/measure.py, beside this script
 
 CONFIGS = {
     "cfg": "CFG alone (StableDiffusion3Pipeline)",
@@ -106,12 +104,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512, help="image side in pixels (latent = size / 8)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per call (one more runs as warm-up)")
     parser.add_argument("--repeats", type=int, default=4, help="interleaved rounds of every configuration")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads in each run")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--json", default=None, help="also write the results here")
+    device_options(parser)
     args = parser.parse_args()
     if args.layers < 2:
         parser.error(f"--layers {args.layers}: at least 2 (the perturbed layer is block 1)")
@@ -137,11 +131,7 @@ def main() -> None:
             print(f"round {repeat} {config}: {statistics.median(steps):.3f} s/step", file=sys.stderr)
     del pipes
     for config in args.configs:
-        command = [sys.executable, __file__, "--one", config, "--layers", str(args.layers), "--size",
-                   str(args.size), "--device", device, "--dtype", args.dtype] + (["--threads", str(args.threads)] if args.threads else [])
-        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-        out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
-        results[config]["peak_bytes"] = json.loads(out.splitlines()[-1])
+        results[config]["peak_bytes"] = peak_in_own_process(__file__, config, device)
 
     base = results["cfg"]["step_s"] if "cfg" in results else None
     tokens = (args.size // 16) ** 2

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 
 from bench_astar import build  # benchmarks/bench_astar.py, beside this script
-from measure import peak_bytes
+from measure import device_options, peak_bytes, peak_in_own_process
 
 SCENE, SUBJECTS = "a cat and a dog", ["a cat", "a dog"]
 CONFIGS = {"plain": "the same 3 prompts without IR", "ir": "IR-Diffusion: 2 references + 1 scene"}
@@ -54,11 +52,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1024, help="image side in pixels (latent = size / 8)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per call (one more runs as warm-up)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds of both configurations")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--json", default=None, help="also write the results here")
+    device_options(parser)
     args = parser.parse_args()
     if args.size % 64 or args.size < 64:
         parser.error(f"--size {args.size}: a multiple of 64, at least 64")
@@ -83,11 +77,7 @@ def main() -> None:
             print(f"round {repeat} {config}: {statistics.median(steps):.4f} s/step", file=sys.stderr)
     del pipe
     for config in CONFIGS:
-        command = [sys.executable, __file__, "--one", config, "--model", args.model, "--size", str(args.size),
-                   "--device", args.device, "--dtype", args.dtype] + (["--threads", str(args.threads)] if args.threads else [])
-        out = subprocess.run(command, check=True, capture_output=True, text=True,
-                             env={**os.environ, "HF_HUB_OFFLINE": "1"}).stdout
-        results[config]["peak_bytes"] = json.loads(out.splitlines()[-1])
+        results[config]["peak_bytes"] = peak_in_own_process(__file__, config, args.device)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
     print(f"{args.model} UNet shape, {args.size}x{args.size}, batch of 3 with CFG, {args.dtype}, {name}, "
           f"{args.repeats} rounds x {args.steps} timed steps\n")
