@@ -132,8 +132,8 @@ def _astar(args):
     if args.astar is None:
         return None
     options = {name: tuple(value) if isinstance(value, list) else value for name, value in (
-        ("astar_scale", args.astar_scale), ("astar_steps", args.astar_steps), ("astar_weights", args.astar_weights))
-        if value is not None}
+        ("astar_scale", args.astar_scale), ("astar_steps", args.astar_steps), ("astar_weights", args.astar_weights),
+        ("astar_checkpointing", args.astar_checkpointing or None)) if value is not None}
     if args.astar in ("nouns", "objects"):
         from attnsteer.guidance.shapes import caption_concepts
 
@@ -447,6 +447,8 @@ def parser() -> argparse.ArgumentParser:
                        help="fractions of the steps that get A-STAR's gradient step (default: all)")
         p.add_argument("--astar-weights", type=NON_NEGATIVE_FLOAT, nargs=2, default=None, metavar=("SEG", "RET"),
                        help="segregation and retention loss weights (default 1 1)")
+        p.add_argument("--astar-checkpointing", action="store_true",
+                       help="gradient checkpointing in A-STAR's gradient pass: less memory, more time")
 
     def prompt_options(p, split, seeds, prompts_help):
         p.add_argument("--set", default="two", choices=["one", "two", "three", "one-moving", "two-moving"],
