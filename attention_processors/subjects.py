@@ -119,6 +119,7 @@ class _Plan:
 
     masks: torch.Tensor  # [B, S, L_img] bool
     isolated: torch.Tensor | None  # [B, L_img, L_img] allowed, or None when no row holds two subjects
+    two: list[bool]  # per row: it holds two subjects or more (isolation changes something)
     plain: list[int]  # rows that read nothing
     readers: list[int]  # rows that read
     sources: torch.Tensor | None  # [R, S] source row per reader and subject (0 where none)
@@ -154,8 +155,8 @@ class SubjectAttention:
             raise ValueError(f"subject masks for {rows} rows do not divide the attention batch of {batch}")
         stacks = batch // rows
         masks = resize_masks(subjects.masks.to(device), grid).flatten(2).repeat(stacks, 1, 1)
-        two = subjects.isolation and bool((masks.any(2).sum(1) > 1).any())
-        plan = _Plan(masks, isolation(masks) if two else None, list(range(batch)), [], None, None, None)
+        two = ((masks.any(2).sum(1) > 1) & subjects.isolation).tolist()
+        plan = _Plan(masks, isolation(masks) if any(two) else None, two, list(range(batch)), [], None, None, None)
         if reading and subjects.sources is not None:
             offsets = torch.arange(stacks).repeat_interleave(rows)[:, None] * rows
             src = subjects.sources.cpu().repeat(stacks, 1)
@@ -191,7 +192,7 @@ class SubjectAttention:
 
         def allowed(rows: list[int], extra: int = 0) -> torch.Tensor | None:
             """Query x key allowed for ``rows`` (None: all, with no canvases)."""
-            if plan.isolated is None and not extra:
+            if not extra and not any(plan.two[r] for r in rows):
                 return None
             full = torch.ones(len(rows), 1, q.shape[-2], k.shape[-2] + extra, dtype=torch.bool, device=q.device)
             if plan.isolated is not None:
