@@ -151,12 +151,13 @@ def parse_args(argv=None):
     p.add_argument("--vae-dim", type=positive_int, default=12, help="encoder base channels")
     p.add_argument("--vae-decoder-dim", type=positive_int, default=16, help="decoder base channels")
     p.add_argument("--z-dim", type=positive_int, default=16, help="latent channels")
-    p.add_argument("--vae-steps", type=positive_int, default=1200, help="steps on crops")
-    p.add_argument("--vae-full-steps", type=whole, default=200,
+    p.add_argument("--vae-steps", type=positive_int, default=1500, help="steps on crops")
+    p.add_argument("--vae-full-steps", type=whole, default=300,
                    help="then steps on whole clips (crop-trained VAEs degrade after the crop's length)")
     p.add_argument("--vae-batch", type=positive_int, default=8)
     p.add_argument("--vae-full-batch", type=positive_int, default=2)
-    p.add_argument("--vae-frames", type=clip_frames, default=9, help="frames per crop: 1 + 4k")
+    p.add_argument("--vae-frames", type=clip_frames, default=17,
+                   help="frames per crop: 1 + 4k (9-frame crops left the last latent chunks' colours drifting)")
     p.add_argument("--vae-crop", type=crop_side, default=32, help="crop side in pixels")
     p.add_argument("--vae-lr", type=float, default=3e-3)
     p.add_argument("--kl-weight", type=non_negative, default=0.0,
