@@ -44,7 +44,7 @@ def test_bad_options_are_named(option, value, message, capsys):
 def test_a_crop_must_fit_in_a_clip(capsys):
     with pytest.raises(SystemExit):
         wan.parse_args(["--size", "32", "--vae-crop", "48"])
-    assert "a VAE crop (9 frames of 48 px) must fit in a clip (17 frames of 32 px)" in capsys.readouterr().err
+    assert "a VAE crop (17 frames of 48 px) must fit in a clip (17 frames of 32 px)" in capsys.readouterr().err
 
 
 def test_the_run_refuses_before_starting_its_log(tmp_path, capsys):
