@@ -35,20 +35,20 @@ class SubjectConsistency:
 
     groups: per batch row, per subject, the text-key indices of the subject's words in that row's
     prompt ([] where the row does not hold the subject); sources: per row, per subject, the row it
-    reads the subject from (-1: none); isolate / read: layer names; map_layers, grid: the
-    cross-attention layers the masks come from and their grid; masks: None, or per row a [S, H, W]
+    reads the subject from (-1: none); isolate / read: layer names; map_layers: the
+    cross-attention layers the masks come from (all at one grid); masks: None, or per row a [S, H, W]
     tensor of fixed masks (any resolution) replacing the maps; dropout: reference mask dropout;
     seed: of the dropout; binarization: "otsu" or a threshold in (0, 1]; isolation, reposition:
     the two mechanisms (``Subjects``).
     """
 
     def __init__(self, groups: list[list[list[int]]], sources: list[list[int]], isolate, read, map_layers,
-                 grid: tuple[int, ...], masks: torch.Tensor | None = None, dropout: float = 0.5, seed: int = 0,
+                 masks: torch.Tensor | None = None, dropout: float = 0.5, seed: int = 0,
                  binarization: str | float = "otsu", isolation: bool = True, reposition: bool = True):
         self.groups, self.sources = groups, torch.tensor(sources, dtype=torch.long)
         self.references = [all(s < 0 for s in row) and sum(map(bool, g)) == 1 for row, g in zip(sources, groups)]
         self.steer = SubjectAttention(isolate, read)
-        self.map_layers, self.grid = list(map_layers), tuple(grid)
+        self.map_layers = list(map_layers)
         self.fixed, self.dropout, self.seed, self.binarization = masks, float(dropout), int(seed), binarization
         self.isolation, self.reposition = isolation, reposition
         self.step, self.masks = 0, None

@@ -144,8 +144,8 @@ def story_guidance(pipe, arguments: dict, options: dict) -> SubjectConsistency |
         if not (0 <= masks.min() <= masks.max() <= 1) or not math.isfinite(float(masks.sum())):
             raise ValueError("story_masks values must lie in [0, 1]")
         masks = masks >= 0.5
-    layers, grid = map_layers(model, latent_size(pipe, arguments))
+    layers, _ = map_layers(model, latent_size(pipe, arguments))
     sources = [[-1] * count if row < count else list(range(count)) for row in range(rows)]
     seed = arguments["generator"][0].initial_seed() if isinstance(arguments.get("generator"), list) else 0
-    return SubjectConsistency(groups, sources, isolate, read, layers, grid, masks=masks, dropout=float(dropout),
+    return SubjectConsistency(groups, sources, isolate, read, layers, masks=masks, dropout=float(dropout),
                               seed=seed, isolation=o["story_isolation"], reposition=o["story_reposition"])
