@@ -17,10 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
-import time
 
-from measure import device_options, peak_bytes, peak_in_own_process  # benchmarks/measure.py, beside this script
+from measure import device_options, interleaved, peak_bytes, peak_in_own_process, step_seconds  # benchmarks/measure.py, beside this script
 
 PROMPT, WORDS, INDICES = "a cat and a dog", ["cat", "dog"], [2, 5]  # CLIP tokens: <bos> a cat and a dog <eos>
 CONFIGS = {
@@ -83,23 +81,14 @@ def timed_call(pipe, config: str, size: int, steps: int, device: str, batch: int
     """Seconds of each denoising step after the first (warm-up) of one pipeline call."""
     import torch
 
-    stamps = []
-
-    def stamp():
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        stamps.append(time.perf_counter())
-
     common = dict(height=size, width=size, num_inference_steps=steps + 1, guidance_scale=7.5, output_type="latent",
                   num_images_per_prompt=batch,
                   generator=torch.Generator(device).manual_seed(0))
     if config == "ae":
-        pipe(PROMPT, token_indices=INDICES, max_iter_to_alter=steps + 2, thresholds={}, attn_res=(size // 32,) * 2,
-             callback=lambda *a: stamp(), **common)
-    else:
-        extra = {"astar_tokens": WORDS, "astar_checkpointing": config == "astar-ckpt"} if config.startswith("astar") else {}
-        pipe(PROMPT, callback_on_step_end=lambda *a: (stamp(), a[3])[1], **common, **extra)
-    return [b - a for a, b in zip(stamps, stamps[1:])]
+        return step_seconds(lambda stamp: pipe(PROMPT, token_indices=INDICES, max_iter_to_alter=steps + 2, thresholds={},
+                                               attn_res=(size // 32,) * 2, callback=stamp, **common), device)
+    extra = {"astar_tokens": WORDS, "astar_checkpointing": config == "astar-ckpt"} if config.startswith("astar") else {}
+    return step_seconds(lambda stamp: pipe(PROMPT, callback_on_step_end=stamp, **common, **extra), device)
 
 
 def peak_memory(config: str, args) -> int:
@@ -138,12 +127,8 @@ def main() -> None:
     for config in configs:
         shared = next(iter(pipes.values())).unet if pipes else None
         pipes[config] = build(config, args.model, args.device, args.dtype, shared)
-    results = {config: {"step_s": [], "peak_bytes": 0} for config in configs}
-    for repeat in range(args.repeats):
-        for config in configs:
-            steps = timed_call(pipes[config], config, args.size, args.steps, args.device, args.batch)
-            results[config]["step_s"] += steps
-            print(f"round {repeat} {config}: {statistics.median(steps):.4f} s/step", file=sys.stderr)
+    results = interleaved(configs, lambda c: timed_call(pipes[c], c, args.size, args.steps, args.device, args.batch),
+                          args.repeats)
     del pipes
     for config in configs:
         results[config]["peak_bytes"] = peak_in_own_process(__file__, config, args.device)

@@ -14,10 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
-import time
 
-from measure import device_options, peak_bytes, peak_in_own_process  # benchmarks/measure.py, beside this script
+from measure import device_options, interleaved, peak_bytes, peak_in_own_process, step_seconds  # benchmarks/measure.py, beside this script
 
 CONFIGS = {
     "cfg": "CFG alone (StableDiffusion3Pipeline)",
@@ -78,18 +76,10 @@ def timed_call(pipe, config: str, layers: int, size: int, steps: int, device: st
     """Seconds of each denoising step after the first (warm-up) of one pipeline call."""
     import torch
 
-    stamps = []
-
-    def stamp(pipe, step, t, kwargs):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        stamps.append(time.perf_counter())
-        return kwargs
-
-    pipe("a photo of a cat", height=size, width=size, num_inference_steps=steps + 1, guidance_scale=5.0,
-         output_type="latent", callback_on_step_end=stamp, generator=torch.Generator(device).manual_seed(0),
-         **steering_arguments(config, layers))
-    return [b - a for a, b in zip(stamps, stamps[1:])]
+    return step_seconds(lambda stamp: pipe(
+        "a photo of a cat", height=size, width=size, num_inference_steps=steps + 1, guidance_scale=5.0,
+        output_type="latent", callback_on_step_end=stamp, generator=torch.Generator(device).manual_seed(0),
+        **steering_arguments(config, layers)), device)
 
 
 def peak_memory(config: str, layers: int, size: int, device: str, dtype: str = "float32") -> int:
@@ -123,12 +113,8 @@ def main() -> None:
     for config in args.configs:
         shared = next(iter(pipes.values())).transformer if pipes else None
         pipes[config] = build(config, args.layers, device, shared, args.dtype)
-    results = {config: {"step_s": [], "peak_bytes": 0} for config in args.configs}
-    for repeat in range(args.repeats):
-        for config in args.configs:
-            steps = timed_call(pipes[config], config, args.layers, args.size, args.steps, device)
-            results[config]["step_s"] += steps
-            print(f"round {repeat} {config}: {statistics.median(steps):.3f} s/step", file=sys.stderr)
+    results = interleaved(args.configs, lambda c: timed_call(pipes[c], c, args.layers, args.size, args.steps, device),
+                          args.repeats)
     del pipes
     for config in args.configs:
         results[config]["peak_bytes"] = peak_in_own_process(__file__, config, device)

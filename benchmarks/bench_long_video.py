@@ -45,7 +45,7 @@ def main():
     torch.set_num_threads(args.threads)
     from attnsteer.guidance.shapes import summarize_drift, summarize_videos, video_drift, video_prompt_set
     from attnsteer.pipelines.cli import load_pipeline
-    from attnsteer.pipelines.evaluate import table
+    from attnsteer.pipelines.evaluate import paired_table, table
 
     pipe, is_video = load_pipeline(args.model, "cpu", "float32")
     if not is_video:
@@ -70,10 +70,7 @@ def main():
     print(f"{args.model}, {args.set} {args.split} prompts x {args.seeds} seeds, {args.frames} frames asked "
           f"(trained on {trained}), windows of {window}; {time.time() - t:.0f} s\n")
     print(table({"first window": first, "last window": last}, VIDEO_METRICS))
-    print("\n| last - first window | " + " | ".join(VIDEO_METRICS) + " |\n" + "|---" * (len(VIDEO_METRICS) + 1) + "|")
-    print(f"| {len(drifts)} videos | " + " | ".join(
-        "-" if change[m] is None else f"{change[m]['diff']:+.3f} [{change[m]['low']:+.3f}, {change[m]['high']:+.3f}]"
-        for m in VIDEO_METRICS) + " |")
+    print("\n" + paired_table({"last window": change}, "first window", VIDEO_METRICS))
     if args.out:
         records = [{"prompt": p, "seed": s, "first": d["first"], "last": d["last"], "change": d["change"]}
                    for (p, s), d in zip(items, drifts)]

@@ -14,11 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
-import time
 
 from bench_astar import build  # benchmarks/bench_astar.py, beside this script
-from measure import device_options, peak_bytes, peak_in_own_process
+from measure import device_options, interleaved, peak_bytes, peak_in_own_process, step_seconds
 
 SCENE, SUBJECTS = "a cat and a dog", ["a cat", "a dog"]
 CONFIGS = {"plain": "the same 3 prompts without IR", "ir": "IR-Diffusion: 2 references + 1 scene"}
@@ -28,22 +26,11 @@ def timed_call(pipe, config: str, size: int, steps: int, device: str) -> list[fl
     """Seconds of each denoising step after the first of one call."""
     import torch
 
-    stamps = []
-
-    def stamp(*args):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        stamps.append(time.perf_counter())
-        return args[3]
-
     common = dict(height=size, width=size, num_inference_steps=steps + 1, guidance_scale=7.5, output_type="latent",
-                  callback_on_step_end=stamp)
-    generators = [torch.Generator(device).manual_seed(k) for k in range(3)]
+                  generator=[torch.Generator(device).manual_seed(k) for k in range(3)])
     if config == "ir":
-        pipe(SCENE, story_subjects=SUBJECTS, generator=generators, **common)
-    else:
-        pipe(SUBJECTS + [SCENE], generator=generators, **common)
-    return [b - a for a, b in zip(stamps, stamps[1:])]
+        return step_seconds(lambda stamp: pipe(SCENE, story_subjects=SUBJECTS, callback_on_step_end=stamp, **common), device)
+    return step_seconds(lambda stamp: pipe(SUBJECTS + [SCENE], callback_on_step_end=stamp, **common), device)
 
 
 def main() -> None:
@@ -69,12 +56,7 @@ def main() -> None:
         print(json.dumps(peak_bytes(lambda: timed_call(pipe, args.one, args.size, 1, args.device), args.device)))
         return
     pipe = build("plain", args.model, args.device, args.dtype)
-    results = {config: {"step_s": [], "peak_bytes": 0} for config in CONFIGS}
-    for repeat in range(args.repeats):
-        for config in CONFIGS:
-            steps = timed_call(pipe, config, args.size, args.steps, args.device)
-            results[config]["step_s"] += steps
-            print(f"round {repeat} {config}: {statistics.median(steps):.4f} s/step", file=sys.stderr)
+    results = interleaved(CONFIGS, lambda c: timed_call(pipe, c, args.size, args.steps, args.device), args.repeats)
     del pipe
     for config in CONFIGS:
         results[config]["peak_bytes"] = peak_in_own_process(__file__, config, args.device)

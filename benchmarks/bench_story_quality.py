@@ -63,6 +63,7 @@ def main():
     from attnsteer.guidance.shapes import mean_interval, parse_caption, prompt_set
     from attnsteer.guidance.stats import paired_difference
     from attnsteer.pipelines.cli import load_pipeline
+    from attnsteer.pipelines.evaluate import paired_table, table
 
     pipe, _ = load_pipeline(args.model, "cpu", "float32")
     pipe.set_progress_bar_config(disable=True)
@@ -88,19 +89,12 @@ def main():
     heading = (f"{args.model}, two-object {args.split} scenes {args.first}..{args.first + len(scenes) - 1} x seeds "
                f"0..{args.seeds - 1}, {call.get('num_inference_steps')} steps; {time.time() - t:.0f} s")
     by_row = {row: [r for r in records if r["row"] == row] for row in args.rows}
-    summary = {row: {m: mean_interval([r[m] for r in rs], [r["prompt"] for r in rs]) for m in METRICS}
-               for row, rs in by_row.items()}
+    summary = {row: {"n_images": len(rs), **{m: mean_interval([r[m] for r in rs], [r["prompt"] for r in rs])
+                                             for m in METRICS}} for row, rs in by_row.items()}
     base = by_row["independent"]
     paired = {row: {m: paired_difference([r[m] for r in base], [r[m] for r in rs], [r["prompt"] for r in rs])
                     for m in METRICS} for row, rs in by_row.items() if row != "independent"}
-    cell = lambda d, key, sign="": f"{d[key]:{sign}.3f} [{d['low']:{sign}.3f}, {d['high']:{sign}.3f}]"
-    lines = [heading, "", "| row | targets | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 2) + "|"]
-    lines += [f"| {row} | {len(by_row[row])} | " + " | ".join(cell(s[m], "mean") for m in METRICS) + " |"
-              for row, s in summary.items()]
-    lines += ["", "| row - independent | pairs | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 2) + "|"]
-    lines += [f"| {row} | {d['coverage']['n']} | " + " | ".join(cell(d[m], "diff", "+") for m in METRICS) + " |"
-              for row, d in paired.items()]
-    print("\n".join(lines))
+    print(f"{heading}\n\n{table(summary, METRICS)}\n\n{paired_table(paired, 'independent', METRICS)}")
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "summary": summary, "paired": paired,
                                               "records": records}, indent=1))

@@ -4,8 +4,11 @@ held before it, measured in a fresh process."""
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
+import time
+from typing import Callable
 
 
 def device_options(parser: argparse.ArgumentParser) -> None:
@@ -15,6 +18,35 @@ def device_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
+
+
+def step_seconds(call: Callable[[Callable], object], device: str) -> list[float]:
+    """Seconds of each denoising step after the first (warm-up) of ``call(stamp)``, which runs one
+    pipeline call with ``stamp`` as its step callback (``callback_on_step_end`` or the older ``callback``)."""
+    import torch
+
+    stamps = []
+
+    def stamp(*args):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+        return args[-1]  # callback_on_step_end's kwargs
+
+    call(stamp)
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def interleaved(configs, timed: Callable[[str], list[float]], repeats: int) -> dict:
+    """``{config: {"step_s": [...], "peak_bytes": 0}}``: ``timed(config)``'s step seconds over ``repeats``
+    rounds, every configuration once per round, so that a slow spell of the machine hits them all."""
+    results = {config: {"step_s": [], "peak_bytes": 0} for config in configs}
+    for repeat in range(repeats):
+        for config in configs:
+            steps = timed(config)
+            results[config]["step_s"] += steps
+            print(f"round {repeat} {config}: {statistics.median(steps):.4f} s/step", file=sys.stderr)
+    return results
 
 
 def peak_in_own_process(script: str, config: str, device: str) -> int:
