@@ -14,8 +14,27 @@ import torch
 
 from attnsteer.attention_processors import AttentionMapCapture, patched_attribute, steering
 
+from .astar import _sample
 from .auxiliary import in_auxiliary_call
 from .perturbation import BranchInfo
+
+
+def conditional_maps(capture: AttentionMapCapture, layers: list[str], groups: list, cfg_in_batch: bool,
+                     forward: Callable, args: tuple, kwargs: dict) -> tuple[object, torch.Tensor]:
+    """One denoiser call ``forward(*args, **kwargs)`` with ``capture`` armed on its conditional rows (the
+    second half when CFG is batched), each prompt's token ``groups`` repeated over its rows. Returns the
+    call's output and the maps averaged over ``layers``, ``[conditional rows, groups, h, w]``."""
+    n = _sample(args, kwargs).shape[0]
+    cond = torch.arange(n // 2 if cfg_in_batch else 0, n)
+    if len(cond) % len(groups):
+        raise RuntimeError(f"{len(groups)} prompts' token groups for {len(cond)} conditional rows: not a multiple")
+    repeat = len(cond) // len(groups)
+    capture.arm([row for row in groups for _ in range(repeat)], rows=cond)
+    try:
+        out = forward(*args, **kwargs)
+    finally:
+        capture.disarm()
+    return out, torch.stack([capture.maps[name].float() for name in layers]).mean(0)
 
 
 class MapRecorder:
@@ -49,16 +68,7 @@ class MapRecorder:
                 if in_auxiliary_call() or seen["step"] == self.step or not self.in_window(self.step, info.num_steps):
                     return forward(*args, **kwargs)
                 seen["step"] = self.step
-                sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
-                n = sample.shape[0]
-                cond = torch.arange(n // 2 if info.cfg_in_batch else 0, n)
-                repeat = len(cond) // len(self.groups)
-                capture.arm([row for row in self.groups for _ in range(repeat)], rows=cond)
-                try:
-                    out = forward(*args, **kwargs)
-                finally:
-                    capture.disarm()
-                mean = torch.stack([capture.maps[name].float() for name in self.layers]).mean(0)
+                out, mean = conditional_maps(capture, self.layers, self.groups, info.cfg_in_batch, forward, args, kwargs)
                 self.total = mean if self.total is None else self.total + mean
                 self.steps.append(self.step)
                 return out

@@ -27,6 +27,7 @@ from attnsteer.attention_processors.subjects import SubjectAttention, Subjects
 
 from .astar import binarize
 from .auxiliary import in_auxiliary_call
+from .maps import conditional_maps
 from .perturbation import BranchInfo
 
 
@@ -47,6 +48,7 @@ class SubjectConsistency:
                  binarization: str | float = "otsu", isolation: bool = True, reposition: bool = True):
         self.groups, self.sources = groups, torch.tensor(sources, dtype=torch.long)
         self.references = [all(s < 0 for s in row) and sum(map(bool, g)) == 1 for row, g in zip(sources, groups)]
+        self.present = torch.tensor([[bool(g) for g in row] for row in groups])  # [rows, S]: the row holds the subject
         self.steer = SubjectAttention(isolate, read)
         self.map_layers = list(map_layers)
         self.fixed, self.dropout, self.seed, self.binarization = masks, float(dropout), int(seed), binarization
@@ -57,8 +59,7 @@ class SubjectConsistency:
         """[rows, S, h, w] bool from captured maps [rows, S, h, w]: normalised, binarised, absent subjects empty."""
         maps = maps.float()
         maps = maps / maps.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-8)
-        present = torch.tensor([[bool(g) for g in row] for row in self.groups], device=maps.device)
-        return binarize(maps, self.binarization).bool() & present[:, :, None, None]
+        return binarize(maps, self.binarization).bool() & self.present.to(maps.device)[:, :, None, None]
 
     def dropped(self, masks: torch.Tensor) -> torch.Tensor:
         """``masks`` with each reference-row token dropped with probability ``dropout``."""
@@ -87,17 +88,11 @@ class SubjectConsistency:
                 if capture is None or in_auxiliary_call() or seen["step"] == self.step:
                     return forward(*args, **kwargs)
                 seen["step"] = self.step
-                sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
-                n = sample.shape[0]
-                cond = torch.arange(n // 2 if branch_info(model).cfg_in_batch else 0, n)
-                if len(cond) != len(self.groups):
-                    raise RuntimeError(f"IR-Diffusion: {len(self.groups)} rows of subjects for a conditional batch of {len(cond)}")
-                capture.arm(self.groups, rows=cond)
-                try:
-                    out = forward(*args, **kwargs)
-                finally:
-                    capture.disarm()
-                self.masks = self.subject_masks(torch.stack([capture.maps[name] for name in self.map_layers]).mean(0))
+                out, maps = conditional_maps(capture, self.map_layers, self.groups, branch_info(model).cfg_in_batch,
+                                             forward, args, kwargs)
+                if maps.shape[0] != len(self.groups):
+                    raise RuntimeError(f"IR-Diffusion: {len(self.groups)} rows of subjects for a conditional batch of {maps.shape[0]}")
+                self.masks = self.subject_masks(maps)
                 return out
 
             return run
