@@ -61,6 +61,11 @@ def _finite(value, low=0.0) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= low
 
 
+def check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} {value!r} must be True or False")
+
+
 def check_window(name: str, window) -> None:
     if (not isinstance(window, (tuple, list)) or len(window) != 2 or not all(_finite(x) for x in window)
             or not 0.0 <= window[0] < window[1] <= 1.0):
@@ -85,8 +90,7 @@ def check_options(o: dict) -> None:
     if (not isinstance(s, (tuple, list)) or len(s) != 2 or not isinstance(s[0], int) or s[0] < 1 or s[0] % 2 == 0
             or not _finite(s[1])):
         raise ValueError(f"astar_smoothing {s!r} must be (size, sigma): an odd size >= 1 and a sigma >= 0")
-    if not isinstance(o["astar_checkpointing"], bool):
-        raise ValueError(f"astar_checkpointing {o['astar_checkpointing']!r} must be True or False")
+    check_flag("astar_checkpointing", o["astar_checkpointing"])
     b = o["astar_binarization"]
     if b != "otsu" and not (_finite(b) and 0 < b <= 1):
         raise ValueError(f"astar_binarization {b!r} must be 'otsu' or a threshold in (0, 1]")

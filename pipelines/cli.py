@@ -574,13 +574,13 @@ def check(args) -> None:
     """The checks that need no model, run before it is loaded: device, model name, files, output folder."""
     import torch
 
+    video = getattr(args, "video", False)
     if args.model is None:
-        args.model = DEFAULT_VIDEO_MODEL if getattr(args, "video", False) else DEFAULT_MODEL
-    video_sets, image_sets = {"one-moving", "two-moving"}, {"three"}
-    if getattr(args, "set", None) in (image_sets if getattr(args, "video", False) else video_sets):
-        allowed = "one, two, one-moving, two-moving" if args.video else "one, two, three"
-        raise UsageError(f"--set {args.set} is not a{' video' if args.video else 'n image'} prompt set; "
-                         f"allowed: {allowed}" + ("" if args.video else " (the moving sets need --video)"))
+        args.model = DEFAULT_VIDEO_MODEL if video else DEFAULT_MODEL
+    if getattr(args, "set", None) in ({"three"} if video else {"one-moving", "two-moving"}):
+        allowed = "one, two, one-moving, two-moving" if video else "one, two, three"
+        raise UsageError(f"--set {args.set} is not a{' video' if video else 'n image'} prompt set; "
+                         f"allowed: {allowed}" + ("" if video else " (the moving sets need --video)"))
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     elif args.device.startswith("cuda") and not torch.cuda.is_available():

@@ -22,8 +22,6 @@ is the picture its subject prompt gives alone with that seed. Keyword arguments 
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -32,7 +30,7 @@ from attnsteer.attention_processors import JOINT, SELF, list_layers, map_layers
 from attnsteer.attention_processors.subjects import check_subject_layers
 from attnsteer.guidance.story import SubjectConsistency
 
-from .astar import denoiser, latent_size
+from .astar import check_flag, denoiser, latent_size
 from .tokens import word_indices
 
 STORY_DEFAULTS = dict(
@@ -51,17 +49,17 @@ def default_word(subject: str) -> str:
     return text
 
 
+def self_layers(model: torch.nn.Module) -> list[str]:
+    """The model's self- and joint-attention layers, in module order."""
+    return [n for n, info in list_layers(model).items() if info.kind in (SELF, JOINT)]
+
+
 def decoder_layers(model: torch.nn.Module) -> list[str]:
     """Self-attention layers of the decoder half: a UNet's up blocks, else the second half of the blocks."""
-    own = [n for n, info in list_layers(model).items() if info.kind in (SELF, JOINT)]
+    own = self_layers(model)
     if any(n.startswith("up_blocks.") for n in own):
         return [n for n in own if n.startswith("up_blocks.")]
     return own[len(own) // 2:]
-
-
-def _flag(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} {value!r} must be True or False")
 
 
 def expand_story(kwargs: dict, options: dict) -> dict:
@@ -101,7 +99,7 @@ def story_guidance(pipe, arguments: dict, options: dict) -> SubjectConsistency |
     """IR-Diffusion of one call from its (expanded) arguments and keyword options, or None (off)."""
     o = {**STORY_DEFAULTS, **options}
     for name in ("story_isolation", "story_reposition", "story_read"):
-        _flag(name, o[name])
+        check_flag(name, o[name])
     dropout = o["story_dropout"]
     if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
         raise ValueError(f"story_dropout {dropout!r} must be a number in [0, 1)")
@@ -132,7 +130,7 @@ def story_guidance(pipe, arguments: dict, options: dict) -> SubjectConsistency |
                                  f"name each subject with words its prompt and every scene contain (story_words)") from None
         groups.append(found)
     model = denoiser(pipe)
-    isolate = o["story_isolate_layers"] or [n for n, i in list_layers(model).items() if i.kind in (SELF, JOINT)]
+    isolate = o["story_isolate_layers"] or self_layers(model)
     read = (o["story_read_layers"] or decoder_layers(model)) if o["story_read"] else []
     check_subject_layers(model, isolate, read)
     masks = o["story_masks"]
@@ -141,7 +139,7 @@ def story_guidance(pipe, arguments: dict, options: dict) -> SubjectConsistency |
         if masks.dim() != 4 or masks.shape[:2] != (rows, count):
             raise ValueError(f"story_masks must be [rows, subjects, H, W] = [{rows}, {count}, H, W] "
                              f"(references then scenes), got shape {tuple(masks.shape)}")
-        if not (0 <= masks.min() <= masks.max() <= 1) or not math.isfinite(float(masks.sum())):
+        if not 0 <= masks.min() <= masks.max() <= 1:  # NaN fails the comparison too
             raise ValueError("story_masks values must lie in [0, 1]")
         masks = masks >= 0.5
     layers, _ = map_layers(model, latent_size(pipe, arguments))
