@@ -272,16 +272,24 @@ def start_run(args):
     return work, out, state_path, log, timings, images, captions
 
 
-def sample_weights(text):
-    """--sample-weights: three non-negative numbers, not all zero, one per object count."""
-    try:
-        weights = tuple(float(w) for w in text.split(","))
-    except ValueError:
-        weights = ()
-    if len(weights) != 3 or min(weights) < 0 or sum(weights) <= 0:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not three non-negative weights, not all zero, for 1-, 2- and 3-object scenes (e.g. 2,1,1)")
-    return weights
+def weights_option(count: int, what: str, example: str):
+    """An argparse type: ``count`` comma-separated non-negative weights, not all zero, one per ``what``."""
+    number, every = {2: ("two", "both"), 3: ("three", "all")}[count]
+
+    def parse(text):
+        try:
+            weights = tuple(float(w) for w in text.split(","))
+        except ValueError:
+            weights = ()
+        if len(weights) != count or min(weights) < 0 or sum(weights) <= 0:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {number} non-negative weights, not {every} zero, for {what} (e.g. {example})")
+        return weights
+
+    return parse
+
+
+sample_weights = weights_option(3, "1-, 2- and 3-object scenes", "2,1,1")  # --sample-weights, per object count
 
 
 def positive_int(text):

@@ -68,7 +68,7 @@ from attnsteer.pipelines.tiny import clip_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_shapes_sd import (  # noqa: E402
-    cosine_lr, encode_dataset, end_step, n_params, optimizer_step, positive_int,
+    cosine_lr, encode_dataset, end_step, n_params, optimizer_step, positive_int, weights_option,
 )
 
 VOCAB_SIZE, EOS_ID = 49408, 49407
@@ -123,16 +123,7 @@ def non_negative(text):
     return _number(float, text, lambda v: v >= 0, "a number >= 0")
 
 
-def object_weights(text):
-    """--object-weights: two non-negative numbers, not both zero: P(1 object), P(2 objects)."""
-    try:
-        weights = tuple(float(w) for w in text.split(","))
-    except ValueError:
-        weights = ()
-    if len(weights) != 2 or min(weights) < 0 or sum(weights) <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not two non-negative weights, not both zero, for 1- and "
-                                         "2-object clips (e.g. 1,1)")
-    return weights
+object_weights = weights_option(2, "1- and 2-object clips", "1,1")  # --object-weights: P(1 object), P(2 objects)
 
 
 def parse_args(argv=None):
