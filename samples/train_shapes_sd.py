@@ -244,12 +244,8 @@ def build_pipeline(vae, text_encoder, unet, tokenizer, prediction):
     )
 
 
-def start_run(args):
-    """Threads, work folder, a logger to stdout and work/train.log, timings of a resumed run, and
-    the drawn scenes: (work, out, state_path, log, timings, images, captions)."""
-    torch.set_num_threads(args.threads)
-    work, out = Path(args.work), Path(args.output)
-    work.mkdir(parents=True, exist_ok=True)
+def open_log(work):
+    """A logger to stdout and work/train.log (appended, so a resumed run's log continues)."""
     logfile = open(work / "train.log", "a")
 
     def log(msg):
@@ -258,6 +254,16 @@ def start_run(args):
         logfile.write(line + "\n")
         logfile.flush()
 
+    return log
+
+
+def start_run(args):
+    """Threads, work folder, a logger to stdout and work/train.log, timings of a resumed run, and
+    the drawn scenes: (work, out, state_path, log, timings, images, captions)."""
+    torch.set_num_threads(args.threads)
+    work, out = Path(args.work), Path(args.output)
+    work.mkdir(parents=True, exist_ok=True)
+    log = open_log(work)
     timings = {}
     state_path = work / "state.pt"
     if state_path.exists():

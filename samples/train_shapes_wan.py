@@ -68,7 +68,7 @@ from attnsteer.pipelines.tiny import clip_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_shapes_sd import (  # noqa: E402
-    cosine_lr, encode_dataset, end_step, n_params, optimizer_step, positive_int, weights_option,
+    cosine_lr, encode_dataset, end_step, n_params, open_log, optimizer_step, positive_int, weights_option,
 )
 
 VOCAB_SIZE, EOS_ID = 49408, 49407
@@ -408,19 +408,6 @@ def call_defaults(args):
     return {"num_frames": args.frames, "height": args.size, "width": args.size,
             "num_inference_steps": args.default_steps, "guidance_scale": args.default_cfg,
             "max_sequence_length": args.max_seq}
-
-
-def open_log(work):
-    """A logger to stdout and --work/train.log (appended, so a resumed run's log continues)."""
-    logfile = open(work / "train.log", "a")
-
-    def log(msg):
-        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
-        print(line, flush=True)
-        logfile.write(line + "\n")
-        logfile.flush()
-
-    return log
 
 
 # ----------------------------------------------------------------------------- main
