@@ -257,6 +257,10 @@ def _forward_signature(cls: type) -> inspect.Signature:
 
 
 def model_call_info(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
-    """What the token layouts of one model call depend on, read from the call's tensors."""
+    """What the token layouts of one model call depend on, read from the call's tensors, and its
+    timestep (the first, as a float; None when the call has none)."""
     bound = _forward_signature(type(model)).bind(model, *args, **kwargs)
-    return architecture_of(model).call_info(model, bound)
+    info = architecture_of(model).call_info(model, bound)
+    timestep = bound.arguments.get("timestep")
+    info["timestep"] = None if timestep is None else float(torch.as_tensor(timestep).flatten()[0])
+    return info

@@ -57,6 +57,7 @@ class AttentionCall:
     layer: LayerInfo
     layout: TokenLayout
     sdpa_kwargs: dict = field(default_factory=dict)
+    timestep: float | None = None  # the model call's (first) timestep, which marks the denoising step
 
     @property
     def name(self) -> str:
@@ -98,7 +99,8 @@ class _Intercept(TorchFunctionMode):
         sdpa = _sdpa_arguments(args, kwargs)
         q, k, v, mask = (sdpa.pop(name, None) for name in ("query", "key", "value", "attn_mask"))
         layout = self.session.layout(self.layer, q.shape[-2])
-        return self.session.run_chain(AttentionCall(self.layer, layout, sdpa), q, k, v, mask)
+        call = AttentionCall(self.layer, layout, sdpa, self.session.info.get("timestep"))
+        return self.session.run_chain(call, q, k, v, mask)
 
 
 class SteeredProcessor:

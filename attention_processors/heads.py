@@ -79,12 +79,13 @@ def _items(spec) -> list[tuple[object, str]]:
     return items
 
 
-def _layer_name(layer, names: list[str], layers: dict[str, LayerInfo]) -> str:
+def layer_name(layer, names: list[str], layers: dict[str, LayerInfo]) -> str:
+    """The name of a self/joint attention layer given by name or by index into ``names``; ValueError otherwise."""
     if isinstance(layer, str) and layer.lstrip("-").isdigit():
         layer = int(layer)
     if isinstance(layer, int):
         if not 0 <= layer < len(names):
-            raise ValueError(f"layer index {layer} is out of range: the model has {len(names)} perturbable layers (0-{len(names) - 1})")
+            raise ValueError(f"layer index {layer} is out of range: the model has {len(names)} self/joint attention layers (0-{len(names) - 1})")
         return names[layer]
     if layer not in layers:
         sample = ", ".join(names[:3])
@@ -93,7 +94,7 @@ def _layer_name(layer, names: list[str], layers: dict[str, LayerInfo]) -> str:
             f"by name (e.g. {sample}) or by index 0-{len(names) - 1}"
         )
     if layers[layer].kind not in (SELF, JOINT):
-        raise ValueError(f"layer {layer!r} is {layers[layer].kind}-attention; only self- or joint-attention heads can be perturbed")
+        raise ValueError(f"layer {layer!r} is {layers[layer].kind}-attention; only self- or joint-attention layers are allowed")
     return layer
 
 
@@ -129,7 +130,7 @@ def resolve_heads(spec, layers: dict[str, LayerInfo]) -> HeadSet:
     names = [n for n, info in layers.items() if info.kind in (SELF, JOINT)]
     result: dict[str, set[int]] = {}
     for layer, heads in _items(spec):
-        name = _layer_name(layer, names, layers)
+        name = layer_name(layer, names, layers)
         result.setdefault(name, set()).update(_head_numbers(heads, layers[name], f"{layer}:{heads}"))
     return {name: tuple(sorted(result[name])) for name in names if name in result}
 

@@ -29,7 +29,9 @@ FLAGS = {"perturbed_heads": "--heads", "perturbation_scale": "--scale", "softpag
          "num_inference_steps": "--steps", "guidance_scale": "--guidance-scale", "astar_tokens": "--astar",
          "astar_scale": "--astar-scale", "astar_steps": "--astar-steps", "astar_weights": "--astar-weights",
          "return_attention_maps": "--words", "attention_maps_steps": "--maps-steps",
-         "attention_maps_layers": "--maps-layers", "story_subjects": "--subject", "story_words": "--words"}
+         "attention_maps_layers": "--maps-layers", "story_subjects": "--subject", "story_words": "--words",
+         "sparsity": "--sparsity", "sparse_mask": "--sparse-mask", "sparse_pool": "--sparse-pool",
+         "sparse_backend": "--sparse-backend", "sparse_dense_steps": "--sparse-dense-steps"}
 
 
 class UsageError(ValueError):
@@ -147,13 +149,27 @@ def _astar(args):
     return lambda prompts: {"astar_tokens": [concepts(p) for p in prompts], **options}
 
 
+def _sparse(args) -> dict:
+    """Block-sparse attention's keyword arguments from ``--sparsity`` / ``--sparse-mask``; {} when off."""
+    mask = getattr(args, "sparse_mask", "draft")
+    if getattr(args, "sparsity", None) is None and mask == "draft":
+        return {}
+    options = dict(sparsity=args.sparsity, sparse_mask=mask, sparse_backend=args.sparse_backend)
+    if args.sparse_pool is not None:
+        options["sparse_pool"] = tuple(args.sparse_pool)
+    if args.sparse_dense_steps is not None:
+        options["sparse_dense_steps"] = args.sparse_dense_steps
+    return options
+
+
 def _method(args):
     """(name, keyword arguments or a function of the prompts giving them) of the steering asked for, or None."""
-    parts = [name for name, on in (("heads", args.heads), ("astar", args.astar)) if on]
+    sparse = _sparse(args)
+    parts = [name for name, on in (("heads", args.heads), ("astar", args.astar), ("sparse", sparse)) if on]
     if not parts:
         return None
     astar = _astar(args)
-    steering = _steering(args) if args.heads else {}
+    steering = {**(_steering(args) if args.heads else {}), **sparse}
     return "+".join(parts), (lambda prompts: {**steering, **astar(prompts)}) if astar else steering
 
 
@@ -186,6 +202,9 @@ def _label(args) -> str:
                                            if value is not None), *([args.mode] if args.mode else [])]
     if args.astar:
         words += [f"A-STAR {args.astar}", *([f"alpha {args.astar_scale:g}"] if args.astar_scale is not None else [])]
+    sparse = _sparse(args)
+    if sparse:
+        words.append(f"sparsity {sparse['sparsity']:g}" if sparse["sparse_mask"] == "draft" else f"{sparse['sparse_mask']} mask")
     return " ".join(words) or "output"
 
 
@@ -401,6 +420,7 @@ FINITE = _number(float, what="a finite number")
 NON_NEGATIVE_FLOAT = _number(float, 0.0, what="a finite number >= 0")
 FRACTION = _number(float, 0.0, 1.0, what="a fraction in [0, 1]")
 KEEP = _number(float, 0.0, 1.0, high_open=True, what="0 (off) or a fraction in (0, 1)")
+SPARSITY = _number(float, 0.0, 1.0, high_open=True, what="a fraction in [0, 1)")
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -471,11 +491,25 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--frames", type=POSITIVE, default=None,
                        help="video frames, 1 + 4k for Wan (default: the model folder's, else the pipeline's)")
 
+    def sparse_options(p):
+        p.add_argument("--sparsity", type=SPARSITY, default=None,
+                       help="DraftAttention block-sparse attention (Wan, SD3, FLUX): fraction of image block pairs "
+                            "skipped, in [0, 1) (default: dense)")
+        p.add_argument("--sparse-mask", default="draft", choices=["draft", "radial", "tile"],
+                       help="block mask: the draft map (with --sparsity), or the static radial or sliding-tile mask")
+        p.add_argument("--sparse-pool", type=POSITIVE, nargs=2, default=None, metavar=("ROWS", "COLUMNS"),
+                       help="latent tokens per block in each frame (default 8 16)")
+        p.add_argument("--sparse-backend", default="auto", choices=["auto", "flex", "gather", "dense"],
+                       help="auto: compiled flex_attention where it can run, else gather")
+        p.add_argument("--sparse-dense-steps", type=NON_NEGATIVE, default=None,
+                       help="first steps kept dense (default: 30%% of the steps)")
+
     def generate_options(p, out):
         p.add_argument("--prompt", required=True, help="what to draw")
         p.add_argument("--negative-prompt", default=None, help="what to steer away from with CFG (default: none)")
         steering_options(p)
         astar_options(p)
+        sparse_options(p)
         p.add_argument("--steps", type=POSITIVE, default=None, help="denoising steps (default: the model folder's, else 28)")
         p.add_argument("--seed", type=NON_NEGATIVE, default=0, help="random seed; same seed, same picture")
         p.add_argument("--baseline", action="store_true", help="also write the unsteered output of the same seed, "
@@ -496,6 +530,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--video", action="store_true", help="a video model, video prompt sets and video metrics")
     steering_options(e)
     astar_options(e)
+    sparse_options(e)
     prompt_options(e, split="heldout", seeds=4, prompts_help="a file of prompts, one per line, instead of --set")
     e.add_argument("--steps", type=POSITIVE, default=None, help="denoising steps (default: the model folder's, else 20)")
     e.add_argument("--batch-size", type=POSITIVE, default=8, help="prompts per pipeline call")

@@ -1,14 +1,18 @@
-"""The attention-map methods of one pipeline call: A-STAR, IR-Diffusion and map recording, from keyword arguments."""
+"""The attention methods of one pipeline call: A-STAR, IR-Diffusion, map recording and block-sparse
+attention, from keyword arguments."""
 
 from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
 
+from attnsteer.attention_processors import steering
+
 from .astar import ASTAR_DEFAULTS, astar_guidance, denoiser
 from .maps import MAPS_DEFAULTS, AttentionMaps, map_recorder
+from .sparse import SPARSE_DEFAULTS, sparse_steer
 from .story import STORY_DEFAULTS, story_guidance
 
-OPTIONS = {**ASTAR_DEFAULTS, **MAPS_DEFAULTS, **STORY_DEFAULTS}
+OPTIONS = {**ASTAR_DEFAULTS, **MAPS_DEFAULTS, **STORY_DEFAULTS, **SPARSE_DEFAULTS}
 
 
 def pop_arguments(kwargs: dict) -> dict:
@@ -17,19 +21,22 @@ def pop_arguments(kwargs: dict) -> dict:
 
 
 class AttentionMethods:
-    """A-STAR, IR-Diffusion and map recording of one call (checked when built, before compute).
-    Attached outside head perturbation, A-STAR outermost, so that A-STAR's gradient passes and latent
-    updates see the pipeline's own denoiser calls and the recorder sees the updated latents."""
+    """A-STAR, IR-Diffusion, map recording and block-sparse attention of one call (checked when built,
+    before compute). Attached outside head perturbation, A-STAR outermost, so that A-STAR's gradient
+    passes and latent updates see the pipeline's own denoiser calls and the recorder sees the updated
+    latents; the sparse steer is installed last, which puts it last in each layer's chain, where it
+    replaces the dense attention every other steer ends in."""
 
     def __init__(self, pipe, arguments: dict, options: dict):
         self.pipe = pipe
         self.story = story_guidance(pipe, arguments, {k: v for k, v in options.items() if k in STORY_DEFAULTS})
         self.astar = astar_guidance(pipe, arguments, {k: v for k, v in options.items() if k in ASTAR_DEFAULTS})
         self.recorder = map_recorder(pipe, arguments, {k: v for k, v in options.items() if k in MAPS_DEFAULTS})
+        self.sparse = sparse_steer(pipe, arguments, {k: v for k, v in options.items() if k in SPARSE_DEFAULTS})
 
     @property
     def active(self) -> bool:
-        return self.astar is not None or self.recorder is not None or self.story is not None
+        return any(m is not None for m in (self.astar, self.recorder, self.story, self.sparse))
 
     @contextmanager
     def attached(self, branch_info):
@@ -41,6 +48,8 @@ class AttentionMethods:
                 stack.enter_context(self.recorder[0].attached(model, scheduler, branch_info))
             if self.astar is not None:
                 stack.enter_context(self.astar.attached(model, scheduler, branch_info))
+            for sparse_model in self.pipe.steer_denoisers().values() if self.sparse is not None else ():
+                stack.enter_context(steering(sparse_model, [self.sparse]))
             yield self
 
     def finish(self, output):

@@ -235,3 +235,16 @@ def test_story_writes_references_scenes_and_the_independent_scenes(tmp_path, cap
     assert "the word 'green star' of subject 1 is not in scene 0" in refused(
         ["story", "--model", "tiny-sd", "--subject", "a red circle", "--subject", "a green star",
          "--scene", "a red circle and a blue square", "--out", str(tmp_path)], capsys)
+
+
+def test_video_with_block_sparse_attention(tmp_path, capsys):
+    main(["video", "--model", "tiny-wan", "--prompt", "a cat", "--steps", "2", "--sparsity", "0.5",
+          "--sparse-pool", "2", "2", "--sparse-backend", "gather", "--sparse-dense-steps", "0", "--baseline",
+          "--height", "32", "--width", "32", "--frames", "5", "--out", str(tmp_path)])
+    baseline, sparse = (np.asarray(Image.open(tmp_path / f"seed0_{name}_0_frame004.png")) for name in ("baseline", "steered"))
+    assert not np.array_equal(baseline, sparse)
+    message = refused(["video", "--model", "tiny-wan", "--prompt", "a cat", "--sparsity", "0.5", "--height", "32",
+                       "--width", "32", "--frames", "5", "--out", str(tmp_path / "o")], capsys)
+    assert "attnsteer video: --sparse-pool (8, 16) must be (rows, columns) of tokens that fit in the call's 4 x 4" in message
+    assert "argument --sparsity: 1 is not allowed: a fraction in [0, 1)" in refused(
+        ["video", "--model", "tiny-wan", "--prompt", "a", "--sparsity", "1"], capsys)

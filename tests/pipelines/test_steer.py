@@ -290,7 +290,7 @@ def test_a_global_non_sdpa_attention_backend_is_refused_when_steering_is_install
 BAD = [
     (dict(perturbed_heads="transformer_blocks.9.attn:0"), r"unknown layer 'transformer_blocks.9.attn': allowed are the model's 2"),
     (dict(perturbed_heads="transformer_blocks.1.attn:4"), r"head 4 of layer 'transformer_blocks.1.attn' is out of range: it has 4 heads \(0-3\)"),
-    (dict(perturbed_heads="5:0"), r"layer index 5 is out of range: the model has 2 perturbable layers \(0-1\)"),
+    (dict(perturbed_heads="5:0"), r"layer index 5 is out of range: the model has 2 self/joint attention layers \(0-1\)"),
     (dict(perturbed_heads="transformer_blocks.1.attn"), r"head spec item 'transformer_blocks.1.attn' is not LAYER:HEADS"),
     (dict(perturbed_heads="0:0", softpag_u=1.5), r"softpag_u 1.5 must be in \[0, 1\]"),
     (dict(perturbed_heads="0:0", softpag_u=-0.1), r"softpag_u -0.1 must be in \[0, 1\]"),
@@ -323,5 +323,5 @@ def test_bad_input_is_refused_before_any_denoising(bad, message):
 
 
 def test_cross_attention_heads_are_refused():
-    with pytest.raises(ValueError, match=r"is cross-attention; only self- or joint-attention heads can be perturbed"):
+    with pytest.raises(ValueError, match=r"is cross-attention; only self- or joint-attention layers are allowed"):
         generate("sd", perturbed_heads="mid_block.attentions.0.transformer_blocks.0.attn2:0")

@@ -1,0 +1,357 @@
+"""Block-sparse attention (DraftAttention, Radial and sliding-tile masks) as one steer.
+
+The image tokens of a call (grid (frames, h, w) in frame-major raster; an image grid (h, w) is one
+frame) are grouped per frame into pooling windows of ``pool`` = (ph, pw) tokens. Each window is one
+block of ph * pw slots, the ragged windows at the bottom and right edges padded with empty slots;
+text tokens (joint attention) follow in blocks of the same size. The slot order (block-major) and its
+inverse are made once per layout and cached.
+
+A mask source says, per (row, head), which image block pairs to compute:
+- ``DraftMask(sparsity)``: DraftAttention's draft map, softmax(q~ k~^T * scale) of the block-mean
+  queries and keys; per (row, head) the ceil((1 - sparsity) n^2) largest entries are kept (one
+  global threshold, not a top-k per block row).
+- ``RadialMask()``: Radial Attention's static pattern (frames at distance <= 1 and the first frame
+  dense, a band of blocks that halves each time the frame distance doubles).
+- ``TileMask(window)``: sliding-tile attention, a 3-D window of blocks around each query block.
+The diagonal is always kept, and every block row and column that touches text.
+
+Backends compute attention over the kept block pairs only:
+- ``"flex"``: ``torch.nn.attention.flex_attention``, compiled (torch.compile caches it per shape), on a
+  BlockMask built directly from the block booleans with a block-level mask_mod (eager flex without a
+  mask_mod silently computes dense attention);
+- ``"gather"``: each query block gathers its kept key/value blocks, one SDPA per group of rows with
+  the same number of kept blocks; needs no compiler;
+- ``"dense"``: SDPA with the block mask expanded to tokens, the reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import shutil
+from dataclasses import dataclass
+from typing import Iterable, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from .architectures import TokenLayout
+from .core import AttentionCall, Next
+
+BACKENDS = ("auto", "flex", "gather", "dense")
+_NO_CALL = object()  # the timestep before the first call
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Where each token of one call sits in block-major slot order.
+
+    ``slots``: [blocks * size] the token in each slot (``seq_len`` for an empty slot); ``tokens``:
+    [seq_len] the slot of each token; ``shape``: image blocks per (frame, row, column); ``coords``:
+    [image_blocks, 3] each image block's (frame, row, column)."""
+
+    size: int
+    seq_len: int
+    shape: tuple[int, int, int]
+    blocks: int
+    slots: torch.Tensor
+    tokens: torch.Tensor
+    coords: torch.Tensor
+
+    @property
+    def image_blocks(self) -> int:
+        return math.prod(self.shape)
+
+    def on(self, device) -> "BlockLayout":
+        return _on_device(self, torch.device(device))
+
+    def valid(self) -> torch.Tensor:
+        """[blocks, size] bool: which slots hold a token."""
+        return (self.slots < self.seq_len).view(self.blocks, self.size)
+
+
+def block_layout(layout: TokenLayout, seq_len: int, pool: tuple[int, int]) -> BlockLayout:
+    """The (cached) BlockLayout of a call's ``layout`` with ``seq_len`` tokens and pooling windows ``pool``."""
+    if layout.grid is None:
+        raise ValueError("block-sparse attention needs the image token grid of the call, which is unknown here")
+    text = None if layout.text is None else (layout.text.start, layout.text.stop)
+    return _block_layout((layout.image.start, layout.image.stop), text, tuple(layout.grid), seq_len, tuple(pool))
+
+
+@functools.lru_cache(maxsize=64)
+def _block_layout(image, text, grid, seq_len, pool) -> BlockLayout:
+    frames, h, w = (1, *grid) if len(grid) == 2 else grid
+    ph, pw = pool
+    rows, cols = -(-h // ph), -(-w // pw)
+    index = torch.arange(frames * h * w).view(frames, h, w) + image[0]
+    padded = F.pad(index, (0, cols * pw - w, 0, rows * ph - h), value=seq_len)
+    slots = [padded.view(frames, rows, ph, cols, pw).permute(0, 1, 3, 2, 4).reshape(-1)]
+    if text is not None:
+        n_text = text[1] - text[0]
+        slots.append(F.pad(torch.arange(*text), (0, -n_text % (ph * pw)), value=seq_len))
+    slots = torch.cat(slots)
+    tokens = torch.empty(seq_len, dtype=torch.long)
+    filled = slots < seq_len
+    tokens[slots[filled]] = filled.nonzero().flatten()
+    coords = torch.stack(torch.meshgrid(torch.arange(frames), torch.arange(rows), torch.arange(cols), indexing="ij"), -1)
+    return BlockLayout(ph * pw, seq_len, (frames, rows, cols), len(slots) // (ph * pw), slots, tokens, coords.view(-1, 3))
+
+
+@functools.lru_cache(maxsize=64)
+def _on_device(blocks: BlockLayout, device: torch.device) -> BlockLayout:
+    move = lambda t: t.to(device)
+    return BlockLayout(blocks.size, blocks.seq_len, blocks.shape, blocks.blocks, move(blocks.slots),
+                       move(blocks.tokens), move(blocks.coords))
+
+
+def to_slots(x: torch.Tensor, blocks: BlockLayout) -> torch.Tensor:
+    """[..., L, D] tokens -> [..., blocks * size, D] in slot order, empty slots zero."""
+    padded = torch.cat([x, x.new_zeros(*x.shape[:-2], 1, x.shape[-1])], dim=-2)
+    return padded[..., blocks.slots, :]
+
+
+def from_slots(x: torch.Tensor, blocks: BlockLayout) -> torch.Tensor:
+    """The inverse of ``to_slots``: [..., blocks * size, D] -> [..., L, D]."""
+    return x[..., blocks.tokens, :]
+
+
+# ----------------------------------------------------------------------------- mask sources
+
+class MaskSource(Protocol):
+    """Which image block pairs a call computes: bool [rows or 1, heads or 1, n, n], n image blocks."""
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, blocks: BlockLayout, scale: float) -> torch.Tensor: ...
+
+
+def check_sparsity(sparsity) -> float:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
+        raise ValueError(f"sparsity {sparsity!r} must be a number in [0, 1): the fraction of block pairs skipped")
+    return float(sparsity)
+
+
+def block_means(x: torch.Tensor, blocks: BlockLayout) -> torch.Tensor:
+    """[B, H, n, D]: the mean of each image block's tokens (``x`` in slot order, empty slots zero)."""
+    n, size = blocks.image_blocks, blocks.size
+    counts = blocks.valid()[:n].sum(-1).to(x.dtype)
+    return x[..., : n * size, :].unflatten(-2, (n, size)).sum(-2) / counts[:, None]
+
+
+class DraftMask:
+    """DraftAttention: per (row, head), the ceil((1 - sparsity) n^2) largest entries of the draft map
+    softmax(q~ k~^T * scale), q~ and k~ the block-mean queries and keys."""
+
+    def __init__(self, sparsity: float = 0.75):
+        self.sparsity = check_sparsity(sparsity)
+
+    def __call__(self, q, k, blocks, scale):
+        draft = torch.softmax(block_means(q, blocks) @ block_means(k, blocks).transpose(-1, -2) * scale, dim=-1)
+        n = draft.shape[-1]
+        keep = math.ceil((1 - self.sparsity) * n * n)
+        chosen = draft.flatten(-2).topk(keep, dim=-1).indices
+        return torch.zeros_like(draft, dtype=torch.bool).flatten(-2).scatter_(-1, chosen, True).view_as(draft)
+
+
+class RadialMask:
+    """Radial Attention's static pattern on blocks: frames at distance d <= 1 dense, the first frame's
+    block rows and columns dense (attention sink); otherwise a block pair is kept when the raster
+    distance of their positions in the frame is below n_frame / 2^(floor(log2 d) + 1), a band that
+    halves each time d doubles."""
+
+    def __call__(self, q, k, blocks, scale):
+        return _radial(blocks.shape, q.device)
+
+
+@functools.lru_cache(maxsize=16)
+def _radial(shape: tuple[int, int, int], device) -> torch.Tensor:
+    frames, rows, cols = shape
+    per_frame = rows * cols
+    frame = torch.arange(frames, device=device).repeat_interleave(per_frame)
+    place = torch.arange(per_frame, device=device).repeat(frames)
+    d = (frame[:, None] - frame[None, :]).abs()
+    band = per_frame / 2.0 ** (torch.log2(d.clamp_min(1).float()).floor() + 1)
+    keep = (d <= 1) | (frame[:, None] == 0) | (frame[None, :] == 0)
+    return (keep | ((place[:, None] - place[None, :]).abs() < band))[None, None]
+
+
+class TileMask:
+    """Sliding-tile attention: each query block keeps the ``window`` = (frames, rows, columns) blocks
+    around it, the window shifted to stay inside the grid (so every block row keeps as many)."""
+
+    def __init__(self, window: tuple[int, int, int] = (3, 3, 3)):
+        if len(window) != 3 or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in window):
+            raise ValueError(f"tile window {window!r} must be 3 positive integers (frames, rows, columns) of blocks")
+        self.window = tuple(window)
+
+    def __call__(self, q, k, blocks, scale):
+        return _tiles(blocks.shape, self.window, q.device)
+
+
+@functools.lru_cache(maxsize=16)
+def _tiles(shape, window, device) -> torch.Tensor:
+    keep = None
+    for axis, (n, w) in enumerate(zip(shape, window)):
+        pos = torch.arange(n, device=device)
+        start = (pos - (w - 1) // 2).clamp(0, max(n - w, 0))
+        inside = (pos[None, :] >= start[:, None]) & (pos[None, :] < start[:, None] + w)
+        index = torch.stack(torch.meshgrid(*[torch.arange(m, device=device) for m in shape], indexing="ij"), -1)
+        along = index.view(-1, 3)[:, axis]
+        pairs = inside[along[:, None], along[None, :]]
+        keep = pairs if keep is None else keep & pairs
+    return keep[None, None]
+
+
+def block_mask(source: MaskSource, q, k, blocks: BlockLayout, scale: float) -> torch.Tensor:
+    """bool [B or 1, H or 1, blocks, blocks]: the source's image block pairs and the diagonal, every
+    block row and column that touches text kept."""
+    image = source(q, k, blocks, scale)
+    n = blocks.image_blocks
+    eye = torch.eye(n, dtype=torch.bool, device=image.device)
+    image = image | eye
+    if blocks.blocks == n:
+        return image
+    return F.pad(image, (0, blocks.blocks - n, 0, blocks.blocks - n), value=True)
+
+
+def density(mask: torch.Tensor) -> float:
+    """The fraction of block pairs a block mask computes."""
+    return mask.float().mean().item()
+
+
+# ----------------------------------------------------------------------------- backends
+
+def dense_blocks(q, k, v, mask, blocks: BlockLayout, scale: float) -> torch.Tensor:
+    """The reference: SDPA over the slots with the block mask expanded to tokens (empty key slots off)."""
+    size = blocks.size
+    tokens = mask.repeat_interleave(size, -2).repeat_interleave(size, -1) & blocks.valid().flatten()
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=tokens, scale=scale)
+
+
+def gather_blocks(q, k, v, mask, blocks: BlockLayout, scale: float) -> torch.Tensor:
+    """Each query block gathers its kept key/value blocks; query blocks that keep equally many key
+    blocks share one 4-D SDPA call."""
+    b, h, _, d = q.shape
+    n, size = blocks.blocks, blocks.size
+    mask = mask.expand(b, h, n, n).reshape(-1, n)
+    qb, kb, vb = (x.reshape(b * h, n, size, d) for x in (q, k, v))
+    valid = blocks.valid()
+    counts = mask.sum(-1)
+    out = q.new_empty(b * h * n, size, d)
+    for count in counts.unique().tolist():
+        rows = (counts == count).nonzero().flatten()
+        keys = mask[rows].nonzero()[:, 1].view(len(rows), count)
+        head = rows // n
+        kk = kb[head[:, None], keys].flatten(1, 2)[:, None]
+        vv = vb[head[:, None], keys].flatten(1, 2)[:, None]
+        key_valid = valid[keys].flatten(1)
+        attn_mask = None if bool(key_valid.all()) else key_valid[:, None, None, :]
+        out[rows] = F.scaled_dot_product_attention(qb.flatten(0, 1)[rows][:, None], kk, vv, attn_mask=attn_mask,
+                                                   scale=scale)[:, 0]
+    return out.view(b, h, n * size, d)
+
+
+def flex_available(device: torch.device) -> tuple[bool, str]:
+    """(whether compiled flex_attention can run on ``device``, why not)."""
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        return (True, "") if has_triton() else (False, "triton is not installed")
+    if device.type == "cpu":
+        return (True, "") if shutil.which("c++") or shutil.which("g++") else (False, "no C++ compiler on the PATH")
+    return False, f"flex_attention is not compiled for {device.type} here"
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_blocks(q, k, v, mask, blocks: BlockLayout, scale: float) -> torch.Tensor:
+    """Compiled flex_attention over the kept block pairs; the mask_mod acts at block level (the kept
+    pair, the key slot not empty), so partial blocks are only those holding empty key slots."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    b, h, n, size = mask.shape[0], mask.shape[1], blocks.blocks, blocks.size
+    valid = blocks.valid()
+    full_keys = valid.all(-1)
+    partial = mask & ~full_keys
+    full = mask & full_keys
+
+    def indices(m):
+        counts = m.sum(-1, dtype=torch.int32)
+        order = m.to(torch.int8).argsort(dim=-1, descending=True, stable=True).to(torch.int32)
+        return counts, order
+
+    pair, slot_valid = mask, valid.flatten()
+
+    def mask_mod(bi, hi, q_idx, kv_idx):
+        return pair[bi % b, hi % h, q_idx // size, kv_idx // size] & slot_valid[kv_idx]
+
+    kv_num, kv_index = indices(partial)
+    full_num, full_index = indices(full)
+    block_mask = BlockMask.from_kv_blocks(kv_num, kv_index, full_num, full_index, BLOCK_SIZE=size,
+                                          mask_mod=mask_mod, seq_lengths=(n * size, n * size))
+    return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale)
+
+
+KERNELS = {"dense": dense_blocks, "gather": gather_blocks, "flex": flex_blocks}
+
+
+def resolve_backend(backend: str, device) -> str:
+    """The backend a call on ``device`` uses: ``backend`` itself, or for "auto" flex where it can run,
+    else gather. ValueError for an unknown backend or one that cannot run here."""
+    if backend not in BACKENDS:
+        raise ValueError(f"sparse attention backend {backend!r} is not one of {BACKENDS}")
+    device = torch.device(device)
+    ok, why = flex_available(device)
+    if backend == "auto":
+        return "flex" if ok else "gather"
+    if backend == "flex" and not ok:
+        raise ValueError(f"sparse attention backend 'flex' is not available on {device}: {why}; "
+                         "use 'gather' (no compiler) or 'dense'")
+    return backend
+
+
+def sparse_attention(q, k, v, layout: TokenLayout, source: MaskSource, pool: tuple[int, int], scale: float,
+                     backend: str = "auto") -> torch.Tensor:
+    """Block-sparse attention of one call ([B, H, L, D]) with ``source``'s block mask on ``backend``."""
+    blocks = block_layout(layout, q.shape[-2], pool).on(q.device)
+    qs, ks, vs = (to_slots(x, blocks) for x in (q, k, v))
+    mask = block_mask(source, qs, ks, blocks, scale)
+    name = resolve_backend(backend, q.device)
+    if name == "flex" and q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
+        name = "gather"  # compiled flex_attention on the CPU is inference-only
+    out = KERNELS[name](qs, ks, vs, mask, blocks, scale)
+    return from_slots(out, blocks)
+
+
+class DraftAttention:
+    """Steer: block-sparse attention on ``layers`` with a mask source (the draft map by default).
+
+    ``sparsity``: fraction of image block pairs skipped by the draft map; ``pool``: (ph, pw) tokens
+    per block in each frame; ``dense_steps``: the first denoising steps run dense (a new step is a
+    new timestep at the model call, so CFG's two calls are one step); ``backend``: see the module docstring. Layers that should stay
+    dense are simply not given. A layer call with its own attention mask is refused."""
+
+    def __init__(self, layers: Iterable[str], sparsity: float = 0.75, pool: tuple[int, int] = (8, 16),
+                 dense_steps: int = 0, backend: str = "auto", source: MaskSource | None = None):
+        if len(pool) != 2 or any(isinstance(p, bool) or not isinstance(p, int) or p < 1 for p in pool):
+            raise ValueError(f"pool {pool!r} must be two positive integers (token rows, token columns per block)")
+        if isinstance(dense_steps, bool) or not isinstance(dense_steps, int) or dense_steps < 0:
+            raise ValueError(f"dense_steps {dense_steps!r} must be a whole number of steps >= 0")
+        if backend not in BACKENDS:
+            raise ValueError(f"sparse attention backend {backend!r} is not one of {BACKENDS}")
+        self.layers, self.pool, self.dense_steps, self.backend = frozenset(layers), tuple(pool), dense_steps, backend
+        self.source = source if source is not None else DraftMask(sparsity)
+        self.step, self._timestep = -1, _NO_CALL
+
+    def attention(self, call: AttentionCall, q, k, v, mask, next: Next) -> torch.Tensor:
+        if call.timestep != self._timestep:
+            self.step, self._timestep = self.step + 1, call.timestep
+        if self.step < self.dense_steps:
+            return next(q, k, v, mask)
+        if mask is not None:
+            raise RuntimeError(f"layer {call.name!r} passes its own attention mask, which block-sparse attention "
+                               "does not combine with; leave this layer dense")
+        return sparse_attention(q, k, v, call.layout, self.source, self.pool, call.scale(q.shape[-1]), self.backend)

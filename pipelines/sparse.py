@@ -1,0 +1,89 @@
+"""Block-sparse attention as keyword arguments of the Wan, SD3 and FLUX steer pipelines, checked before compute.
+
+    frames = pipe("a red circle moving left", sparsity=0.75).frames[0]
+
+Keyword arguments (``SPARSE_DEFAULTS``):
+    sparsity: DraftAttention: the fraction of image block pairs the draft map skips, in [0, 1);
+        None: dense attention (the parent pipeline), unless sparse_mask names a static mask.
+    sparse_mask: "draft" (DraftAttention), or a static mask whose density its pattern sets:
+        "radial" (Radial Attention) or "tile" (sliding-tile attention, window ``sparse_tile``).
+    sparse_pool: (rows, columns) of latent tokens per block in each frame; default (8, 16), 128 tokens.
+    sparse_tile: the tile mask's window of blocks, (frames, rows, columns); default (3, 3, 3).
+    sparse_backend: "auto" (compiled flex_attention where it can run, else the gather), "flex",
+        "gather" or "dense" (the reference).
+    sparse_dense_layers: self/joint attention layers kept dense, by name or index; default the first
+        (the authors keep Wan's block 0 dense).
+    sparse_dense_steps: the first steps kept dense; default 30% of the steps, rounded up (the authors'
+        Wan warm-up: dense while t > 925 of 1000).
+"""
+
+from __future__ import annotations
+
+import math
+
+from diffusers import FluxPipeline, StableDiffusion3Pipeline, WanPipeline
+
+from attnsteer.attention_processors import JOINT, SELF, list_layers
+from attnsteer.attention_processors.heads import layer_name
+from attnsteer.attention_processors.sparse import (BACKENDS, DraftAttention, DraftMask, RadialMask, TileMask,
+                                                   check_sparsity, resolve_backend)
+
+from .astar import denoiser, latent_size
+
+SPARSE_DEFAULTS = dict(sparsity=None, sparse_mask="draft", sparse_pool=(8, 16), sparse_tile=(3, 3, 3),
+                       sparse_backend="auto", sparse_dense_layers=None, sparse_dense_steps=None)
+MASKS = ("draft", "radial", "tile")
+SUPPORTED = (WanPipeline, StableDiffusion3Pipeline, FluxPipeline)
+WARMUP = 0.3
+
+
+def token_grid(pipe, arguments: dict) -> tuple[int, int]:
+    """(rows, columns) of image tokens per frame of the call."""
+    if isinstance(pipe, WanPipeline):
+        _, ph, pw = pipe.transformer.config.patch_size
+        factor = pipe.vae_scale_factor_spatial
+        return arguments["height"] // factor // ph, arguments["width"] // factor // pw
+    h, w = latent_size(pipe, arguments)
+    patch = 2 if isinstance(pipe, FluxPipeline) else pipe.transformer.config.patch_size
+    return h // patch, w // patch
+
+
+def sparse_steer(pipe, arguments: dict, options: dict) -> DraftAttention | None:
+    """The block-sparse steer of one call, or None (dense); ValueError naming a bad option first."""
+    o = {**SPARSE_DEFAULTS, **options}
+    kind, sparsity = o["sparse_mask"], o["sparsity"]
+    if kind not in MASKS:
+        raise ValueError(f"sparse_mask {kind!r} is not one of {MASKS}")
+    if sparsity is not None:
+        check_sparsity(sparsity)
+        if kind != "draft":
+            raise ValueError(f"sparsity sets the draft map's density; the {kind!r} mask's density is set by its "
+                             "pattern: give sparsity=None with it")
+    if sparsity is None and kind == "draft":
+        return None
+    if not isinstance(pipe, SUPPORTED):
+        raise ValueError(f"block-sparse attention runs on the Wan, SD3 and FLUX steer pipelines, not "
+                         f"{type(pipe).__name__}")
+    if o["sparse_backend"] not in BACKENDS:
+        raise ValueError(f"sparse_backend {o['sparse_backend']!r} is not one of {BACKENDS}")
+    model = denoiser(pipe)
+    resolve_backend(o["sparse_backend"], model.device)
+    layers = list_layers(model)
+    names = [n for n, info in layers.items() if info.kind in (SELF, JOINT)]
+    dense = o["sparse_dense_layers"]
+    dense = [dense] if isinstance(dense, (str, int)) else dense
+    dense = names[:1] if dense is None else [layer_name(layer, names, layers) for layer in dense]
+    pool, grid = o["sparse_pool"], token_grid(pipe, arguments)
+    if (not isinstance(pool, (tuple, list)) or len(pool) != 2 or any(not isinstance(p, int) or p < 1 for p in pool)
+            or pool[0] > grid[0] or pool[1] > grid[1]):
+        raise ValueError(f"sparse_pool {pool!r} must be (rows, columns) of tokens that fit in the call's "
+                         f"{grid[0]} x {grid[1]} tokens per frame")
+    steps = o["sparse_dense_steps"]
+    if steps is None:
+        steps = math.ceil(WARMUP * (arguments.get("num_inference_steps") or 0))
+    source = {"draft": lambda: DraftMask(sparsity), "radial": RadialMask, "tile": lambda: TileMask(tuple(o["sparse_tile"]))}
+    try:
+        return DraftAttention([n for n in names if n not in dense], pool=tuple(pool), dense_steps=steps,
+                              backend=o["sparse_backend"], source=source[kind]())
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"sparse attention: {error}") from None

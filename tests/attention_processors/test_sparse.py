@@ -1,0 +1,235 @@
+"""Block-sparse attention: layouts, mask sources and backends against explicit masked softmax."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attnsteer.attention_processors import SELF, AttentionCall, LayerInfo, TokenLayout, list_layers, steering
+from attnsteer.attention_processors import sparse
+from attnsteer.attention_processors.sparse import (DraftAttention, DraftMask, RadialMask, TileMask, block_layout,
+                                                   block_mask, from_slots, sparse_attention, to_slots)
+from attnsteer.pipelines.tiny import tiny_components
+
+VIDEO = (3, 5, 7)  # ragged in both directions for pool (2, 3)
+POOL = (2, 3)
+CPU_BACKENDS = ("dense", "gather")
+
+
+def layouts():
+    """Self-attention on a video grid, and joint attention with text after and before the image."""
+    n = math.prod(VIDEO)
+    return {
+        "self": (TokenLayout(slice(0, n), None, VIDEO), n),
+        "text after": (TokenLayout(slice(0, 35), slice(35, 40), (5, 7)), 40),
+        "text first": (TokenLayout(slice(6, 41), slice(0, 6), (5, 7)), 41),
+    }
+
+
+def qkv(seq_len, batch=2, heads=3, dim=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, heads, seq_len, dim, generator=g) for _ in range(3)]
+
+
+def token_blocks(layout, seq_len):
+    """The block of each token, counted as the slot layout does (image windows per frame, then text)."""
+    blocks = block_layout(layout, seq_len, POOL)
+    return blocks.tokens // blocks.size
+
+
+def reference(q, k, v, pairs, layout, seq_len):
+    """Explicit masked softmax in token order: token i sees token j when their blocks' pair is kept."""
+    blk = token_blocks(layout, seq_len)
+    allowed = pairs[..., blk[:, None], blk[None, :]]
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    return torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1) @ v
+
+
+class Fixed:
+    """A mask source giving a fixed block pattern."""
+
+    def __init__(self, pattern):
+        self.pattern = pattern
+
+    def __call__(self, q, k, blocks, scale):
+        return self.pattern
+
+
+@pytest.mark.parametrize("name", list(layouts()))
+def test_slot_order_is_block_major_and_round_trips(name):
+    layout, seq_len = layouts()[name]
+    blocks = block_layout(layout, seq_len, POOL)
+    x = torch.randn(2, seq_len, 4)
+    assert torch.equal(from_slots(to_slots(x, blocks), blocks), x)
+    grid = layout.grid if len(layout.grid) == 3 else (1, *layout.grid)
+    valid = blocks.valid()
+    for b in range(blocks.image_blocks):
+        tokens = blocks.slots.view(blocks.blocks, blocks.size)[b][valid[b]] - layout.image.start
+        f, y, x_ = tokens // (grid[1] * grid[2]), tokens // grid[2] % grid[1], tokens % grid[2]
+        frame, row, col = blocks.coords[b].tolist()
+        assert (f == frame).all() and (y // POOL[0] == row).all() and (x_ // POOL[1] == col).all()
+        assert len(tokens) == len(set((y * 100 + x_).tolist()))
+    text = blocks.slots[blocks.image_blocks * blocks.size:]
+    expected = [] if layout.text is None else list(range(layout.text.start, layout.text.stop))
+    assert text[text < seq_len].tolist() == expected
+    assert block_layout(layout, seq_len, POOL) is blocks  # cached
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("name", list(layouts()))
+def test_keeping_every_block_equals_dense_sdpa(name, backend):
+    layout, seq_len = layouts()[name]
+    q, k, v = qkv(seq_len)
+    out = sparse_attention(q, k, v, layout, DraftMask(0.0), POOL, q.shape[-1] ** -0.5, backend)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("name", list(layouts()))
+def test_a_hand_made_block_pattern_equals_explicit_masked_softmax(name, backend):
+    layout, seq_len = layouts()[name]
+    q, k, v = qkv(seq_len, seed=1)
+    blocks = block_layout(layout, seq_len, POOL)
+    n = blocks.image_blocks
+    pattern = torch.rand(2, 3, n, n, generator=torch.Generator().manual_seed(2)) < 0.3
+    out = sparse_attention(q, k, v, layout, Fixed(pattern), POOL, q.shape[-1] ** -0.5, backend)
+    full = block_mask(Fixed(pattern), None, None, blocks, 1.0)
+    torch.testing.assert_close(out, reference(q, k, v, full, layout, seq_len), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["text after", "text first"])
+def test_text_rows_and_columns_stay_dense_and_the_diagonal_is_kept(name):
+    layout, seq_len = layouts()[name]
+    blocks = block_layout(layout, seq_len, POOL)
+    n = blocks.image_blocks
+    full = block_mask(Fixed(torch.zeros(1, 1, n, n, dtype=torch.bool)), None, None, blocks, 1.0)[0, 0]
+    assert full[n:].all() and full[:, n:].all()
+    assert torch.equal(full[:n, :n], torch.eye(n, dtype=torch.bool))
+
+
+def test_the_draft_keeps_the_largest_entries_under_one_threshold_per_head():
+    layout, seq_len = layouts()["self"]
+    q, k, _ = qkv(seq_len, seed=3)
+    blocks = block_layout(layout, seq_len, POOL)
+    qs, ks = to_slots(q, blocks), to_slots(k, blocks)
+    mask = DraftMask(0.7)(qs, ks, blocks, 0.5)
+    n = blocks.image_blocks
+    assert (mask.flatten(-2).sum(-1) == math.ceil(0.3 * n * n)).all()
+    # the draft map by hand: block means of the tokens, softmax over key blocks
+    blk = token_blocks(layout, seq_len)
+    one_hot = F.one_hot(blk, n).float()
+    means = lambda x: (one_hot.T @ x) / one_hot.sum(0)[:, None]
+    draft = torch.softmax(means(q) @ means(k).transpose(-1, -2) * 0.5, -1)
+    for b in range(2):
+        for h in range(3):
+            kept, dropped = draft[b, h][mask[b, h]], draft[b, h][~mask[b, h]]
+            assert kept.min() >= dropped.max()
+    rows_kept = mask.sum(-1)
+    assert rows_kept.max() > rows_kept.min()  # a global threshold, not a fixed count per row
+
+
+def test_radial_mask_is_dense_near_and_on_the_first_frame_and_narrows_with_distance():
+    blocks = block_layout(TokenLayout(slice(0, 9 * 4 * 16), None, (9, 4, 16)), 9 * 4 * 16, (2, 2))
+    mask = block_mask(RadialMask(), torch.zeros(1), None, blocks, 1.0)[0, 0]
+    per = 2 * 8
+    frame = lambda f: slice(f * per, (f + 1) * per)
+    assert mask[frame(4), frame(5)].all() and mask[frame(4), frame(4)].all() and mask[frame(8), frame(0)].all()
+    assert mask[frame(0), frame(8)].all()
+    widths = [mask[frame(1), frame(1 + d)].sum().item() for d in (2, 4)]
+    assert widths[0] > widths[1] > 0
+    assert torch.equal(mask, mask.T)
+
+
+def test_tile_mask_keeps_one_shifted_window_per_query_block():
+    shape = (4, 5, 6)
+    blocks = block_layout(TokenLayout(slice(0, 120), None, shape), 120, (1, 1))
+    mask = TileMask((3, 2, 3))(torch.zeros(1), None, blocks, 1.0)[0, 0]
+    assert (mask.sum(-1) == 3 * 2 * 3).all()
+    coords = blocks.coords
+    for i in (0, 37, 119):
+        kept = coords[mask[i]]
+        spans = (kept.max(0).values - kept.min(0).values + 1).tolist()
+        assert spans == [3, 2, 3]
+        assert all((kept.min(0).values <= coords[i]) & (coords[i] <= kept.max(0).values))
+
+
+def test_bad_arguments_are_refused_naming_the_value():
+    for bad in (1.0, -0.1, True, "0.5"):
+        with pytest.raises(ValueError, match=r"sparsity .* \[0, 1\)"):
+            DraftMask(bad)
+    with pytest.raises(ValueError, match="pool"):
+        DraftAttention(["a"], pool=(0, 4))
+    with pytest.raises(ValueError, match="dense_steps"):
+        DraftAttention(["a"], dense_steps=-1)
+    with pytest.raises(ValueError, match="backend 'triton' is not one of"):
+        DraftAttention(["a"], backend="triton")
+    with pytest.raises(ValueError, match="tile window"):
+        TileMask((3, 3))
+
+
+def test_flex_unavailable_is_named_with_the_alternatives(monkeypatch):
+    monkeypatch.setattr(sparse.shutil, "which", lambda name: None)
+    with pytest.raises(ValueError, match="'flex' is not available on cpu: no C\\+\\+ compiler.*'gather'"):
+        sparse.resolve_backend("flex", "cpu")
+    assert sparse.resolve_backend("auto", "cpu") == "gather"
+
+
+def test_a_grid_is_required():
+    with pytest.raises(ValueError, match="image token grid"):
+        block_layout(TokenLayout(slice(0, 10), None, None), 10, POOL)
+
+
+def wan_transformer():
+    return tiny_components("wan")["transformer"].eval()
+
+
+def wan_inputs(timestep):
+    g = torch.Generator().manual_seed(0)
+    return dict(hidden_states=torch.randn(1, 16, 3, 8, 8, generator=g),
+                encoder_hidden_states=torch.randn(1, 6, 32, generator=g),
+                timestep=torch.tensor([timestep]), return_dict=False)
+
+
+def test_on_wan_keep_all_is_the_model_and_dense_steps_count_timesteps():
+    model = wan_transformer()
+    layers = list(list_layers(model, (SELF,)))
+    with torch.no_grad():
+        plain = [model(**wan_inputs(t))[0] for t in (900, 800)]
+        with steering(model, [DraftAttention(layers, sparsity=0.0, pool=(2, 2), backend="gather")]):
+            kept = [model(**wan_inputs(t))[0] for t in (900, 800)]
+        steer = DraftAttention(layers, sparsity=0.8, pool=(2, 2), backend="gather", dense_steps=1)
+        with steering(model, [steer]):
+            first = [model(**wan_inputs(900))[0] for _ in range(2)]  # one step (same timestep) twice
+            second = model(**wan_inputs(800))[0]
+    for a, b in zip(plain, kept):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(f, plain[0]) for f in first) and steer.step == 1
+    assert (second - plain[1]).abs().max() > 1e-4
+
+
+def test_a_layer_mask_is_refused():
+    layout, seq_len = layouts()["self"]
+    call = AttentionCall(LayerInfo("blocks.0.attn1", SELF, 3, None), layout)
+    q, k, v = qkv(seq_len)
+    with pytest.raises(RuntimeError, match="blocks.0.attn1.*own attention mask"):
+        DraftAttention(["blocks.0.attn1"], pool=POOL).attention(call, q, k, v, torch.ones(seq_len, seq_len, dtype=torch.bool), None)
+
+
+def test_compiled_flex_matches_the_reference_and_compiles_once_per_shape():
+    """The one compiled backend (a compile costs seconds): a hand-made pattern and keep-all on the joint
+    layout, then a second pattern of the same shape without recompiling."""
+    import torch._dynamo
+
+    layout, seq_len = layouts()["text after"]
+    q, k, v = qkv(seq_len, seed=4)
+    blocks = block_layout(layout, seq_len, POOL)
+    n = blocks.image_blocks
+    torch._dynamo.reset()
+    frames_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for seed in (5, 6):
+        pattern = torch.rand(2, 3, n, n, generator=torch.Generator().manual_seed(seed)) < 0.3
+        out = sparse_attention(q, k, v, layout, Fixed(pattern), POOL, q.shape[-1] ** -0.5, "flex")
+        full = block_mask(Fixed(pattern), None, None, blocks, 1.0)
+        torch.testing.assert_close(out, reference(q, k, v, full, layout, seq_len), atol=1e-5, rtol=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames_before == 1
