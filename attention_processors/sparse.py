@@ -40,6 +40,7 @@ from .core import AttentionCall, Next
 
 BACKENDS = ("auto", "flex", "gather", "dense")
 _NO_CALL = object()  # the timestep before the first call
+GATHER_ELEMENTS = 2**25  # gathered key elements per SDPA call of the gather backend (128 MiB in float32)
 
 
 @dataclass(frozen=True)
@@ -228,24 +229,26 @@ def dense_blocks(q, k, v, mask, blocks: BlockLayout, scale: float) -> torch.Tens
 
 def gather_blocks(q, k, v, mask, blocks: BlockLayout, scale: float) -> torch.Tensor:
     """Each query block gathers its kept key/value blocks; query blocks that keep equally many key
-    blocks share one 4-D SDPA call."""
+    blocks share 4-D SDPA calls, each gathering at most GATHER_ELEMENTS keys' elements."""
     b, h, _, d = q.shape
     n, size = blocks.blocks, blocks.size
     mask = mask.expand(b, h, n, n).reshape(-1, n)
     qb, kb, vb = (x.reshape(b * h, n, size, d) for x in (q, k, v))
+    queries = qb.flatten(0, 1)
     valid = blocks.valid()
     counts = mask.sum(-1)
     out = q.new_empty(b * h * n, size, d)
     for count in counts.unique().tolist():
-        rows = (counts == count).nonzero().flatten()
-        keys = mask[rows].nonzero()[:, 1].view(len(rows), count)
-        head = rows // n
-        kk = kb[head[:, None], keys].flatten(1, 2)[:, None]
-        vv = vb[head[:, None], keys].flatten(1, 2)[:, None]
-        key_valid = valid[keys].flatten(1)
-        attn_mask = None if bool(key_valid.all()) else key_valid[:, None, None, :]
-        out[rows] = F.scaled_dot_product_attention(qb.flatten(0, 1)[rows][:, None], kk, vv, attn_mask=attn_mask,
-                                                   scale=scale)[:, 0]
+        same = (counts == count).nonzero().flatten()
+        for rows in same.split(max(1, GATHER_ELEMENTS // (count * size * d))):
+            keys = mask[rows].nonzero()[:, 1].view(len(rows), count)
+            head = rows // n
+            kk = kb[head[:, None], keys].flatten(1, 2)[:, None]
+            vv = vb[head[:, None], keys].flatten(1, 2)[:, None]
+            key_valid = valid[keys].flatten(1)
+            attn_mask = None if bool(key_valid.all()) else key_valid[:, None, None, :]
+            out[rows] = F.scaled_dot_product_attention(queries[rows][:, None], kk, vv, attn_mask=attn_mask,
+                                                       scale=scale)[:, 0]
     return out.view(b, h, n * size, d)
 
 

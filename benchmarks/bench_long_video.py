@@ -1,11 +1,15 @@
-"""Plain long generation: a video model asked for more frames than it was trained on, in one call.
+"""Long video: a video model asked for more frames than it was trained on, by each method.
 
-The baseline the long-video methods (FIFO, Ouroboros) must beat. Each held-out prompt of a video set is
-generated at --frames (e.g. 65 on shapes-wan, trained on 17) and scored whole (``score_video``) and per
-window of --window frames (``video_drift``: the first window against the last, identity against each
-object's first detection in the whole video).
+Rows (--rows): "direct", the model asked for all --frames in one call; "clips", independent clips of the
+trained length concatenated (clip c of seed s at seed 1000 s + c); "fifo" (FIFO-Diffusion without
+lookahead), "fifo-lookahead", and "ouroboros-tail" (lookahead with coherent tail sampling). Each held-out
+prompt of a video set x seed is generated at --frames (e.g. 137 on shapes-wan, 8x its 17) and scored
+whole (``score_video``: identity over the whole video) and per window of --window frames (``video_drift``:
+the first window against the last, identity against each object's first detection in the whole video).
+Every row is paired against the first on the same prompts and seeds. Model calls per output frame are
+counted for each row.
 
-    python benchmarks/bench_long_video.py --model shapes-wan --set one-moving --count 100 --seeds 2 --frames 65
+    python benchmarks/bench_long_video.py --model shapes-wan --set one-moving --count 50 --seeds 2 --frames 137
 """
 
 from __future__ import annotations
@@ -15,9 +19,13 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from attnsteer.guidance.shapes import VIDEO_METRICS
+
+ROWS = {"direct": None, "clips": None, "fifo": dict(fifo_lookahead=False), "fifo-lookahead": dict(fifo_lookahead=True),
+        "ouroboros-tail": dict(fifo_lookahead=True, ouroboros_tail=True)}
 
 
 def parse_args():
@@ -29,6 +37,8 @@ def parse_args():
     p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per prompt")
     p.add_argument("--frames", type=int, default=65, help="frames asked for (1 + 4k for Wan)")
     p.add_argument("--window", type=int, default=None, help="frames per scored window (default: the model's trained clip)")
+    p.add_argument("--rows", nargs="+", default=["direct", "fifo"], choices=list(ROWS))
+    p.add_argument("--partitions", type=int, default=4, help="FIFO's n")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None, help="write the records and tables here (JSON)")
@@ -40,17 +50,36 @@ def parse_args():
     return args
 
 
+def generate(pipe, fifo, row: str, batch, call: dict, trained: int, args) -> list:
+    """The videos of one batch of (prompt, seed) by ``row``'s method."""
+    prompts = [p for p, _ in batch]
+    if row == "direct":
+        return list(pipe(prompts, generator=[torch.Generator().manual_seed(s) for _, s in batch], **call).frames)
+    if row == "clips":
+        count = -(-(args.frames - 1) // (trained - 1))
+        clips = [pipe(prompts, generator=[torch.Generator().manual_seed(1000 * s + c) for _, s in batch],
+                      **{**call, "num_frames": trained}).frames for c in range(count)]
+        return [np.concatenate([clip[i] for clip in clips])[:args.frames] for i in range(len(batch))]
+    return [fifo(p, generator=torch.Generator().manual_seed(s), fifo_partitions=args.partitions, **ROWS[row], **call).frames[0]
+            for p, s in batch]
+
+
 def main():
     args = parse_args()
     torch.set_num_threads(args.threads)
-    from attnsteer.guidance.shapes import summarize_drift, summarize_videos, video_drift, video_prompt_set
+    from attnsteer.guidance.shapes import score_video, summarize_drift, summarize_videos, video_drift, video_prompt_set
+    from attnsteer.guidance.stats import paired_difference
     from attnsteer.pipelines.cli import load_pipeline
     from attnsteer.pipelines.evaluate import paired_table, table
+    from attnsteer.pipelines.fifo import WanFIFOPipeline
 
     pipe, is_video = load_pipeline(args.model, "cpu", "float32")
     if not is_video:
         raise SystemExit(f"--model {args.model} is not a video model")
     pipe.set_progress_bar_config(disable=True)
+    fifo = WanFIFOPipeline(**pipe.components)
+    fifo.call_defaults = pipe.call_defaults
+    fifo.set_progress_bar_config(disable=True)
     trained = pipe.call_defaults.get("num_frames", 17)
     window = args.window or trained
     if args.frames < 2 * window:
@@ -58,24 +87,58 @@ def main():
     call = {"num_inference_steps": 20, **pipe.call_defaults, "num_frames": args.frames, "output_type": "np"}
     prompts = video_prompt_set(args.set, args.split)[:args.count]
     items = [(p, s) for p in prompts for s in range(args.seeds)]
-    drifts, t = [], time.time()
-    for i in range(0, len(items), args.batch_size):
-        batch = items[i:i + args.batch_size]
-        frames = pipe([p for p, _ in batch], generator=[torch.Generator().manual_seed(s) for _, s in batch], **call).frames
-        drifts += [video_drift(list(video), prompt, window) for (prompt, _), video in zip(batch, frames)]
     groups = [p for p, _ in items]
-    first = summarize_videos([d["windows"][0] for d in drifts], groups)
-    last = summarize_videos([d["windows"][-1] for d in drifts], groups)
-    change = summarize_drift(drifts, groups)
-    print(f"{args.model}, {args.set} {args.split} prompts x {args.seeds} seeds, {args.frames} frames asked "
-          f"(trained on {trained}), windows of {window}; {time.time() - t:.0f} s\n")
-    print(table({"first window": first, "last window": last}, VIDEO_METRICS))
-    print("\n" + paired_table({"last window": change}, "first window", VIDEO_METRICS))
+    calls = {}
+
+    def counted(*a, **k):
+        calls[row] = calls.get(row, 0) + 1
+        return forward(*a, **k)
+
+    forward = pipe.transformer.forward
+    pipe.transformer.forward = counted
+    results, t = {}, time.time()
+    try:
+        for row in args.rows:
+            drifts, wholes = [], []
+            for i in range(0, len(items), args.batch_size):
+                batch = items[i:i + args.batch_size]
+                for (prompt, _), video in zip(batch, generate(pipe, fifo, row, batch, call, trained, args)):
+                    drifts.append(video_drift(list(video), prompt, window))
+                    wholes.append(score_video(list(video), prompt))
+            results[row] = {"drifts": drifts, "wholes": wholes}
+    finally:
+        del pipe.transformer.forward
+    frames_out = len(items) * args.frames
+    print(f"{args.model}, {args.set} {args.split} prompts x {args.seeds} seeds ({len(items)} videos), {args.frames} frames "
+          f"asked (trained on {trained}), windows of {window}, FIFO n = {args.partitions}; {time.time() - t:.0f} s\n")
+    print("model calls per output frame (a CFG step is two calls; per batch of videos for direct and clips): "
+          + ", ".join(f"{row} {calls.get(row, 0) / frames_out:.2f}" for row in args.rows) + "\n")
+    summary, paired, first_row = {}, {}, args.rows[0]
+    for row, r in results.items():
+        summary[f"{row} whole"] = summarize_videos(r["wholes"], groups)
+        summary[f"{row} first window"] = summarize_videos([d["windows"][0] for d in r["drifts"]], groups)
+        summary[f"{row} last window"] = summarize_videos([d["windows"][-1] for d in r["drifts"]], groups)
+        summary[f"{row} drift"] = summarize_drift(r["drifts"], groups)
+    print(table({k: v for k, v in summary.items() if not k.endswith("drift")}, VIDEO_METRICS))
+    print("\n" + paired_table({row: summary[f"{row} drift"] for row in results}, "first window (drift: last - first)",
+                               VIDEO_METRICS))
+    for row, r in results.items():
+        if row == first_row:
+            continue
+        base = results[first_row]
+        paired[row] = {m: paired_difference([w[m] for w in base["wholes"]], [w[m] for w in r["wholes"]], groups)
+                       for m in ("identity", "binding", "smooth", "flicker")}
+        paired[row]["drift binding"] = paired_difference([d["change"]["binding"] for d in base["drifts"]],
+                                                         [d["change"]["binding"] for d in r["drifts"]], groups)
+    if paired:
+        print("\n" + paired_table(paired, f"{first_row} (whole video; drift binding: change of last - first)",
+                                   ("identity", "binding", "smooth", "flicker", "drift binding")))
     if args.out:
-        records = [{"prompt": p, "seed": s, "first": d["first"], "last": d["last"], "change": d["change"]}
-                   for (p, s), d in zip(items, drifts)]
-        Path(args.out).write_text(json.dumps({"args": vars(args), "first": first, "last": last, "change": change,
-                                              "records": records}, indent=1))
+        records = {row: [{"prompt": p, "seed": s, "whole": {m: w[m] for m in VIDEO_METRICS}, "first": d["first"],
+                          "last": d["last"], "change": d["change"]} for (p, s), d, w in zip(items, r["drifts"], r["wholes"])]
+                   for row, r in results.items()}
+        Path(args.out).write_text(json.dumps({"args": vars(args), "calls": calls, "summary": summary, "paired": paired,
+                                              "records": records}, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ logging.getLogger("transformers.utils.import_utils").addFilter(_NoTorchvisionNot
 __all__ = [
     "STEER_PIPELINES", "FluxSteerPipeline", "StableDiffusion3SteerPipeline", "StableDiffusionSteerPipeline",
     "StableDiffusionXLSteerPipeline", "SteerMixin", "WanSteerPipeline",
-    "AttentionMaps", "render_attention_maps",
+    "AttentionMaps", "render_attention_maps", "WanFIFOPipeline",
 ]
 
 
@@ -28,6 +28,10 @@ def __getattr__(name: str):
         from . import maps
 
         return getattr(maps, name)
+    if name == "WanFIFOPipeline":
+        from . import fifo
+
+        return fifo.WanFIFOPipeline
     if name in __all__:
         from . import steer
 

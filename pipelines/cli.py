@@ -31,7 +31,8 @@ FLAGS = {"perturbed_heads": "--heads", "perturbation_scale": "--scale", "softpag
          "return_attention_maps": "--words", "attention_maps_steps": "--maps-steps",
          "attention_maps_layers": "--maps-layers", "story_subjects": "--subject", "story_words": "--words",
          "sparsity": "--sparsity", "sparse_mask": "--sparse-mask", "sparse_pool": "--sparse-pool",
-         "sparse_backend": "--sparse-backend", "sparse_dense_steps": "--sparse-dense-steps"}
+         "sparse_backend": "--sparse-backend", "sparse_dense_steps": "--sparse-dense-steps",
+         "fifo_partitions": "--fifo-partitions", "num_frames": "--frames"}
 
 
 class UsageError(ValueError):
@@ -217,6 +218,13 @@ def generate(args) -> None:
                          f"{DEFAULT_VIDEO_MODEL} (or use `attnsteer generate`)")
     call = dict(_call(args, pipe, 28), prompt=args.prompt, negative_prompt=args.negative_prompt, output_type="pil")
     method = _method(args)
+    from .fifo import WAN_TRAINED_FRAMES
+
+    if is_video and call.get("num_frames", 0) > pipe.call_defaults.get("num_frames", WAN_TRAINED_FRAMES):
+        if method is not None:
+            raise UsageError(f"--frames {call['num_frames']} is longer than the model's clip, which runs FIFO-Diffusion; "
+                             f"it does not combine with {method[0]} yet")
+        return long_video(args, pipe, call)
     if method is None:
         runs = [("output", {}, "output")]
     else:
@@ -237,6 +245,43 @@ def generate(args) -> None:
         grid = Path(args.out) / f"seed{args.seed}_grid.png"
         labelled_grid(firsts, [label for _, _, label in runs], args.prompt).save(grid)
         print(grid)
+
+
+def long_video(args, pipe, call: dict) -> None:
+    """FIFO-Diffusion: each frame written as a PNG as it leaves the queue, then the animated GIF (read back
+    from the PNGs); with --baseline also the model asked for all the frames at once."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from .evaluate import enlarged
+    from .fifo import WanFIFOPipeline
+
+    fifo = WanFIFOPipeline(**pipe.components)
+    fifo.call_defaults = pipe.call_defaults
+    fifo.set_progress_bar_config(disable=False)
+    options = dict(fifo_partitions=args.fifo_partitions, fifo_lookahead=not args.no_lookahead)
+    fifo.check_fifo(call["num_frames"], args.fifo_partitions, fifo.trained_frames(), False, None, 0, call["prompt"])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = (["baseline"] if args.baseline else []) + ["fifo"]
+    for name in runs:
+        stem, paths = f"seed{args.seed}_{name}_0", []
+        generator = torch.Generator(args.device).manual_seed(args.seed)
+
+        def write(_, first, frames):
+            for k, frame in enumerate(frames[0]):
+                paths.append(out / f"{stem}_frame{first + k:04d}.png")
+                Image.fromarray(np.uint8(np.round(frame * 255))).save(paths[-1])
+                print(paths[-1])
+
+        if name == "fifo":
+            fifo(**{**call, "output_type": "np"}, **options, frame_callback=write, generator=generator)
+        else:
+            write(None, 0, pipe(**{**call, "output_type": "np"}, generator=generator).frames)
+        shown = [enlarged(Image.open(path)) for path in paths]
+        shown[0].save(out / f"{stem}.gif", save_all=True, append_images=shown[1:], duration=GIF_FRAME_MS, loop=0)
+        print(out / f"{stem}.gif")
 
 
 def story(args) -> None:
@@ -498,7 +543,7 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--sparse-mask", default="draft", choices=["draft", "radial", "tile"],
                        help="block mask: the draft map (with --sparsity), or the static radial or sliding-tile mask")
         p.add_argument("--sparse-pool", type=POSITIVE, nargs=2, default=None, metavar=("ROWS", "COLUMNS"),
-                       help="latent tokens per block in each frame (default 8 16)")
+                       help="latent tokens per block in each frame (default 8 16, clipped to the frame)")
         p.add_argument("--sparse-backend", default="auto", choices=["auto", "flex", "gather", "dense"],
                        help="auto: compiled flex_attention where it can run, else gather")
         p.add_argument("--sparse-dense-steps", type=NON_NEGATIVE, default=None,
@@ -521,9 +566,13 @@ def parser() -> argparse.ArgumentParser:
     model_options(g)
     generate_options(g, "out")
 
-    v = command("video", help="generate a video (frames as PNG and an animated GIF), optionally steered")
+    v = command("video", help="generate a video (frames as PNG and an animated GIF), optionally steered; --frames "
+                              "beyond the model's clip runs FIFO-Diffusion")
     model_options(v, DEFAULT_VIDEO_MODEL)
     generate_options(v, "video")
+    v.add_argument("--fifo-partitions", type=POSITIVE, default=4,
+                   help="FIFO queue of n windows (--frames beyond the model's clip): each frame passes n x window levels")
+    v.add_argument("--no-lookahead", action="store_true", help="FIFO without overlapping windows (half the model calls)")
 
     e = command("eval", help="measure baseline and steering on a shapes prompt set x seeds")
     model_options(e, None)

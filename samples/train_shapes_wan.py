@@ -18,8 +18,11 @@ generation uses, so training and inference see the same text tokens.
    in one brown). latents_mean / latents_std are set per channel from the encoded clips.
 3. Every clip encoded once (posterior mean and std kept, a latent sampled per step) and cached with its
    caption: a resumed run neither redraws nor re-encodes (--vae-only stops here, to tune the VAE).
-4. Text encoder + transformer, jointly from scratch; then a few tune-prompt videos generated and scored
-   with the video metrics (and a contact sheet of them written to --work).
+4. Text encoder + transformer, jointly from scratch.
+5. With --decoder-steps: a decoder (--decoder-dim base channels) trained on whole clips for the frozen
+   encoder, so the latent space the transformer learned stays; the VAE check runs again on it.
+Then a few tune-prompt videos are generated and scored with the video metrics (and a contact sheet of
+them written to --work).
 
 Why 17 frames at 64x64: 64 px is the size the shapes detector is built and tested for (objects 14-26
 px; at 32 px it already misreads 9% of clean drawn two-object scenes, at 48 px 1.5%), and 17 frames
@@ -158,6 +161,12 @@ def parse_args(argv=None):
                    help="VAE loss weight of pixels off the background grey (objects and their edges): with 1, "
                         "400 steps drew every object in one brown; with 5 they had their colours")
     p.add_argument("--vae-only", action="store_true", help="stop after the VAE stage and its check (to tune it)")
+    p.add_argument("--decoder-steps", type=whole, default=0,
+                   help="after the transformer: steps of a decoder trained on whole clips for the frozen encoder, whose "
+                        "latent space (the transformer's) stays as it is")
+    p.add_argument("--decoder-dim", type=positive_int, default=None,
+                   help="that decoder's base channels (default --vae-decoder-dim: it then starts from the trained one)")
+    p.add_argument("--decoder-lr", type=float, default=1e-3)
     # transformer + text encoder
     p.add_argument("--layers", type=positive_int, default=4)
     p.add_argument("--heads", type=positive_int, default=4)
@@ -285,6 +294,52 @@ def to_frames(video):
 
 # ----------------------------------------------------------------------------- stages
 
+def reconstruction_loss(rec, x, args):
+    """MSE + L1, the pixels off the background grey weighted --vae-object-weight."""
+    background = torch.tensor(BACKGROUND).view(1, 3, 1, 1, 1) / 127.5 - 1
+    off = (x - background).abs().amax(1, keepdim=True) > BACKGROUND_TOL
+    weight = 1 + (args.vae_object_weight - 1) * off
+    return ((rec - x).square() + (rec - x).abs()).mul(weight).mean()
+
+
+def train_decoder(args, vae, log):
+    """A decoder (of --decoder-dim base channels) for ``vae``'s frozen encoder, --decoder-steps steps on
+    whole training clips (drawn again from their seeds), encoder latents sampled as in training."""
+    dim = args.decoder_dim or args.vae_decoder_dim
+    new = AutoencoderKLWan.from_config({**vae.config, "decoder_base_dim": dim})
+    same = dim == vae.config.decoder_base_dim
+    new.load_state_dict({k: v for k, v in vae.state_dict().items()
+                         if same or not k.startswith(("decoder.", "post_quant_conv."))}, strict=same)
+    new.requires_grad_(False)
+    params = list(new.decoder.parameters()) + list(new.post_quant_conv.parameters())
+    for q in params:
+        q.requires_grad_(True)
+    log(f"decoder: base {dim}, {sum(q.numel() for q in params)} params, {'from the trained one' if same else 'new'}")
+    clips, _ = draw_clips(args)
+    rng = np.random.default_rng(args.seed + 5)
+    torch.manual_seed(args.seed + 5)
+    opt = torch.optim.AdamW(params, args.decoder_lr, weight_decay=0.0)
+    t0 = time.time()
+    for step in range(args.decoder_steps):
+        for g in opt.param_groups:
+            g["lr"] = args.decoder_lr * (0.5 * (1 + np.cos(np.pi * step / args.decoder_steps)) * 0.9 + 0.1)
+        x = to_video(clips[rng.integers(0, len(clips), args.vae_full_batch)])
+        with torch.no_grad():
+            z = new.encode(x).latent_dist.sample()
+        rec = new.decode(z).sample
+        loss = reconstruction_loss(rec, x, args)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % args.log_every == 0 or step == args.decoder_steps - 1:
+            mse = F.mse_loss(rec.detach(), x).item()
+            log(f"decoder step {step + 1}/{args.decoder_steps} mse {mse:.5f} psnr {10 * np.log10(4 / mse):.1f} dB  "
+                f"{time.time() - t0:.0f}s")
+    new.requires_grad_(False)
+    return new.eval()
+
+
 def train_vae(args, clips, log):
     """Mostly random crops (any start frame, which the causal VAE then treats as a clip's first; 4-pixel
     aligned squares), then --vae-full-steps on whole clips so the cache across every chunk is trained."""
@@ -295,7 +350,6 @@ def train_vae(args, clips, log):
     opt = torch.optim.AdamW(vae.parameters(), args.vae_lr, weight_decay=0.0)
     total = args.vae_steps + args.vae_full_steps
     n, frames, size = clips.shape[:3]
-    background = torch.tensor(BACKGROUND).view(1, 3, 1, 1, 1) / 127.5 - 1
     t0 = time.time()
     for step in range(total):
         if step < args.vae_steps:
@@ -310,9 +364,7 @@ def train_vae(args, clips, log):
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
         mse = F.mse_loss(rec, x)
-        off = (x - background).abs().amax(1, keepdim=True) > BACKGROUND_TOL
-        weight = 1 + (args.vae_object_weight - 1) * off
-        loss = ((rec - x).square() + (rec - x).abs()).mul(weight).mean() + args.kl_weight * post.kl().mean()
+        loss = reconstruction_loss(rec, x, args) + args.kl_weight * post.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -500,6 +552,21 @@ def main(argv=None):
     if pipe is None:  # nothing left to train: a finished run rerun
         pipe = save(trained)
 
+    # ---- a decoder for the frozen encoder (the transformer's latent space is unchanged)
+    if args.decoder_steps > 0:
+        dec_path = work / "vae_decoder"
+        if (dec_path / "config.json").exists():
+            decoded = AutoencoderKLWan.from_pretrained(dec_path).eval()
+            log(f"decoder from {dec_path}")
+        else:
+            t = time.time()
+            decoded = train_decoder(args, pipe.vae, log)
+            decoded.save_pretrained(dec_path)
+            timings["decoder_s"] = time.time() - t
+        vae_check = {"before": vae_check, "decoder": check_vae(args, decoded, log)}
+        pipe = build_pipeline(decoded, ema_te, ema_tr, tokenizer, args.shift)
+        pipe.save_pretrained(out, safe_serialization=True)
+
     # ---- evaluation and record
     pipe.set_progress_bar_config(disable=True)
     t = time.time()
@@ -515,7 +582,7 @@ def command_line(args):
         flag = "--" + key.replace("_", "-")
         if value is True:
             parts.append(flag)
-        elif value is not False:
+        elif value is not False and value is not None:
             parts.append(f"{flag} {','.join(map(str, value)) if isinstance(value, tuple) else value}")
     return " ".join(parts)
 
@@ -556,7 +623,10 @@ def write_record(args, out, trained, timings, eval_s, vae_check, evaluation, pip
         f"clips (batch {args.vae_full_batch}), lr {args.vae_lr}, MSE + L1 with object pixels weighted "
         f"{args.vae_object_weight}, KL weight {args.kl_weight}; video metrics on its reconstructions of "
         f"{args.check_clips} fresh clips: {vae_check}\n"
-        f"- transformer: {args.layers} layers x {args.heads} heads of {args.head_dim}, ffn {args.ffn}, patch "
+        + (f"- decoder: {args.decoder_steps} steps on whole clips (batch {args.vae_full_batch}), base "
+           f"{args.decoder_dim or args.vae_decoder_dim} channels, lr {args.decoder_lr}, encoder frozen\n"
+           if args.decoder_steps else "")
+        + f"- transformer: {args.layers} layers x {args.heads} heads of {args.head_dim}, ffn {args.ffn}, patch "
         f"{'x'.join(map(str, PATCH))}, adaLN-zero initialisation; text encoder: UMT5 d_model {args.te_dim}, "
         f"{args.te_layers} layers, the CLIP BPE tokenizer\n"
         f"- parameters: {', '.join(f'{k} {v}' for k, v in params.items())}; saved EMA weights (decay {args.ema}), "

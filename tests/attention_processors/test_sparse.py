@@ -233,3 +233,13 @@ def test_compiled_flex_matches_the_reference_and_compiles_once_per_shape():
         full = block_mask(Fixed(pattern), None, None, blocks, 1.0)
         torch.testing.assert_close(out, reference(q, k, v, full, layout, seq_len), atol=1e-5, rtol=1e-5)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames_before == 1
+
+
+def test_gather_split_into_many_calls_gives_the_same_output(monkeypatch):
+    layout, seq_len = layouts()["text first"]
+    q, k, v = qkv(seq_len, seed=7)
+    source = DraftMask(0.6)
+    whole = sparse_attention(q, k, v, layout, source, POOL, 0.3, "gather")
+    monkeypatch.setattr(sparse, "GATHER_ELEMENTS", 1)  # one query block per SDPA call
+    torch.testing.assert_close(sparse_attention(q, k, v, layout, source, POOL, 0.3, "gather"), whole)
+    torch.testing.assert_close(whole, sparse_attention(q, k, v, layout, source, POOL, 0.3, "dense"), atol=1e-5, rtol=1e-5)

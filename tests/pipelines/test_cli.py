@@ -243,8 +243,21 @@ def test_video_with_block_sparse_attention(tmp_path, capsys):
           "--height", "32", "--width", "32", "--frames", "5", "--out", str(tmp_path)])
     baseline, sparse = (np.asarray(Image.open(tmp_path / f"seed0_{name}_0_frame004.png")) for name in ("baseline", "steered"))
     assert not np.array_equal(baseline, sparse)
-    message = refused(["video", "--model", "tiny-wan", "--prompt", "a cat", "--sparsity", "0.5", "--height", "32",
-                       "--width", "32", "--frames", "5", "--out", str(tmp_path / "o")], capsys)
+    message = refused(["video", "--model", "tiny-wan", "--prompt", "a cat", "--sparsity", "0.5", "--sparse-pool", "8", "16",
+                       "--height", "32", "--width", "32", "--frames", "5", "--out", str(tmp_path / "o")], capsys)
     assert "attnsteer video: --sparse-pool (8, 16) must be (rows, columns) of tokens that fit in the call's 4 x 4" in message
     assert "argument --sparsity: 1 is not allowed: a fraction in [0, 1)" in refused(
         ["video", "--model", "tiny-wan", "--prompt", "a", "--sparsity", "1"], capsys)
+
+
+def test_video_beyond_the_models_clip_runs_fifo_and_streams_frames(tmp_path, capsys):
+    main(["video", "--model", "tiny-wan", "--prompt", "a cat", "--steps", "2", "--frames", "13", "--fifo-partitions", "1",
+          "--height", "32", "--width", "32", "--baseline", "--out", str(tmp_path)])
+    for name in ("baseline", "fifo"):
+        assert sorted(p.name for p in tmp_path.glob(f"seed0_{name}_0_frame*.png")) == [
+            f"seed0_{name}_0_frame{f:04d}.png" for f in range(13)]
+        assert Image.open(tmp_path / f"seed0_{name}_0.gif").n_frames == 13
+    assert "--frames 12 must be 1 + 4k frames" in refused(
+        ["video", "--model", "tiny-wan", "--prompt", "a", "--frames", "12", "--height", "32", "--width", "32"], capsys)
+    assert "does not combine with heads" in refused(
+        ["video", "--model", "tiny-wan", "--prompt", "a", "--frames", "13", "--heads", "0:0"], capsys)

@@ -97,6 +97,7 @@ def test_the_model_is_restored_when_the_call_raises():
     (dict(sparsity=0.5, sparse_mask="radial"), "sparsity sets the draft map's density"),
     (dict(sparse_mask="window"), r"sparse_mask 'window' is not one of \('draft', 'radial', 'tile'\)"),
     (dict(sparsity=0.5, sparse_pool=(8, 16)), r"sparse_pool \(8, 16\) .* fit in the call's 4 x 4 tokens per frame"),
+    (dict(sparsity=0.5, sparse_pool=(2, 0)), r"sparse_pool \(2, 0\) must be \(rows, columns\)"),
     (dict(sparsity=0.5, sparse_backend="cuda"), r"sparse_backend 'cuda' is not one of"),
     (dict(sparsity=0.5, sparse_dense_layers=["blocks.7.attn1"]), "unknown layer 'blocks.7.attn1'"),
     (dict(sparsity=0.5, sparse_dense_layers=["blocks.0.attn2"]), "is cross-attention"),

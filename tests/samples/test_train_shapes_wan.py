@@ -101,3 +101,20 @@ def test_vae_only_stops_before_the_transformer(tmp_path):
     assert "video metrics on 1 VAE reconstructions" in log and "stopping after the VAE stage" in log
     assert (tmp_path / "work" / "latents.pt").exists() and not (tmp_path / "work" / "state.pt").exists()
     assert not (tmp_path / "out").exists()
+
+
+def test_a_new_decoder_keeps_the_encoder_and_so_the_transformers_latent_space(tmp_path):
+    from diffusers import AutoencoderKLWan
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    argv = TINY + ["--work", str(work), "--output", str(out), "--steps", "1", "--decoder-steps", "2", "--decoder-dim", "8"]
+    wan.main(argv)
+    log = (work / "train.log").read_text()
+    assert "decoder: base 8" in log and "new" in log and "decoder step 2/2" in log
+    first, decoded = AutoencoderKLWan.from_pretrained(work / "vae"), AutoencoderKLWan.from_pretrained(out / "vae")
+    assert decoded.config.decoder_base_dim == 8
+    for name, value in first.encoder.state_dict().items():
+        assert torch.equal(decoded.encoder.state_dict()[name], value), name
+    assert decoded.config.latents_mean == WanPipeline.from_pretrained(out).vae.config.latents_mean != first.config.latents_mean
+    wan.main(argv)
+    assert f"decoder from {work / 'vae_decoder'}" in (work / "train.log").read_text()

@@ -1,0 +1,124 @@
+"""Block-sparse attention on shapes-wan against dense attention with the same prompts and seeds.
+
+Each held-out prompt of a video set x seed is generated dense and with each block mask; per video: the
+PSNR of each frame to the dense video (mean over frames), and the shapes video metrics, paired against
+the dense row on the same prompts and seeds. Rows: the draft map at each --sparsity, with the default
+dense warm-up (the first 30% of the steps and the first block dense) and without any; the Radial and
+sliding-tile masks (their density is fixed by the pattern and printed beside them). shapes-wan has 8 x 8
+tokens a frame and 5 latent frames: --pool 4 4 gives 4 blocks a frame, 20 in all.
+
+    python benchmarks/bench_sparse_quality.py --set one-moving --count 60 --seeds 2 --out sparse-quality.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+METRICS = ("psnr", "binding", "identity", "smooth", "flicker")
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="shapes-wan")
+    p.add_argument("--set", default="one-moving", choices=["one", "two", "one-moving", "two-moving"])
+    p.add_argument("--split", default="heldout", choices=["tune", "heldout"])
+    p.add_argument("--count", type=int, default=20, help="prompts")
+    p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per prompt")
+    p.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.75, 0.9])
+    p.add_argument("--pool", type=int, nargs=2, default=(4, 4))
+    p.add_argument("--tile", type=int, nargs=3, default=(3, 1, 1), help="the tile mask's window of blocks")
+    p.add_argument("--backend", default="gather", choices=["auto", "flex", "gather", "dense"])
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=None, help="write the records and tables here (JSON)")
+    args = p.parse_args()
+    if args.count < 1 or args.seeds < 1 or args.batch_size < 1:
+        p.error("--count, --seeds and --batch-size must be at least 1")
+    return args
+
+
+def rows(args) -> dict[str, dict]:
+    """Row name -> the sparse keyword arguments (None: dense)."""
+    common = dict(sparse_pool=tuple(args.pool), sparse_backend=args.backend)
+    out = {"dense": None}
+    for s in args.sparsity:
+        out[f"draft {s:g}"] = dict(sparsity=s, **common)
+        out[f"draft {s:g} no warm-up"] = dict(sparsity=s, sparse_dense_steps=0, sparse_dense_layers=[], **common)
+    out["radial"] = dict(sparse_mask="radial", **common)
+    out["tile"] = dict(sparse_mask="tile", sparse_tile=tuple(args.tile), **common)
+    return out
+
+
+def static_densities(pipe, call: dict, args) -> dict[str, float]:
+    """The fraction of block pairs the radial and tile masks keep on the call's token grid (the diagonal
+    included, as computed)."""
+    from attnsteer.attention_processors import TokenLayout
+    from attnsteer.attention_processors.sparse import RadialMask, TileMask, block_layout, block_mask, density
+    from attnsteer.pipelines.sparse import token_grid
+
+    frames = (call["num_frames"] - 1) // pipe.vae_scale_factor_temporal + 1
+    grid = (frames, *token_grid(pipe, call))
+    n = int(np.prod(grid))
+    blocks = block_layout(TokenLayout(slice(0, n), None, grid), n, tuple(args.pool))
+    marker = torch.zeros(1)
+    return {name: density(block_mask(source, marker, None, blocks, 1.0))
+            for name, source in (("radial", RadialMask()), ("tile", TileMask(tuple(args.tile))))}
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean over frames of each frame's PSNR (frames in [0, 1]); identical frames count 60 dB."""
+    mse = ((a - b) ** 2).reshape(len(a), -1).mean(1)
+    return float(np.mean(10 * np.log10(1 / np.maximum(mse, 1e-6))))
+
+
+def main():
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    from attnsteer.guidance.shapes import VIDEO_METRICS, mean_interval, score_video, video_prompt_set
+    from attnsteer.guidance.stats import paired_difference
+    from attnsteer.pipelines.cli import load_pipeline
+    from attnsteer.pipelines.evaluate import paired_table, table
+
+    pipe, _ = load_pipeline(args.model, "cpu", "float32")
+    pipe.set_progress_bar_config(disable=True)
+    call = {**pipe.call_defaults, "output_type": "np"}
+    prompts = video_prompt_set(args.set, args.split)[:args.count]
+    items = [(p, s) for p in prompts for s in range(args.seeds)]
+    records, seconds, t = [], {}, time.time()
+    for start in range(0, len(items), args.batch_size):
+        batch = items[start:start + args.batch_size]
+        generators = lambda: [torch.Generator().manual_seed(1000 * s + prompts.index(p)) for p, s in batch]
+        dense = None
+        for row, extra in rows(args).items():
+            t_row = time.time()
+            frames = pipe([p for p, _ in batch], generator=generators(), **call, **(extra or {})).frames
+            seconds[row] = seconds.get(row, 0.0) + time.time() - t_row
+            dense = frames if extra is None else dense
+            for (prompt, seed), video, reference in zip(batch, frames, dense):
+                scores = score_video(list(video), prompt)
+                records.append({"row": row, "prompt": prompt, "seed": seed, "psnr": psnr(video, reference),
+                                **{m: scores[m] for m in VIDEO_METRICS if m != "followed"}})
+    by_row = {row: [r for r in records if r["row"] == row] for row in rows(args)}
+    summary = {row: {"n_images": len(rs), **{m: mean_interval([r[m] for r in rs], [r["prompt"] for r in rs])
+                                             for m in METRICS}} for row, rs in by_row.items()}
+    base = by_row["dense"]
+    paired = {row: {m: paired_difference([r[m] for r in base], [r[m] for r in rs], [r["prompt"] for r in rs])
+                    for m in METRICS if m != "psnr"} for row, rs in by_row.items() if row != "dense"}
+    heading = (f"{args.model}, {args.set} {args.split} prompts x seeds 0..{args.seeds - 1} ({len(items)} videos), pool "
+               f"{tuple(args.pool)}, backend {args.backend}; {time.time() - t:.0f} s; seconds per row: "
+               + ", ".join(f"{row} {s:.0f}" for row, s in seconds.items()) + "; static mask densities: "
+               + ", ".join(f"{k} {v:.2f}" for k, v in static_densities(pipe, call, args).items()))
+    print(f"{heading}\n\n{table(summary, METRICS)}\n\n{paired_table(paired, 'dense', METRICS[1:])}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"args": vars(args), "summary": summary, "paired": paired,
+                                              "seconds": seconds, "records": records}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""Long video in constant memory: FIFO-Diffusion on Wan, as a WanPipeline subclass.
+
+    pipe = WanFIFOPipeline.from_pretrained("samples/models/shapes-wan")
+    video = pipe("a red circle moving left", num_frames=129, generator=torch.Generator().manual_seed(0)).frames[0]
+
+The model's own clip (``fifo_window_frames`` video frames, by default the length it was trained on:
+the model folder's attnsteer.json, else Wan's 81) is sampled first with the parent pipeline; then a
+queue of f x n latent frames (f latent frames a window, n = ``fifo_partitions``) runs as
+``attnsteer.guidance.fifo`` describes, ``fifo_lookahead`` by default. Each frame leaving the queue is
+decoded at once through Wan's causal VAE with its cache kept (``StreamingDecoder``) and handed to
+``frame_callback(pipe, first_frame, frames)`` (frames: [batch, F, H, W, 3] floats in [0, 1]); with a
+callback the frames are not kept, so memory does not grow with the length, and the output's
+``frames`` is None. ``fifo_prompt_schedule`` [(start, stop, prompt)] gives frame ranges their own
+prompts, ``fifo_prompt_blend`` frames of linear change between them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import WanPipeline
+from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from attnsteer.guidance.fifo import PromptSchedule, coherent_tail, fifo_step, initial_queue, slot_sigmas, windows
+
+from .steer import CALL_DEFAULTS
+
+WAN_TRAINED_FRAMES = 81  # Wan 2.1's clip length, for a model without a recorded one
+
+
+class StreamingDecoder:
+    """Decode latent frames one at a time through Wan's causal VAE, keeping its feature cache between
+    them: the same video as ``vae.decode`` of all the frames at once (diffusers decodes frame by frame
+    too), in memory that does not grow with the length. A ``with`` block; the VAE's cache is cleared on
+    exit, as after a decode."""
+
+    def __init__(self, vae):
+        self.vae = vae
+        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+        std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+        self.mean, self.std, self.first = mean, std, True
+
+    def __enter__(self):
+        self.vae.clear_cache()
+        self.first = True
+        return self
+
+    def __exit__(self, *exc):
+        self.vae.clear_cache()
+
+    @torch.no_grad()
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """One normalised latent frame [B, C, 1, h, w] -> its video frames [B, 3, F, H, W] in [-1, 1] (F = 1
+        for the first, the temporal factor after)."""
+        vae = self.vae
+        z = latent.to(vae.dtype) * self.std.to(latent.device, vae.dtype) + self.mean.to(latent.device, vae.dtype)
+        vae._conv_idx = [0]
+        out = vae.decoder(vae.post_quant_conv(z), feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=self.first)
+        self.first = False
+        if vae.config.patch_size is not None:
+            out = unpatchify(out, patch_size=vae.config.patch_size)
+        return out.clamp(-1.0, 1.0)
+
+
+def _check_frames(name: str, frames, factor: int) -> None:
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1 or (frames - 1) % factor:
+        raise ValueError(f"{name} {frames!r} must be 1 + {factor}k frames (1, {1 + factor}, {1 + 2 * factor}, ...): "
+                         f"the VAE packs {factor} frames into each latent frame after the first")
+
+
+class WanFIFOPipeline(WanPipeline):
+    """WanPipeline that generates videos of any length with FIFO-Diffusion (see the module docstring).
+
+    Keyword arguments beyond WanPipeline's (``num_frames`` is the output length; ``num_inference_steps``
+    the steps of the initial clip):
+        fifo_partitions: n >= 1; each frame passes f x n noise levels (default 4).
+        fifo_lookahead: overlapping windows, about 2n model calls per frame instead of n (default True).
+        fifo_window_frames: video frames of a window (default: the model's trained clip length).
+        fifo_beyond_training: allow a window longer than the trained clip (default False).
+        fifo_prompt_schedule, fifo_prompt_blend: prompts per frame range, instead of ``prompt``.
+        frame_callback: receives each decoded chunk of frames; the frames are then not kept.
+        ouroboros_tail: Ouroboros' coherent tail sampling: each new tail frame takes the low
+            frequencies of the queue's last latent and the high frequencies of fresh noise (default False).
+    """
+
+    call_defaults: dict = {}
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """The parent's ``from_pretrained``; a local folder's ``attnsteer.json`` becomes ``call_defaults``."""
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        path = Path(pretrained_model_name_or_path) / CALL_DEFAULTS
+        pipe.call_defaults = json.loads(path.read_text()).get("call", {}) if path.is_file() else {}
+        return pipe
+
+    def trained_frames(self) -> int:
+        return self.call_defaults.get("num_frames", WAN_TRAINED_FRAMES)
+
+    def check_fifo(self, num_frames, partitions, window_frames, beyond, schedule, blend, prompt) -> PromptSchedule | None:
+        """ValueError naming a bad FIFO option, before any compute."""
+        factor = self.vae_scale_factor_temporal
+        _check_frames("num_frames", num_frames, factor)
+        _check_frames("fifo_window_frames", window_frames, factor)
+        if isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 1:
+            raise ValueError(f"fifo_partitions {partitions!r} must be a whole number n >= 1 (the queue holds n windows)")
+        if window_frames > self.trained_frames() and not beyond:
+            raise ValueError(f"fifo_window_frames {window_frames} is longer than the {self.trained_frames()} frames the "
+                             "model was trained on; give fifo_beyond_training=True to run it anyway")
+        if window_frames < 1 + factor:
+            raise ValueError(f"fifo_window_frames {window_frames} gives one latent frame; a window needs at least "
+                             f"{1 + factor} frames")
+        if schedule is None:
+            return None
+        if prompt is not None:
+            raise ValueError("give prompt or fifo_prompt_schedule, not both")
+        return PromptSchedule(schedule, num_frames, blend)
+
+    @torch.no_grad()
+    def __call__(self, prompt=None, negative_prompt=None, height=None, width=None, num_frames=None,
+                 num_inference_steps=None, guidance_scale=None, generator=None, output_type="np", return_dict=True,
+                 callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",), max_sequence_length=None,
+                 fifo_partitions=4, fifo_lookahead=True, fifo_window_frames=None, fifo_beyond_training=False,
+                 fifo_prompt_schedule=None, fifo_prompt_blend=0, frame_callback=None, ouroboros_tail=False):
+        d = self.call_defaults
+        pick = lambda value, name, default: value if value is not None else d.get(name, default)
+        height, width = pick(height, "height", 480), pick(width, "width", 832)
+        num_frames, window_frames = pick(num_frames, "num_frames", 81), pick(fifo_window_frames, "num_frames", 81)
+        steps, guidance_scale = pick(num_inference_steps, "num_inference_steps", 50), pick(guidance_scale, "guidance_scale", 5.0)
+        max_sequence_length = pick(max_sequence_length, "max_sequence_length", 512)
+        schedule = self.check_fifo(num_frames, fifo_partitions, window_frames, fifo_beyond_training,
+                                   fifo_prompt_schedule, fifo_prompt_blend, prompt)
+        prompts = schedule.prompts if schedule is not None else [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompt must be a string or a list of strings, got {prompt!r}")
+        self.check_inputs(prompts[0], negative_prompt, height, width, None, None, list(callback_on_step_end_tensor_inputs))
+        factor, device = self.vae_scale_factor_temporal, self._execution_device
+        self._guidance_scale, self._attention_kwargs, self._interrupt = guidance_scale, None, False
+        cfg = self.do_classifier_free_guidance
+
+        embeds = []
+        for text in prompts:
+            pos, neg = self.encode_prompt(text if schedule is not None else prompts, negative_prompt, cfg,
+                                          max_sequence_length=max_sequence_length, device=device)
+            embeds.append((pos, neg))
+            if schedule is None:
+                break
+
+        def conditioning(frame: float):
+            if schedule is None:
+                return embeds[0]
+            w = schedule.weights(frame).to(device)
+            mix = lambda k: (sum(wi * e[k] for wi, e in zip(w, embeds)).to(embeds[0][k].dtype)
+                             if embeds[0][k] is not None else None)
+            return mix(0), mix(1)
+
+        f = (window_frames - 1) // factor + 1
+        length = f * fifo_partitions
+        total = (num_frames - 1) // factor + 1
+        warmup = length - f
+
+        clip = WanPipeline.__call__(
+            self, prompt_embeds=embeds[0][0], negative_prompt_embeds=embeds[0][1], height=height, width=width,
+            num_frames=window_frames, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator,
+            output_type="latent", max_sequence_length=max_sequence_length).frames
+        self.scheduler.set_timesteps(length, device=device)
+        sigmas = self.scheduler.sigmas.to(device=device, dtype=torch.float32)
+        timesteps = sigmas * self.scheduler.config.num_train_timesteps
+        shape = (clip.shape[0], clip.shape[1], 1, clip.shape[3], clip.shape[4])
+        noise = torch.cat([randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+                           for _ in range(length)], dim=2)
+        queue = initial_queue(clip.float(), sigmas, noise)
+        dtype = self.transformer.dtype
+        tokens = (clip.shape[3] // self.transformer.config.patch_size[1]) * (clip.shape[4] // self.transformer.config.patch_size[2])
+        slot_t = slot_sigmas(timesteps, length)
+        produced, frames, latents_out = 0, [], []
+
+        def video_frame(latent_index: int) -> int:
+            return 0 if latent_index <= 0 else 1 + factor * (latent_index - 1)
+
+        def velocity(x, _, call):
+            start = windows(length, f, fifo_lookahead)[call][0]
+            t = slot_t[start:start + f].repeat_interleave(tokens).expand(x.shape[0], -1)
+            pos, neg = conditioning(video_frame(produced - warmup + start + f // 2))
+            pred = self.transformer(hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=pos,
+                                    return_dict=False)[0]
+            if cfg:
+                uncond = self.transformer(hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=neg,
+                                          return_dict=False)[0]
+                pred = uncond + guidance_scale * (pred - uncond)
+            return pred.float()
+
+        with StreamingDecoder(self.vae) as decoder, self.progress_bar(total=warmup + total) as bar:
+            for i in range(warmup + total):
+                queue = fifo_step(queue, sigmas, f, fifo_lookahead, velocity)
+                tail = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+                if ouroboros_tail:
+                    tail = coherent_tail(queue[:, :, -1:], tail)
+                head, queue = queue[:, :, :1], torch.cat([queue[:, :, 1:], tail], 2)
+                if callback_on_step_end is not None:
+                    out = callback_on_step_end(self, i, timesteps[0], {"latents": queue})
+                    queue = out.pop("latents", queue)
+                produced += 1
+                if i >= warmup:
+                    if output_type == "latent":
+                        latents_out.append(head)
+                    else:
+                        chunk = self.video_processor.postprocess_video(decoder.decode(head), output_type="np")
+                        if frame_callback is not None:
+                            frame_callback(self, video_frame(i - warmup), chunk)
+                        else:
+                            frames.append(chunk)
+                bar.update()
+        self.maybe_free_model_hooks()
+        if output_type == "latent":
+            video = torch.cat(latents_out, dim=2)
+        elif frame_callback is not None:
+            video = None
+        else:
+            video = np.concatenate(frames, axis=1)
+            if output_type == "pil":
+                from PIL import Image
+
+                video = [[Image.fromarray((f * 255).round().astype(np.uint8)) for f in v] for v in video]
+        return WanPipelineOutput(frames=video) if return_dict else (video,)
