@@ -16,9 +16,6 @@ prompts, ``fifo_prompt_blend`` frames of linear change between them.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import torch
 from diffusers import WanPipeline
@@ -28,7 +25,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from attnsteer.guidance.fifo import PromptSchedule, coherent_tail, fifo_step, initial_queue, slot_sigmas, windows
 
-from .steer import CALL_DEFAULTS
+from .steer import CallDefaultsMixin
 
 WAN_TRAINED_FRAMES = 81  # Wan 2.1's clip length, for a model without a recorded one
 
@@ -73,7 +70,7 @@ def _check_frames(name: str, frames, factor: int) -> None:
                          f"the VAE packs {factor} frames into each latent frame after the first")
 
 
-class WanFIFOPipeline(WanPipeline):
+class WanFIFOPipeline(CallDefaultsMixin, WanPipeline):
     """WanPipeline that generates videos of any length with FIFO-Diffusion (see the module docstring).
 
     Keyword arguments beyond WanPipeline's (``num_frames`` is the output length; ``num_inference_steps``
@@ -87,16 +84,6 @@ class WanFIFOPipeline(WanPipeline):
         ouroboros_tail: Ouroboros' coherent tail sampling: each new tail frame takes the low
             frequencies of the queue's last latent and the high frequencies of fresh noise (default False).
     """
-
-    call_defaults: dict = {}
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """The parent's ``from_pretrained``; a local folder's ``attnsteer.json`` becomes ``call_defaults``."""
-        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        path = Path(pretrained_model_name_or_path) / CALL_DEFAULTS
-        pipe.call_defaults = json.loads(path.read_text()).get("call", {}) if path.is_file() else {}
-        return pipe
 
     def trained_frames(self) -> int:
         return self.call_defaults.get("num_frames", WAN_TRAINED_FRAMES)

@@ -33,7 +33,21 @@ PERTURBATION_ARGUMENTS = ("perturbed_heads", "perturbation_scale", "softpag_u", 
 CALL_DEFAULTS = "attnsteer.json"  # in a model folder: {"call": {parent call keyword arguments the model needs}}
 
 
-class SteerMixin:
+class CallDefaultsMixin:
+    """``from_pretrained`` as the parent's, plus ``call_defaults``: a local model folder's attnsteer.json
+    "call" entry (parent call arguments the model needs, e.g. shapes-sd3's ``max_sequence_length=8``)."""
+
+    call_defaults: dict = {}
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        path = Path(pretrained_model_name_or_path) / CALL_DEFAULTS
+        pipe.call_defaults = json.loads(path.read_text()).get("call", {}) if path.is_file() else {}
+        return pipe
+
+
+class SteerMixin(CallDefaultsMixin):
     """Adds head-level perturbation guidance to a diffusers pipeline's ``__call__``.
 
     Keyword arguments (all optional):
@@ -62,16 +76,6 @@ class SteerMixin:
     ``call_defaults``: parent call arguments the model asks for (a local folder's ``attnsteer.json``,
     e.g. shapes-sd3's ``max_sequence_length=8``), used where the call does not give them.
     """
-
-    call_defaults: dict = {}
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """The parent's ``from_pretrained``; a local folder's ``attnsteer.json`` becomes ``call_defaults``."""
-        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        path = Path(pretrained_model_name_or_path) / CALL_DEFAULTS
-        pipe.call_defaults = json.loads(path.read_text()).get("call", {}) if path.is_file() else {}
-        return pipe
 
     def steer_denoisers(self):
         """The denoising models a pipeline call runs, by component name."""
@@ -226,7 +230,7 @@ class WanSteerPipeline(SteerMixin, WanPipeline):
 
 
 STEER_PIPELINES = {
-    cls.__mro__[2].__name__: cls
+    cls.__bases__[-1].__name__: cls  # the diffusers pipeline it extends
     for cls in (StableDiffusionSteerPipeline, StableDiffusionXLSteerPipeline, StableDiffusion3SteerPipeline,
                 FluxSteerPipeline, WanSteerPipeline)
 }
