@@ -58,6 +58,7 @@ class BlockLayout:
     slots: torch.Tensor
     tokens: torch.Tensor
     coords: torch.Tensor
+    empty: torch.Tensor  # the empty slots
 
     @property
     def image_blocks(self) -> int:
@@ -95,25 +96,28 @@ def _block_layout(image, text, grid, seq_len, pool) -> BlockLayout:
     filled = slots < seq_len
     tokens[slots[filled]] = filled.nonzero().flatten()
     coords = torch.stack(torch.meshgrid(torch.arange(frames), torch.arange(rows), torch.arange(cols), indexing="ij"), -1)
-    return BlockLayout(ph * pw, seq_len, (frames, rows, cols), len(slots) // (ph * pw), slots, tokens, coords.view(-1, 3))
+    return BlockLayout(ph * pw, seq_len, (frames, rows, cols), len(slots) // (ph * pw), slots, tokens, coords.view(-1, 3),
+                       (~filled).nonzero().flatten())
 
 
 @functools.lru_cache(maxsize=64)
 def _on_device(blocks: BlockLayout, device: torch.device) -> BlockLayout:
     move = lambda t: t.to(device)
     return BlockLayout(blocks.size, blocks.seq_len, blocks.shape, blocks.blocks, move(blocks.slots),
-                       move(blocks.tokens), move(blocks.coords))
+                       move(blocks.tokens), move(blocks.coords), move(blocks.empty))
 
 
 def to_slots(x: torch.Tensor, blocks: BlockLayout) -> torch.Tensor:
     """[..., L, D] tokens -> [..., blocks * size, D] in slot order, empty slots zero."""
-    padded = torch.cat([x, x.new_zeros(*x.shape[:-2], 1, x.shape[-1])], dim=-2)
-    return padded[..., blocks.slots, :]
+    out = x.index_select(-2, blocks.slots.clamp_max(blocks.seq_len - 1))
+    if blocks.empty.numel():
+        out[..., blocks.empty, :] = 0
+    return out
 
 
 def from_slots(x: torch.Tensor, blocks: BlockLayout) -> torch.Tensor:
     """The inverse of ``to_slots``: [..., blocks * size, D] -> [..., L, D]."""
-    return x[..., blocks.tokens, :]
+    return x.index_select(-2, blocks.tokens)
 
 
 # ----------------------------------------------------------------------------- mask sources
@@ -233,8 +237,7 @@ def gather_blocks(q, k, v, mask, blocks: BlockLayout, scale: float) -> torch.Ten
     b, h, _, d = q.shape
     n, size = blocks.blocks, blocks.size
     mask = mask.expand(b, h, n, n).reshape(-1, n)
-    qb, kb, vb = (x.reshape(b * h, n, size, d) for x in (q, k, v))
-    queries = qb.flatten(0, 1)
+    queries, key_blocks, value_blocks = (x.reshape(b * h * n, size, d) for x in (q, k, v))
     valid = blocks.valid()
     counts = mask.sum(-1)
     out = q.new_empty(b * h * n, size, d)
@@ -242,9 +245,9 @@ def gather_blocks(q, k, v, mask, blocks: BlockLayout, scale: float) -> torch.Ten
         same = (counts == count).nonzero().flatten()
         for rows in same.split(max(1, GATHER_ELEMENTS // (count * size * d))):
             keys = mask[rows].nonzero()[:, 1].view(len(rows), count)
-            head = rows // n
-            kk = kb[head[:, None], keys].flatten(1, 2)[:, None]
-            vv = vb[head[:, None], keys].flatten(1, 2)[:, None]
+            flat = ((rows // n)[:, None] * n + keys).flatten()
+            kk = key_blocks.index_select(0, flat).view(len(rows), 1, count * size, d)
+            vv = value_blocks.index_select(0, flat).view(len(rows), 1, count * size, d)
             key_valid = valid[keys].flatten(1)
             attn_mask = None if bool(key_valid.all()) else key_valid[:, None, None, :]
             out[rows] = F.scaled_dot_product_attention(queries[rows][:, None], kk, vv, attn_mask=attn_mask,
