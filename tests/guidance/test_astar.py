@@ -108,7 +108,7 @@ def run(kind, guidance=None, steps=2, **extra):
     kwargs.update(extra)
     if guidance is None:
         return pipe(**kwargs).images
-    bound = inspect.signature(type(pipe).__mro__[2].__call__).bind(pipe, **kwargs)
+    bound = inspect.signature(type(pipe).__bases__[-1].__call__).bind(pipe, **kwargs)
     bound.apply_defaults()
     with guidance.attached(model_of(pipe), pipe.scheduler, lambda m: pipe.branch_info(m, bound.arguments)):
         return pipe(**kwargs).images

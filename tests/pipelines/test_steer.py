@@ -74,7 +74,7 @@ def assert_refused_before_denoising(kind, message, **call):
 @pytest.mark.parametrize("kind", CLASSES)
 def test_no_heads_or_u0_is_the_parent_pipeline(kind):
     base = generate(kind)
-    parent = type(pipe_of(kind)).__mro__[2]
+    parent = type(pipe_of(kind)).__bases__[-1]
     assert parent.__call__ is not CLASSES[kind].__call__
     np.testing.assert_allclose(generate(kind, perturbed_heads=[]), base, atol=1e-6, rtol=0)
     np.testing.assert_allclose(generate(kind, perturbed_heads=f"{first_layer(kind)}:0", softpag_u=0.0), base, atol=1e-6, rtol=0)
