@@ -193,13 +193,13 @@ class TileMask:
 
 @functools.lru_cache(maxsize=16)
 def _tiles(shape, window, device) -> torch.Tensor:
+    coords = torch.stack(torch.meshgrid(*[torch.arange(m, device=device) for m in shape], indexing="ij"), -1).view(-1, 3)
     keep = None
     for axis, (n, w) in enumerate(zip(shape, window)):
         pos = torch.arange(n, device=device)
         start = (pos - (w - 1) // 2).clamp(0, max(n - w, 0))
         inside = (pos[None, :] >= start[:, None]) & (pos[None, :] < start[:, None] + w)
-        index = torch.stack(torch.meshgrid(*[torch.arange(m, device=device) for m in shape], indexing="ij"), -1)
-        along = index.view(-1, 3)[:, axis]
+        along = coords[:, axis]
         pairs = inside[along[:, None], along[None, :]]
         keep = pairs if keep is None else keep & pairs
     return keep[None, None]
@@ -289,10 +289,10 @@ def flex_blocks(q, k, v, mask, blocks: BlockLayout, scale: float) -> torch.Tenso
         order = m.to(torch.int8).argsort(dim=-1, descending=True, stable=True).to(torch.int32)
         return counts, order
 
-    pair, slot_valid = mask, valid.flatten()
+    slot_valid = valid.flatten()
 
     def mask_mod(bi, hi, q_idx, kv_idx):
-        return pair[bi % b, hi % h, q_idx // size, kv_idx // size] & slot_valid[kv_idx]
+        return mask[bi % b, hi % h, q_idx // size, kv_idx // size] & slot_valid[kv_idx]
 
     kv_num, kv_index = indices(partial)
     full_num, full_index = indices(full)
@@ -304,16 +304,22 @@ def flex_blocks(q, k, v, mask, blocks: BlockLayout, scale: float) -> torch.Tenso
 KERNELS = {"dense": dense_blocks, "gather": gather_blocks, "flex": flex_blocks}
 
 
+def check_backend(backend, name: str = "sparse attention backend") -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"{name} {backend!r} is not one of {BACKENDS}")
+
+
 def resolve_backend(backend: str, device) -> str:
     """The backend a call on ``device`` uses: ``backend`` itself, or for "auto" flex where it can run,
     else gather. ValueError for an unknown backend or one that cannot run here."""
-    if backend not in BACKENDS:
-        raise ValueError(f"sparse attention backend {backend!r} is not one of {BACKENDS}")
+    check_backend(backend)
+    if backend not in ("auto", "flex"):
+        return backend
     device = torch.device(device)
     ok, why = flex_available(device)
     if backend == "auto":
         return "flex" if ok else "gather"
-    if backend == "flex" and not ok:
+    if not ok:
         raise ValueError(f"sparse attention backend 'flex' is not available on {device}: {why}; "
                          "use 'gather' (no compiler) or 'dense'")
     return backend
@@ -322,14 +328,18 @@ def resolve_backend(backend: str, device) -> str:
 def sparse_attention(q, k, v, layout: TokenLayout, source: MaskSource, pool: tuple[int, int], scale: float,
                      backend: str = "auto") -> torch.Tensor:
     """Block-sparse attention of one call ([B, H, L, D]) with ``source``'s block mask on ``backend``."""
+    return blocked_attention(q, k, v, layout, source, pool, scale, resolve_backend(backend, q.device))
+
+
+def blocked_attention(q, k, v, layout: TokenLayout, source: MaskSource, pool: tuple[int, int], scale: float,
+                      kernel: str) -> torch.Tensor:
+    """``sparse_attention`` on a resolved backend, one of ``KERNELS``."""
     blocks = block_layout(layout, q.shape[-2], pool).on(q.device)
     qs, ks, vs = (to_slots(x, blocks) for x in (q, k, v))
     mask = block_mask(source, qs, ks, blocks, scale)
-    name = resolve_backend(backend, q.device)
-    if name == "flex" and q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
-        name = "gather"  # compiled flex_attention on the CPU is inference-only
-    out = KERNELS[name](qs, ks, vs, mask, blocks, scale)
-    return from_slots(out, blocks)
+    if kernel == "flex" and q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
+        kernel = "gather"  # compiled flex_attention on the CPU is inference-only
+    return from_slots(KERNELS[kernel](qs, ks, vs, mask, blocks, scale), blocks)
 
 
 class DraftAttention:
@@ -337,8 +347,9 @@ class DraftAttention:
 
     ``sparsity``: fraction of image block pairs skipped by the draft map; ``pool``: (ph, pw) tokens
     per block in each frame; ``dense_steps``: the first denoising steps run dense (a new step is a
-    new timestep at the model call, so CFG's two calls are one step); ``backend``: see the module docstring. Layers that should stay
-    dense are simply not given. A layer call with its own attention mask is refused."""
+    new timestep at the model call, so CFG's two calls are one step); ``backend``: see the module
+    docstring, resolved once per device. Layers that should stay dense are simply not given. A layer
+    call with its own attention mask is refused."""
 
     def __init__(self, layers: Iterable[str], sparsity: float = 0.75, pool: tuple[int, int] = (8, 16),
                  dense_steps: int = 0, backend: str = "auto", source: MaskSource | None = None):
@@ -346,11 +357,11 @@ class DraftAttention:
             raise ValueError(f"pool {pool!r} must be two positive integers (token rows, token columns per block)")
         if isinstance(dense_steps, bool) or not isinstance(dense_steps, int) or dense_steps < 0:
             raise ValueError(f"dense_steps {dense_steps!r} must be a whole number of steps >= 0")
-        if backend not in BACKENDS:
-            raise ValueError(f"sparse attention backend {backend!r} is not one of {BACKENDS}")
+        check_backend(backend)
         self.layers, self.pool, self.dense_steps, self.backend = frozenset(layers), tuple(pool), dense_steps, backend
         self.source = source if source is not None else DraftMask(sparsity)
         self.step, self._timestep = -1, _NO_CALL
+        self._resolved: dict[torch.device, str] = {}  # the backend per device, resolved on its first call
 
     def attention(self, call: AttentionCall, q, k, v, mask, next: Next) -> torch.Tensor:
         if call.timestep != self._timestep:
@@ -360,4 +371,7 @@ class DraftAttention:
         if mask is not None:
             raise RuntimeError(f"layer {call.name!r} passes its own attention mask, which block-sparse attention "
                                "does not combine with; leave this layer dense")
-        return sparse_attention(q, k, v, call.layout, self.source, self.pool, call.scale(q.shape[-1]), self.backend)
+        if q.device not in self._resolved:
+            self._resolved[q.device] = resolve_backend(self.backend, q.device)
+        return blocked_attention(q, k, v, call.layout, self.source, self.pool, call.scale(q.shape[-1]),
+                                 self._resolved[q.device])

@@ -56,14 +56,14 @@ def slot_sigmas(sigmas: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def fifo_step(queue: torch.Tensor, sigmas: torch.Tensor, window: int, lookahead: bool, velocity: Velocity) -> torch.Tensor:
-    """The queue one level less noisy: ``velocity(latents [B, C, f, H, W], slot sigmas [f], call)`` for
-    each window of the step, the Euler update on the slots it writes."""
+    """The queue one level less noisy: ``velocity(latents [B, C, f, H, W], slot sigmas [f], first slot)``
+    for each window of the step, the Euler update on the slots it writes."""
     length = queue.shape[2]
     now = slot_sigmas(sigmas, length)
     after = sigmas[1:length + 1].flip(0)
     out = queue.clone()
-    for call, (start, write, stop) in enumerate(windows(length, window, lookahead)):
-        v = velocity(queue[:, :, start:stop], now[start:stop], call)
+    for start, write, stop in windows(length, window, lookahead):
+        v = velocity(queue[:, :, start:stop], now[start:stop], start)
         step = (after[write:stop] - now[write:stop]).to(queue).view(1, 1, -1, 1, 1)
         out[:, :, write:stop] = queue[:, :, write:stop] + step * v[:, :, write - start:].to(queue)
     return out

@@ -218,9 +218,9 @@ def generate(args) -> None:
                          f"{DEFAULT_VIDEO_MODEL} (or use `attnsteer generate`)")
     call = dict(_call(args, pipe, 28), prompt=args.prompt, negative_prompt=args.negative_prompt, output_type="pil")
     method = _method(args)
-    from .fifo import WAN_TRAINED_FRAMES
+    from .fifo import trained_frames
 
-    if is_video and call.get("num_frames", 0) > pipe.call_defaults.get("num_frames", WAN_TRAINED_FRAMES):
+    if is_video and call.get("num_frames", 0) > trained_frames(pipe.call_defaults):
         if method is not None:
             raise UsageError(f"--frames {call['num_frames']} is longer than the model's clip, which runs FIFO-Diffusion; "
                              f"it does not combine with {method[0]} yet")

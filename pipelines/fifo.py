@@ -16,6 +16,8 @@ prompts, ``fifo_prompt_blend`` frames of linear change between them.
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import torch
 from diffusers import WanPipeline
@@ -23,11 +25,17 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from attnsteer.guidance.fifo import PromptSchedule, coherent_tail, fifo_step, initial_queue, slot_sigmas, windows
+from attnsteer.guidance.fifo import PromptSchedule, coherent_tail, fifo_step, initial_queue
 
 from .steer import CallDefaultsMixin
 
 WAN_TRAINED_FRAMES = 81  # Wan 2.1's clip length, for a model without a recorded one
+PARENT_DEFAULTS = {name: p.default for name, p in inspect.signature(WanPipeline.__call__).parameters.items()}
+
+
+def trained_frames(call_defaults: dict) -> int:
+    """The clip length a Wan model was trained on: its folder's call default, else Wan 2.1's."""
+    return call_defaults.get("num_frames", WAN_TRAINED_FRAMES)
 
 
 class StreamingDecoder:
@@ -86,7 +94,7 @@ class WanFIFOPipeline(CallDefaultsMixin, WanPipeline):
     """
 
     def trained_frames(self) -> int:
-        return self.call_defaults.get("num_frames", WAN_TRAINED_FRAMES)
+        return trained_frames(self.call_defaults)
 
     def check_fifo(self, num_frames, partitions, window_frames, beyond, schedule, blend, prompt) -> PromptSchedule | None:
         """ValueError naming a bad FIFO option, before any compute."""
@@ -113,12 +121,12 @@ class WanFIFOPipeline(CallDefaultsMixin, WanPipeline):
                  callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",), max_sequence_length=None,
                  fifo_partitions=4, fifo_lookahead=True, fifo_window_frames=None, fifo_beyond_training=False,
                  fifo_prompt_schedule=None, fifo_prompt_blend=0, frame_callback=None, ouroboros_tail=False):
-        d = self.call_defaults
-        pick = lambda value, name, default: value if value is not None else d.get(name, default)
-        height, width = pick(height, "height", 480), pick(width, "width", 832)
-        num_frames, window_frames = pick(num_frames, "num_frames", 81), pick(fifo_window_frames, "num_frames", 81)
-        steps, guidance_scale = pick(num_inference_steps, "num_inference_steps", 50), pick(guidance_scale, "guidance_scale", 5.0)
-        max_sequence_length = pick(max_sequence_length, "max_sequence_length", 512)
+        defaults = {**PARENT_DEFAULTS, **self.call_defaults}
+        pick = lambda value, name: value if value is not None else defaults[name]
+        height, width, num_frames = pick(height, "height"), pick(width, "width"), pick(num_frames, "num_frames")
+        steps, guidance_scale = pick(num_inference_steps, "num_inference_steps"), pick(guidance_scale, "guidance_scale")
+        max_sequence_length = pick(max_sequence_length, "max_sequence_length")
+        window_frames = fifo_window_frames if fifo_window_frames is not None else self.trained_frames()
         schedule = self.check_fifo(num_frames, fifo_partitions, window_frames, fifo_beyond_training,
                                    fifo_prompt_schedule, fifo_prompt_blend, prompt)
         prompts = schedule.prompts if schedule is not None else [prompt] if isinstance(prompt, str) else prompt
@@ -156,22 +164,20 @@ class WanFIFOPipeline(CallDefaultsMixin, WanPipeline):
             output_type="latent", max_sequence_length=max_sequence_length).frames
         self.scheduler.set_timesteps(length, device=device)
         sigmas = self.scheduler.sigmas.to(device=device, dtype=torch.float32)
-        timesteps = sigmas * self.scheduler.config.num_train_timesteps
+        scale = self.scheduler.config.num_train_timesteps
         shape = (clip.shape[0], clip.shape[1], 1, clip.shape[3], clip.shape[4])
         noise = torch.cat([randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
                            for _ in range(length)], dim=2)
         queue = initial_queue(clip.float(), sigmas, noise)
         dtype = self.transformer.dtype
         tokens = (clip.shape[3] // self.transformer.config.patch_size[1]) * (clip.shape[4] // self.transformer.config.patch_size[2])
-        slot_t = slot_sigmas(timesteps, length)
         produced, frames, latents_out = 0, [], []
 
         def video_frame(latent_index: int) -> int:
             return 0 if latent_index <= 0 else 1 + factor * (latent_index - 1)
 
-        def velocity(x, _, call):
-            start = windows(length, f, fifo_lookahead)[call][0]
-            t = slot_t[start:start + f].repeat_interleave(tokens).expand(x.shape[0], -1)
+        def velocity(x, sigma, start):
+            t = (sigma * scale).repeat_interleave(tokens).expand(x.shape[0], -1)
             pos, neg = conditioning(video_frame(produced - warmup + start + f // 2))
             pred = self.transformer(hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=pos,
                                     return_dict=False)[0]
@@ -189,7 +195,7 @@ class WanFIFOPipeline(CallDefaultsMixin, WanPipeline):
                     tail = coherent_tail(queue[:, :, -1:], tail)
                 head, queue = queue[:, :, :1], torch.cat([queue[:, :, 1:], tail], 2)
                 if callback_on_step_end is not None:
-                    out = callback_on_step_end(self, i, timesteps[0], {"latents": queue})
+                    out = callback_on_step_end(self, i, sigmas[0] * scale, {"latents": queue})
                     queue = out.pop("latents", queue)
                 produced += 1
                 if i >= warmup:

@@ -26,7 +26,7 @@ from diffusers import FluxPipeline, StableDiffusion3Pipeline, WanPipeline
 
 from attnsteer.attention_processors import JOINT, SELF, list_layers
 from attnsteer.attention_processors.heads import layer_name
-from attnsteer.attention_processors.sparse import (BACKENDS, DraftAttention, DraftMask, RadialMask, TileMask,
+from attnsteer.attention_processors.sparse import (DraftAttention, DraftMask, RadialMask, TileMask, check_backend,
                                                    check_sparsity, resolve_backend)
 
 from .astar import denoiser, latent_size
@@ -66,8 +66,7 @@ def sparse_steer(pipe, arguments: dict, options: dict) -> DraftAttention | None:
     if not isinstance(pipe, SUPPORTED):
         raise ValueError(f"block-sparse attention runs on the Wan, SD3 and FLUX steer pipelines, not "
                          f"{type(pipe).__name__}")
-    if o["sparse_backend"] not in BACKENDS:
-        raise ValueError(f"sparse_backend {o['sparse_backend']!r} is not one of {BACKENDS}")
+    check_backend(o["sparse_backend"], "sparse_backend")
     model = denoiser(pipe)
     resolve_backend(o["sparse_backend"], model.device)
     layers = list_layers(model)

@@ -161,7 +161,7 @@ def train_vae(args, images, log):
             oy, ox = (int(v) * 4 for v in rng.integers(0, 9, 2))
             x = x[:, :, oy:oy + 32, ox:ox + 32]
         for g in opt.param_groups:
-            g["lr"] = args.vae_lr * (0.5 * (1 + math.cos(math.pi * step / total)) * 0.9 + 0.1)
+            g["lr"] = decayed(args.vae_lr, step, total)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
         mse = F.mse_loss(rec, x)
@@ -191,7 +191,7 @@ def finetune_decoder(args, vae, images, log):
     t0 = time.time()
     for step in range(args.decoder_steps):
         for g in opt.param_groups:
-            g["lr"] = args.decoder_lr * (0.5 * (1 + math.cos(math.pi * step / args.decoder_steps)) * 0.9 + 0.1)
+            g["lr"] = decayed(args.decoder_lr, step, args.decoder_steps)
         x = to_tensor(images[rng.integers(0, len(images), args.vae_batch)])
         with torch.no_grad():
             z = vae.encode(x).latent_dist.sample()
@@ -316,6 +316,11 @@ def scene_sampler(args, captions):
     p = weights[[len(parse_caption(c)) - 1 for c in captions]]
     p = p / p.sum()
     return lambda rng: torch.from_numpy(rng.choice(len(captions), args.batch, p=p))
+
+
+def decayed(lr, step, total):
+    """``lr`` at ``step`` of a cosine decay to a tenth of it over ``total`` steps (the VAE stages)."""
+    return lr * (0.5 * (1 + math.cos(math.pi * step / total)) * 0.9 + 0.1)
 
 
 def cosine_lr(args, step):

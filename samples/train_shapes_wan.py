@@ -71,7 +71,7 @@ from attnsteer.pipelines.tiny import clip_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_shapes_sd import (  # noqa: E402
-    cosine_lr, encode_dataset, end_step, n_params, open_log, optimizer_step, positive_int, weights_option,
+    cosine_lr, decayed, encode_dataset, end_step, n_params, open_log, optimizer_step, positive_int, weights_option,
 )
 
 VOCAB_SIZE, EOS_ID = 49408, 49407
@@ -322,7 +322,7 @@ def train_decoder(args, vae, log):
     t0 = time.time()
     for step in range(args.decoder_steps):
         for g in opt.param_groups:
-            g["lr"] = args.decoder_lr * (0.5 * (1 + np.cos(np.pi * step / args.decoder_steps)) * 0.9 + 0.1)
+            g["lr"] = decayed(args.decoder_lr, step, args.decoder_steps)
         x = to_video(clips[rng.integers(0, len(clips), args.vae_full_batch)])
         with torch.no_grad():
             z = new.encode(x).latent_dist.sample()
@@ -360,7 +360,7 @@ def train_vae(args, clips, log):
         else:
             x = to_video(clips[rng.integers(0, n, args.vae_full_batch)])
         for g in opt.param_groups:
-            g["lr"] = args.vae_lr * (0.5 * (1 + np.cos(np.pi * step / total)) * 0.9 + 0.1)
+            g["lr"] = decayed(args.vae_lr, step, total)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
         mse = F.mse_loss(rec, x)

@@ -39,7 +39,7 @@ def test_one_step_is_the_euler_update_at_each_frames_own_sigma():
     sigmas = torch.tensor([1.0, 0.7, 0.4, 0.2, 0.0])
     seen = []
 
-    def velocity(x, s, call):
+    def velocity(x, s, start):
         seen.append(s.clone())
         return x * s.view(1, 1, -1, 1, 1) + 1
 
@@ -56,13 +56,13 @@ def test_lookahead_windows_read_the_queue_as_it_was_before_the_step():
     sigmas = torch.linspace(1, 0, 7)
     inputs = []
 
-    def velocity(x, s, call):
-        inputs.append(x.clone())
+    def velocity(x, s, start):
+        inputs.append((start, x.clone()))
         return torch.ones_like(x)
 
     fifo_step(queue, sigmas, window=4, lookahead=True, velocity=velocity)
-    starts = [start for start, _, _ in windows(6, 4, True)]
-    for x, start in zip(inputs, starts):
+    assert [start for start, _ in inputs] == [start for start, _, _ in windows(6, 4, True)]
+    for start, x in inputs:
         torch.testing.assert_close(x, queue[:, :, start:start + 4])
 
 
