@@ -27,6 +27,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from attnsteer.guidance.fifo import PromptSchedule, coherent_tail, fifo_step, initial_queue
 
+from .astar import check_flag
 from .steer import CallDefaultsMixin
 
 WAN_TRAINED_FRAMES = 81  # Wan 2.1's clip length, for a model without a recorded one
@@ -96,8 +97,14 @@ class WanFIFOPipeline(CallDefaultsMixin, WanPipeline):
     def trained_frames(self) -> int:
         return trained_frames(self.call_defaults)
 
-    def check_fifo(self, num_frames, partitions, window_frames, beyond, schedule, blend, prompt) -> PromptSchedule | None:
-        """ValueError naming a bad FIFO option, before any compute."""
+    def check_fifo(self, num_frames, partitions, window_frames, beyond, schedule, blend, prompt,
+                   flags: dict | None = None, frame_callback=None) -> PromptSchedule | None:
+        """ValueError naming a bad FIFO option, before any compute (``flags``: name -> a value that must be
+        True or False)."""
+        for name, value in (flags or {}).items():
+            check_flag(name, value)
+        if frame_callback is not None and not callable(frame_callback):
+            raise ValueError(f"frame_callback {frame_callback!r} must be a function (pipe, first_frame, frames)")
         factor = self.vae_scale_factor_temporal
         _check_frames("num_frames", num_frames, factor)
         _check_frames("fifo_window_frames", window_frames, factor)
@@ -127,8 +134,9 @@ class WanFIFOPipeline(CallDefaultsMixin, WanPipeline):
         steps, guidance_scale = pick(num_inference_steps, "num_inference_steps"), pick(guidance_scale, "guidance_scale")
         max_sequence_length = pick(max_sequence_length, "max_sequence_length")
         window_frames = fifo_window_frames if fifo_window_frames is not None else self.trained_frames()
+        flags = dict(fifo_lookahead=fifo_lookahead, fifo_beyond_training=fifo_beyond_training, ouroboros_tail=ouroboros_tail)
         schedule = self.check_fifo(num_frames, fifo_partitions, window_frames, fifo_beyond_training,
-                                   fifo_prompt_schedule, fifo_prompt_blend, prompt)
+                                   fifo_prompt_schedule, fifo_prompt_blend, prompt, flags, frame_callback)
         prompts = schedule.prompts if schedule is not None else [prompt] if isinstance(prompt, str) else prompt
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"prompt must be a string or a list of strings, got {prompt!r}")

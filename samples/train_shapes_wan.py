@@ -166,7 +166,7 @@ def parse_args(argv=None):
                         "latent space (the transformer's) stays as it is")
     p.add_argument("--decoder-dim", type=positive_int, default=None,
                    help="that decoder's base channels (default --vae-decoder-dim: it then starts from the trained one)")
-    p.add_argument("--decoder-lr", type=float, default=1e-3)
+    p.add_argument("--decoder-lr", type=non_negative, default=1e-3)
     # transformer + text encoder
     p.add_argument("--layers", type=positive_int, default=4)
     p.add_argument("--heads", type=positive_int, default=4)

@@ -107,6 +107,11 @@ def test_the_vae_cache_is_cleared_when_the_call_raises():
     (dict(fifo_partitions=0), "fifo_partitions 0 must be a whole number n >= 1"),
     (dict(fifo_window_frames=85), "fifo_window_frames 85 is longer than the 81 frames the model was trained on"),
     (dict(fifo_prompt_schedule=[(0, 8, "a"), (4, 9, "b")]), r"range \(4, 9\) overlaps"),
+    (dict(fifo_prompt_schedule=[(0, 4, "a"), (4, 9, "b")], fifo_prompt_blend=-2), "prompt blend -2 must be a whole number"),
+    (dict(fifo_lookahead="yes"), "fifo_lookahead 'yes' must be True or False"),
+    (dict(fifo_beyond_training=1), "fifo_beyond_training 1 must be True or False"),
+    (dict(ouroboros_tail=None), "ouroboros_tail None must be True or False"),
+    (dict(frame_callback="frames/"), "frame_callback 'frames/' must be a function"),
 ])
 def test_bad_input_is_refused_before_compute(options, message):
     prompt = None if "fifo_prompt_schedule" in options else "a red circle"

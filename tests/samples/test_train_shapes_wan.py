@@ -34,6 +34,9 @@ TINY = ["--n-clips", "4", "--frames", "5", "--size", "32", "--vae-steps", "2", "
     ("--steps", "many", "argument --steps: 'many' is not a whole number >= 1"),
     ("--eval-videos", "-1", "argument --eval-videos: '-1' is not a whole number >= 0"),
     ("--max-minutes", "-5", "argument --max-minutes: '-5' is not a number >= 0"),
+    ("--decoder-steps", "-1", "argument --decoder-steps: '-1' is not a whole number >= 0"),
+    ("--decoder-dim", "0", "argument --decoder-dim: '0' is not a whole number >= 1"),
+    ("--decoder-lr", "-0.1", "argument --decoder-lr: '-0.1' is not a number >= 0"),
 ])
 def test_bad_options_are_named(option, value, message, capsys):
     with pytest.raises(SystemExit) as exit_:
