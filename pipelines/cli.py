@@ -32,7 +32,8 @@ FLAGS = {"perturbed_heads": "--heads", "perturbation_scale": "--scale", "softpag
          "attention_maps_layers": "--maps-layers", "story_subjects": "--subject", "story_words": "--words",
          "sparsity": "--sparsity", "sparse_mask": "--sparse-mask", "sparse_pool": "--sparse-pool",
          "sparse_backend": "--sparse-backend", "sparse_dense_steps": "--sparse-dense-steps",
-         "fifo_partitions": "--fifo-partitions", "num_frames": "--frames"}
+         "fifo_partitions": "--fifo-partitions", "num_frames": "--frames", "ouroboros_subjects": "--ouroboros-subjects",
+         "ouroboros_guidance": "--ouroboros-guidance"}
 
 
 class UsageError(ValueError):
@@ -220,7 +221,11 @@ def generate(args) -> None:
     method = _method(args)
     from .fifo import trained_frames
 
-    if is_video and call.get("num_frames", 0) > trained_frames(pipe.call_defaults):
+    long = is_video and call.get("num_frames", 0) > trained_frames(pipe.call_defaults)
+    if args.command == "video" and not long and (args.ouroboros_tail or args.ouroboros_subjects):
+        raise UsageError(f"Ouroboros acts on FIFO-Diffusion, which runs for --frames longer than the model's clip of "
+                         f"{trained_frames(pipe.call_defaults)}")
+    if long:
         if method is not None:
             raise UsageError(f"--frames {call['num_frames']} is longer than the model's clip, which runs FIFO-Diffusion; "
                              f"it does not combine with {method[0]} yet")
@@ -260,8 +265,14 @@ def long_video(args, pipe, call: dict) -> None:
     fifo = WanFIFOPipeline(**pipe.components)
     fifo.call_defaults = pipe.call_defaults
     fifo.set_progress_bar_config(disable=False)
-    options = dict(fifo_partitions=args.fifo_partitions, fifo_lookahead=not args.no_lookahead)
+    options = dict(fifo_partitions=args.fifo_partitions, fifo_lookahead=not args.no_lookahead,
+                   ouroboros_tail=args.ouroboros_tail)
     fifo.check_fifo(call["num_frames"], args.fifo_partitions, fifo.trained_frames(), False, None, 0, call["prompt"])
+    if args.ouroboros_subjects:
+        options.update(ouroboros_subjects=args.ouroboros_subjects, ouroboros_guidance=args.ouroboros_guidance,
+                       ouroboros_cross_frame=not args.no_cross_frame)
+        fifo.check_ouroboros(args.ouroboros_subjects, args.ouroboros_guidance, 0.9, None, [call["prompt"]],
+                             call.get("max_sequence_length"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = (["baseline"] if args.baseline else []) + ["fifo"]
@@ -573,6 +584,15 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--fifo-partitions", type=POSITIVE, default=4,
                    help="FIFO queue of n windows (--frames beyond the model's clip): each frame passes n x window levels")
     v.add_argument("--no-lookahead", action="store_true", help="FIFO without overlapping windows (half the model calls)")
+    v.add_argument("--ouroboros-tail", action="store_true",
+                   help="FIFO with Ouroboros' coherent tail: new tail frames keep the low frequencies of the queue's last")
+    v.add_argument("--ouroboros-subjects", nargs="+", default=None, metavar="WORD",
+                   help="FIFO with Ouroboros' subject parts for these words of the prompt: later windows read the head "
+                        "window's subject keys and values, and self-recurrent guidance")
+    v.add_argument("--ouroboros-guidance", type=NON_NEGATIVE_FLOAT, default=0.1,
+                   help="self-recurrent guidance step relative to the velocity (0: off; with --ouroboros-subjects)")
+    v.add_argument("--no-cross-frame", action="store_true",
+                   help="with --ouroboros-subjects: no subject-aware cross-frame attention")
 
     e = command("eval", help="measure baseline and steering on a shapes prompt set x seeds")
     model_options(e, None)

@@ -17,6 +17,7 @@ prompts, ``fifo_prompt_blend`` frames of linear change between them.
 from __future__ import annotations
 
 import inspect
+from contextlib import ExitStack
 
 import numpy as np
 import torch
@@ -25,10 +26,13 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from attnsteer.attention_processors import CROSS, SELF, list_layers
 from attnsteer.guidance.fifo import PromptSchedule, coherent_tail, fifo_step, initial_queue
+from attnsteer.guidance.ouroboros import Ouroboros
 
 from .astar import check_flag
 from .steer import CallDefaultsMixin
+from .tokens import word_indices
 
 WAN_TRAINED_FRAMES = 81  # Wan 2.1's clip length, for a model without a recorded one
 PARENT_DEFAULTS = {name: p.default for name, p in inspect.signature(WanPipeline.__call__).parameters.items()}
@@ -92,6 +96,14 @@ class WanFIFOPipeline(CallDefaultsMixin, WanPipeline):
         frame_callback: receives each decoded chunk of frames; the frames are then not kept.
         ouroboros_tail: Ouroboros' coherent tail sampling: each new tail frame takes the low
             frequencies of the queue's last latent and the high frequencies of fresh noise (default False).
+        ouroboros_subjects: words of the prompt (every prompt) naming the subjects, e.g. ["circle"];
+            turns on the two parts below (``attnsteer.guidance.ouroboros``), from the second step on.
+        ouroboros_cross_frame: the head window's subject keys and values are read by the later windows
+            of each step (default True; it needs fifo_partitions >= 2, else one window holds the queue).
+        ouroboros_guidance: self-recurrent guidance, the size of the subject-bank loss' gradient step
+            relative to the velocity's (default 0.1; 0 turns it off). Not yet tuned on a trained model.
+        ouroboros_momentum: of the subject bank's moving average (default 0.9).
+        ouroboros_layers: the self-attention layers that store, read and pool (default: all).
     """
 
     def trained_frames(self) -> int:
@@ -122,24 +134,59 @@ class WanFIFOPipeline(CallDefaultsMixin, WanPipeline):
             raise ValueError("give prompt or fifo_prompt_schedule, not both")
         return PromptSchedule(schedule, num_frames, blend)
 
+    def check_ouroboros(self, subjects, guidance, momentum, layers, prompts: list[str], max_sequence_length=None):
+        """The subjects' text-key indices per prompt ([prompt][subject]) and the memory layers, or a
+        ValueError naming a bad Ouroboros option, before any compute (max_sequence_length None: the
+        pipeline's default)."""
+        if (not isinstance(subjects, (list, tuple)) or not subjects
+                or not all(isinstance(w, str) and w.strip() for w in subjects)):
+            raise ValueError(f"ouroboros_subjects {subjects!r} must be a list of words of the prompt, e.g. ['circle']")
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 <= guidance < float("inf"):
+            raise ValueError(f"ouroboros_guidance {guidance!r} must be a number >= 0 (0: off)")
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
+            raise ValueError(f"ouroboros_momentum {momentum!r} must be a number in [0, 1)")
+        own = [n for n, info in list_layers(self.transformer).items() if info.kind == SELF]
+        chosen = own if layers is None else [layers] if isinstance(layers, str) else list(layers)
+        unknown = [n for n in chosen if n not in own]
+        if unknown or not chosen:
+            raise ValueError(f"ouroboros_layers {unknown or layers!r}: allowed are the transformer's self-attention "
+                             f"layers, e.g. {', '.join(own[:2])}")
+        if max_sequence_length is None:
+            max_sequence_length = {**PARENT_DEFAULTS, **self.call_defaults}["max_sequence_length"]
+        arguments = {"prompt": prompts, "max_sequence_length": max_sequence_length}
+        groups = [[word_indices(self, arguments, w, i) for w in subjects] for i in range(len(prompts))]
+        return groups, chosen
+
     @torch.no_grad()
     def __call__(self, prompt=None, negative_prompt=None, height=None, width=None, num_frames=None,
                  num_inference_steps=None, guidance_scale=None, generator=None, output_type="np", return_dict=True,
                  callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",), max_sequence_length=None,
                  fifo_partitions=4, fifo_lookahead=True, fifo_window_frames=None, fifo_beyond_training=False,
-                 fifo_prompt_schedule=None, fifo_prompt_blend=0, frame_callback=None, ouroboros_tail=False):
+                 fifo_prompt_schedule=None, fifo_prompt_blend=0, frame_callback=None, ouroboros_tail=False,
+                 ouroboros_subjects=None, ouroboros_cross_frame=True, ouroboros_guidance=0.1, ouroboros_momentum=0.9,
+                 ouroboros_layers=None):
         defaults = {**PARENT_DEFAULTS, **self.call_defaults}
         pick = lambda value, name: value if value is not None else defaults[name]
         height, width, num_frames = pick(height, "height"), pick(width, "width"), pick(num_frames, "num_frames")
         steps, guidance_scale = pick(num_inference_steps, "num_inference_steps"), pick(guidance_scale, "guidance_scale")
         max_sequence_length = pick(max_sequence_length, "max_sequence_length")
         window_frames = fifo_window_frames if fifo_window_frames is not None else self.trained_frames()
-        flags = dict(fifo_lookahead=fifo_lookahead, fifo_beyond_training=fifo_beyond_training, ouroboros_tail=ouroboros_tail)
+        flags = dict(fifo_lookahead=fifo_lookahead, fifo_beyond_training=fifo_beyond_training, ouroboros_tail=ouroboros_tail,
+                     ouroboros_cross_frame=ouroboros_cross_frame)
         schedule = self.check_fifo(num_frames, fifo_partitions, window_frames, fifo_beyond_training,
                                    fifo_prompt_schedule, fifo_prompt_blend, prompt, flags, frame_callback)
         prompts = schedule.prompts if schedule is not None else [prompt] if isinstance(prompt, str) else prompt
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"prompt must be a string or a list of strings, got {prompt!r}")
+        subjects = None
+        if ouroboros_subjects is not None:
+            groups, memory_layers = self.check_ouroboros(ouroboros_subjects, ouroboros_guidance, ouroboros_momentum,
+                                                         ouroboros_layers, prompts, max_sequence_length)
+            if schedule is not None:
+                if any(g != groups[0] for g in groups):
+                    raise ValueError(f"ouroboros_subjects {list(ouroboros_subjects)} sit at different tokens in the "
+                                     "scheduled prompts, whose embeddings are blended: word them alike")
+                groups = groups[:1]
         self.check_inputs(prompts[0], negative_prompt, height, width, None, None, list(callback_on_step_end_tensor_inputs))
         factor, device = self.vae_scale_factor_temporal, self._execution_device
         self._guidance_scale, self._attention_kwargs, self._interrupt = guidance_scale, None, False
@@ -180,6 +227,10 @@ class WanFIFOPipeline(CallDefaultsMixin, WanPipeline):
         dtype = self.transformer.dtype
         tokens = (clip.shape[3] // self.transformer.config.patch_size[1]) * (clip.shape[4] // self.transformer.config.patch_size[2])
         produced, frames, latents_out = 0, [], []
+        if ouroboros_subjects is not None and (ouroboros_cross_frame or ouroboros_guidance):
+            cross = [n for n, info in list_layers(self.transformer).items() if info.kind == CROSS]
+            subjects = Ouroboros(groups, cross, memory_layers, length, ouroboros_cross_frame, float(ouroboros_guidance),
+                                 float(ouroboros_momentum))
 
         def video_frame(latent_index: int) -> int:
             return 0 if latent_index <= 0 else 1 + factor * (latent_index - 1)
@@ -187,17 +238,29 @@ class WanFIFOPipeline(CallDefaultsMixin, WanPipeline):
         def velocity(x, sigma, start):
             t = (sigma * scale).repeat_interleave(tokens).expand(x.shape[0], -1)
             pos, neg = conditioning(video_frame(produced - warmup + start + f // 2))
-            pred = self.transformer(hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=pos,
-                                    return_dict=False)[0]
+
+            def branch(embeds):
+                return lambda z: self.transformer(hidden_states=z.to(dtype), timestep=t, encoder_hidden_states=embeds,
+                                                  return_dict=False)[0]
+
+            if subjects is not None:
+                return subjects.velocity(x, start, branch(pos), branch(neg) if cfg else None, guidance_scale,
+                                         self.transformer).float()
+            pred = branch(pos)(x)
             if cfg:
-                uncond = self.transformer(hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=neg,
-                                          return_dict=False)[0]
+                uncond = branch(neg)(x)
                 pred = uncond + guidance_scale * (pred - uncond)
             return pred.float()
 
-        with StreamingDecoder(self.vae) as decoder, self.progress_bar(total=warmup + total) as bar:
+        with ExitStack() as stack:
+            decoder = stack.enter_context(StreamingDecoder(self.vae))
+            bar = stack.enter_context(self.progress_bar(total=warmup + total))
+            if subjects is not None:
+                stack.enter_context(subjects.attached(self.transformer))
             for i in range(warmup + total):
                 queue = fifo_step(queue, sigmas, f, fifo_lookahead, velocity)
+                if subjects is not None:
+                    subjects.shift()
                 tail = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
                 if ouroboros_tail:
                     tail = coherent_tail(queue[:, :, -1:], tail)

@@ -7,6 +7,7 @@ The text keys of the denoiser are the pipeline's ``prompt_embeds`` sequence:
   ``max_sequence_length`` of them] along the sequence. Without T5 (``text_encoder_3`` None) the T5
   part is ``max_sequence_length`` zero embeddings and carries no words.
 - FLUX: the T5 tokens of ``prompt_2`` (or ``prompt``) only, ``max_sequence_length`` of them.
+- Wan: the UMT5 tokens of ``prompt``, ``max_sequence_length`` of them (cross-attention keys).
 
 A word (or several, "red circle") is found as its token ids, tokenised alone, inside the prompt's
 ids: the first occurrence, in every text part that carries words (SD3 with T5: both parts); a
@@ -17,9 +18,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    FluxPipeline,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    WanPipeline,
+)
 
-TEXT_PIPELINES = (StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline)
+TEXT_PIPELINES = (StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline, WanPipeline)
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,8 @@ def text_parts(pipe, arguments: dict) -> list[TextPart]:
         return parts
     if isinstance(pipe, FluxPipeline):
         return [TextPart(pipe.tokenizer_2, "prompt_2", 0, msl)]
+    if isinstance(pipe, WanPipeline):
+        return [TextPart(pipe.tokenizer, "prompt", 0, msl)]
     if isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
         return [TextPart(pipe.tokenizer, "prompt", 0, pipe.tokenizer.model_max_length)]
     names = ", ".join(cls.__name__ for cls in TEXT_PIPELINES)
@@ -55,7 +64,7 @@ def text_length(pipe, arguments: dict) -> int:
         return embeds.shape[1]
     if isinstance(pipe, StableDiffusion3Pipeline):
         return pipe.tokenizer_max_length + arguments["max_sequence_length"]
-    if isinstance(pipe, FluxPipeline):
+    if isinstance(pipe, (FluxPipeline, WanPipeline)):
         return arguments["max_sequence_length"]
     return text_parts(pipe, arguments)[0].length
 

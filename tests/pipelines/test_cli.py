@@ -261,3 +261,15 @@ def test_video_beyond_the_models_clip_runs_fifo_and_streams_frames(tmp_path, cap
         ["video", "--model", "tiny-wan", "--prompt", "a", "--frames", "12", "--height", "32", "--width", "32"], capsys)
     assert "does not combine with heads" in refused(
         ["video", "--model", "tiny-wan", "--prompt", "a", "--frames", "13", "--heads", "0:0"], capsys)
+
+
+def test_video_runs_ouroboros_on_fifo_and_refuses_its_options_without_fifo(tmp_path, capsys):
+    main(["video", "--model", "tiny-wan", "--prompt", "a cat", "--steps", "2", "--frames", "13", "--fifo-partitions", "2",
+          "--height", "32", "--width", "32", "--ouroboros-tail", "--ouroboros-subjects", "cat", "--out", str(tmp_path)])
+    assert Image.open(tmp_path / "seed0_fifo_0.gif").n_frames == 13
+    bad = ["video", "--model", "tiny-wan", "--prompt", "a cat", "--frames", "13", "--height", "32", "--width", "32",
+           "--baseline", "--ouroboros-subjects", "dog", "--out", str(tmp_path / "bad")]
+    assert "word 'dog' is not in the prompt 'a cat'" in refused(bad, capsys)
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())  # refused before the baseline ran
+    assert "Ouroboros acts on FIFO-Diffusion, which runs for --frames longer than the model's clip" in refused(
+        ["video", "--model", "tiny-wan", "--prompt", "a cat", "--frames", "5", "--ouroboros-tail"], capsys)

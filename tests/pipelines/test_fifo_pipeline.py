@@ -112,6 +112,15 @@ def test_the_vae_cache_is_cleared_when_the_call_raises():
     (dict(fifo_beyond_training=1), "fifo_beyond_training 1 must be True or False"),
     (dict(ouroboros_tail=None), "ouroboros_tail None must be True or False"),
     (dict(frame_callback="frames/"), "frame_callback 'frames/' must be a function"),
+    (dict(ouroboros_subjects="circle"), "ouroboros_subjects 'circle' must be a list of words"),
+    (dict(ouroboros_subjects=["square"]), "word 'square' is not in the prompt 'a red circle'"),
+    (dict(ouroboros_subjects=["circle"], ouroboros_guidance=-1), "ouroboros_guidance -1 must be a number >= 0"),
+    (dict(ouroboros_subjects=["circle"], ouroboros_momentum=1.0), r"ouroboros_momentum 1.0 must be a number in \[0, 1\)"),
+    (dict(ouroboros_subjects=["circle"], ouroboros_layers=["blocks.0.attn2"]),
+     r"ouroboros_layers \['blocks.0.attn2'\]: allowed are the transformer's self-attention layers"),
+    (dict(ouroboros_cross_frame="no"), "ouroboros_cross_frame 'no' must be True or False"),
+    (dict(fifo_prompt_schedule=[(0, 4, "a red circle"), (4, 9, "a circle")], ouroboros_subjects=["circle"]),
+     "sit at different tokens in the scheduled prompts"),
 ])
 def test_bad_input_is_refused_before_compute(options, message):
     prompt = None if "fifo_prompt_schedule" in options else "a red circle"
@@ -125,3 +134,26 @@ def test_the_coherent_tail_changes_the_video_and_off_is_plain_fifo():
     plain = fifo(num_frames=13, output_type="latent").frames
     torch.testing.assert_close(fifo(num_frames=13, output_type="latent", ouroboros_tail=False).frames, plain)
     assert not torch.allclose(fifo(num_frames=13, output_type="latent", ouroboros_tail=True).frames, plain)
+
+
+def test_ouroboros_subject_parts_off_are_plain_fifo_and_each_part_changes_the_video():
+    run = lambda **extra: fifo(num_frames=13, fifo_partitions=2, output_type="latent", **extra).frames
+    plain = run()
+    subjects = dict(ouroboros_subjects=["circle"])
+    torch.testing.assert_close(run(**subjects, ouroboros_cross_frame=False, ouroboros_guidance=0.0), plain)
+    cross_frame, guided = run(**subjects, ouroboros_guidance=0.0), run(**subjects, ouroboros_cross_frame=False)
+    assert not torch.allclose(cross_frame, plain) and not torch.allclose(guided, plain)
+    assert not torch.allclose(cross_frame, guided)
+    torch.testing.assert_close(run(**subjects, ouroboros_cross_frame=False), guided)  # same seed, same video
+
+
+def test_the_transformer_is_restored_when_a_call_with_subjects_raises():
+    processors = {n: type(m.processor) for n, m in pipe().transformer.named_modules() if hasattr(m, "processor")}
+
+    def fail(*args):
+        raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        fifo(num_frames=13, fifo_partitions=2, ouroboros_subjects=["circle"], frame_callback=fail)
+    assert processors == {n: type(m.processor) for n, m in pipe().transformer.named_modules() if hasattr(m, "processor")}
+    assert all(p.requires_grad for p in pipe().transformer.parameters())
