@@ -2,7 +2,9 @@
 
 Rows (--rows): "direct", the model asked for all --frames in one call; "clips", independent clips of the
 trained length concatenated (clip c of seed s at seed 1000 s + c); "fifo" (FIFO-Diffusion without
-lookahead), "fifo-lookahead", and "ouroboros-tail" (lookahead with coherent tail sampling). Each held-out
+lookahead), "fifo-lookahead", and Ouroboros on FIFO with lookahead: each part alone ("ouroboros-tail",
+coherent tail sampling; "ouroboros-cross-frame" and "ouroboros-guidance", the subject parts with the
+prompt's object nouns as subjects) and all together ("ouroboros"). Each held-out
 prompt of a video set x seed is generated at --frames (e.g. 137 on shapes-wan, 8x its 17) and scored
 whole (``score_video``: identity over the whole video) and per window of --window frames (``video_drift``:
 the first window against the last, identity against each object's first detection in the whole video).
@@ -25,7 +27,11 @@ import torch
 from attnsteer.guidance.shapes import VIDEO_METRICS
 
 ROWS = {"direct": None, "clips": None, "fifo": dict(fifo_lookahead=False), "fifo-lookahead": dict(fifo_lookahead=True),
-        "ouroboros-tail": dict(fifo_lookahead=True, ouroboros_tail=True)}
+        "ouroboros-tail": dict(fifo_lookahead=True, ouroboros_tail=True),
+        "ouroboros-cross-frame": dict(fifo_lookahead=True, ouroboros_guidance=0.0),
+        "ouroboros-guidance": dict(fifo_lookahead=True, ouroboros_cross_frame=False),
+        "ouroboros": dict(fifo_lookahead=True, ouroboros_tail=True)}
+SUBJECT_ROWS = ("ouroboros-cross-frame", "ouroboros-guidance", "ouroboros")  # subjects: the prompt's object nouns
 
 
 def parse_args():
@@ -60,8 +66,11 @@ def generate(pipe, fifo, row: str, batch, call: dict, trained: int, args) -> lis
         clips = [pipe(prompts, generator=[torch.Generator().manual_seed(1000 * s + c) for _, s in batch],
                       **{**call, "num_frames": trained}).frames for c in range(count)]
         return [np.concatenate([clip[i] for clip in clips])[:args.frames] for i in range(len(batch))]
-    return [fifo(p, generator=torch.Generator().manual_seed(s), fifo_partitions=args.partitions, **ROWS[row], **call).frames[0]
-            for p, s in batch]
+    from attnsteer.guidance.shapes import caption_concepts
+
+    subjects = lambda p: {"ouroboros_subjects": caption_concepts(p)} if row in SUBJECT_ROWS else {}
+    return [fifo(p, generator=torch.Generator().manual_seed(s), fifo_partitions=args.partitions, **ROWS[row],
+                 **subjects(p), **call).frames[0] for p, s in batch]
 
 
 def main():
