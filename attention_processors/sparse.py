@@ -72,6 +72,26 @@ class BlockLayout:
         return (self.slots < self.seq_len).view(self.blocks, self.size)
 
 
+def tiling_pool(grid: tuple[int, int], size: int = 128, aspect: float = 0.5) -> tuple[int, int]:
+    """A pool (ph, pw) for frames of ``grid`` = (h, w) tokens: of the pools of ``size`` / 2 to 2 ``size``
+    tokens whose ph / pw is within 4x of ``aspect``, the one with the fewest padded slots (a pool that
+    tiles the frame has none), then the nearest to ``size`` tokens and to ``aspect``, on a log scale
+    (the authors' (8, 16) on a 64 x 64 grid; (10, 13) on Wan's 30 x 52 at 480 x 832). The whole frame
+    when it is smaller."""
+    h, w = grid
+    if h * w <= size // 2:
+        return h, w
+
+    def cost(pool):
+        ph, pw = pool
+        padded = -(-h // ph) * -(-w // pw) * ph * pw - h * w
+        return padded, abs(math.log(ph * pw / size)) + abs(math.log(ph / pw / aspect))
+
+    pools = [(ph, pw) for ph in range(1, h + 1) for pw in range(1, w + 1)
+             if size // 2 <= ph * pw <= 2 * size and aspect / 4 <= ph / pw <= aspect * 4]
+    return min(pools, key=cost) if pools else (h, w)
+
+
 def block_layout(layout: TokenLayout, seq_len: int, pool: tuple[int, int]) -> BlockLayout:
     """The (cached) BlockLayout of a call's ``layout`` with ``seq_len`` tokens and pooling windows ``pool``."""
     if layout.grid is None:

@@ -554,7 +554,7 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--sparse-mask", default="draft", choices=["draft", "radial", "tile"],
                        help="block mask: the draft map (with --sparsity), or the static radial or sliding-tile mask")
         p.add_argument("--sparse-pool", type=POSITIVE, nargs=2, default=None, metavar=("ROWS", "COLUMNS"),
-                       help="latent tokens per block in each frame (default 8 16, clipped to the frame)")
+                       help="latent tokens per block in each frame (default: about 128 that tile the frame, e.g. 10 13 on Wan 480p)")
         p.add_argument("--sparse-backend", default="auto", choices=["auto", "flex", "gather", "dense"],
                        help="auto: compiled flex_attention where it can run, else gather")
         p.add_argument("--sparse-dense-steps", type=NON_NEGATIVE, default=None,

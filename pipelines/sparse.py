@@ -7,8 +7,9 @@ Keyword arguments (``SPARSE_DEFAULTS``):
         None: dense attention (the parent pipeline), unless sparse_mask names a static mask.
     sparse_mask: "draft" (DraftAttention), or a static mask whose density its pattern sets:
         "radial" (Radial Attention) or "tile" (sliding-tile attention, window ``sparse_tile``).
-    sparse_pool: (rows, columns) of latent tokens per block in each frame; default (8, 16), 128 tokens
-        (the authors'), clipped to the call's tokens per frame.
+    sparse_pool: (rows, columns) of latent tokens per block in each frame; default about 128 tokens
+        that tile the call's frame (``tiling_pool``: the authors' (8, 16) on a 64 x 64 grid, (10, 13) on
+        Wan's 480 x 832, where (8, 16) would add 31% empty slots).
     sparse_tile: the tile mask's window of blocks, (frames, rows, columns); default (3, 3, 3).
     sparse_backend: "auto" (compiled flex_attention where it can run, else the gather), "flex",
         "gather" or "dense" (the reference).
@@ -27,7 +28,7 @@ from diffusers import FluxPipeline, StableDiffusion3Pipeline, WanPipeline
 from attnsteer.attention_processors import JOINT, SELF, list_layers
 from attnsteer.attention_processors.heads import layer_name
 from attnsteer.attention_processors.sparse import (DraftAttention, DraftMask, RadialMask, TileMask, check_backend,
-                                                   check_sparsity, resolve_backend)
+                                                   check_sparsity, resolve_backend, tiling_pool)
 
 from .astar import denoiser, latent_size
 
@@ -36,7 +37,6 @@ SPARSE_DEFAULTS = dict(sparsity=None, sparse_mask="draft", sparse_pool=None, spa
 MASKS = ("draft", "radial", "tile")
 SUPPORTED = (WanPipeline, StableDiffusion3Pipeline, FluxPipeline)
 WARMUP = 0.3
-DEFAULT_POOL = (8, 16)
 
 
 def token_grid(pipe, arguments: dict) -> tuple[int, int]:
@@ -76,7 +76,7 @@ def sparse_steer(pipe, arguments: dict, options: dict) -> DraftAttention | None:
     dense = names[:1] if dense is None else [layer_name(layer, names, layers) for layer in dense]
     pool, grid = o["sparse_pool"], token_grid(pipe, arguments)
     if pool is None:
-        pool = (min(DEFAULT_POOL[0], grid[0]), min(DEFAULT_POOL[1], grid[1]))
+        pool = tiling_pool(grid)
     if (not isinstance(pool, (tuple, list)) or len(pool) != 2 or any(not isinstance(p, int) or p < 1 for p in pool)
             or pool[0] > grid[0] or pool[1] > grid[1]):
         raise ValueError(f"sparse_pool {pool!r} must be (rows, columns) of tokens that fit in the call's "

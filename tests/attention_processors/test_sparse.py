@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from attnsteer.attention_processors import SELF, AttentionCall, LayerInfo, TokenLayout, list_layers, steering
 from attnsteer.attention_processors import sparse
 from attnsteer.attention_processors.sparse import (DraftAttention, DraftMask, RadialMask, TileMask, block_layout,
-                                                   block_mask, from_slots, sparse_attention, to_slots)
+                                                   block_mask, from_slots, sparse_attention, tiling_pool, to_slots)
 from attnsteer.pipelines.tiny import tiny_components
 
 VIDEO = (3, 5, 7)  # ragged in both directions for pool (2, 3)
@@ -243,3 +243,14 @@ def test_gather_split_into_many_calls_gives_the_same_output(monkeypatch):
     monkeypatch.setattr(sparse, "GATHER_ELEMENTS", 1)  # one query block per SDPA call
     torch.testing.assert_close(sparse_attention(q, k, v, layout, source, POOL, 0.3, "gather"), whole)
     torch.testing.assert_close(whole, sparse_attention(q, k, v, layout, source, POOL, 0.3, "dense"), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("grid,pool", [((64, 64), (8, 16)), ((30, 52), (10, 13)), ((45, 80), (9, 16)), ((8, 8), (8, 8)),
+                                       ((4, 4), (4, 4)), ((31, 53), (8, 18))])
+def test_the_default_pool_tiles_the_frame_with_about_128_tokens_when_it_can(grid, pool):
+    """Wan 480p (30 x 52) and 720p (45 x 80) frames get pools without empty slots; a prime-sized frame the
+    least padding among pools of 64-256 tokens; a frame smaller than that is one block."""
+    assert tiling_pool(grid) == pool
+    layout = TokenLayout(slice(0, grid[0] * grid[1]), None, grid)
+    empty = len(block_layout(layout, grid[0] * grid[1], pool).empty)
+    assert empty == (0 if grid != (31, 53) else 32 * 54 - 31 * 53)
