@@ -36,11 +36,16 @@ def parse_args():
     p.add_argument("--count", type=int, default=40, help="scenes")
     p.add_argument("--seeds", type=int, default=2, help="seeds 0..N-1 per scene")
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    p.add_argument("--read-layers", default="decoder", choices=["decoder", "all"],
+                   help="layers where targets read the references: the decoder's (the paper's) or every self-attention layer")
+    p.add_argument("--dropout", type=float, default=0.5, help="reference mask dropout (ConsiStory's 0.5)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None, help="write the records and tables here (JSON)")
     args = p.parse_args()
     if args.count < 1 or args.seeds < 1 or args.first < 0:
         p.error("--count and --seeds must be at least 1, --first at least 0")
+    if not 0 <= args.dropout < 1:
+        p.error(f"--dropout {args.dropout}: must be in [0, 1)")
     if "independent" not in args.rows:
         p.error("--rows: the others are paired against 'independent', which must run")
     return args
@@ -68,6 +73,12 @@ def main():
     pipe, _ = load_pipeline(args.model, "cpu", "float32")
     pipe.set_progress_bar_config(disable=True)
     call = {"num_inference_steps": 20, **pipe.call_defaults, "output_type": "pil"}  # as attnsteer eval
+    from attnsteer.pipelines.astar import denoiser
+    from attnsteer.pipelines.story import self_layers
+
+    options = {"story_dropout": args.dropout}
+    if args.read_layers == "all":
+        options["story_read_layers"] = self_layers(denoiser(pipe))
     scenes = prompt_set("two", args.split)[args.first:args.first + args.count]
     records, t = [], time.time()
     for scene in scenes:
@@ -82,12 +93,13 @@ def main():
                     target = pipe(scene, generator=torch.Generator().manual_seed(base + len(subjects)), **call).images[0]
                 else:
                     images = pipe(scene, story_subjects=subjects, generator=torch.Generator().manual_seed(base),
-                                  **ROWS[row], **call).images
+                                  **ROWS[row], **options, **call).images
                     target = images[-1]
                     references = references or images[:-1]
                 records.append({"row": row, "prompt": scene, "seed": seed, **scored(references, target, scene)})
     heading = (f"{args.model}, two-object {args.split} scenes {args.first}..{args.first + len(scenes) - 1} x seeds "
-               f"0..{args.seeds - 1}, {call.get('num_inference_steps')} steps; {time.time() - t:.0f} s")
+               f"0..{args.seeds - 1}, {call.get('num_inference_steps')} steps, read layers {args.read_layers}, "
+               f"dropout {args.dropout}; {time.time() - t:.0f} s")
     by_row = {row: [r for r in records if r["row"] == row] for row in args.rows}
     summary = {row: {"n_images": len(rs), **{m: mean_interval([r[m] for r in rs], [r["prompt"] for r in rs])
                                              for m in METRICS}} for row, rs in by_row.items()}

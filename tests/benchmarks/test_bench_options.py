@@ -43,6 +43,7 @@ def test_head_search_u_is_refused_before_the_search(tmp_path):
     ("bench_astar_quality.py", ["--count", "0"], "--count and --seeds must be at least 1"),
     ("bench_astar_quality.py", ["--model", "shapes-sd3", "--methods", "ae"], "Attend-and-Excite is SD1.x only"),
     ("bench_astar_quality.py", ["--scale", "-1"], "--scale [-1.0]: alpha must be >= 0"),
+    ("bench_story_quality.py", ["--dropout", "1"], "--dropout 1.0: must be in [0, 1)"),
 ])
 def test_astar_benchmark_options(script, options, message):
     assert message in refused(script, *options)
