@@ -40,7 +40,8 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=list(FRAMES), choices=list(FRAMES))
     parser.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.75, 0.9])
     parser.add_argument("--backends", nargs="+", default=["flex", "gather"], choices=["flex", "gather"])
-    parser.add_argument("--pool", type=int, nargs=2, default=(8, 16))
+    parser.add_argument("--pool", type=int, nargs=2, default=None,
+                        help="tokens per block (default: the pipelines' default for the frame, (10, 13))")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
     device_options(parser)
     args = parser.parse_args()
@@ -50,7 +51,9 @@ def main() -> None:
 
     from attnsteer.attention_processors import TokenLayout
     from attnsteer.attention_processors.sparse import (DraftMask, RadialMask, TileMask, block_layout, block_mask,
-                                                       density, sparse_attention, to_slots)
+                                                       density, sparse_attention, tiling_pool, to_slots)
+
+    args.pool = tuple(args.pool or tiling_pool(GRID))
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
