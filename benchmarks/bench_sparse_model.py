@@ -2,13 +2,14 @@
 against DraftAttention, on the token grid of 480 x 832 (30 x 52 tokens a frame).
 
 The transformer has Wan2.1-1.3B's width (1536, 12 heads of 128, FFN 8960, text 4096) and ``--layers``
-of its 30 identical blocks (all 30 by default; fewer where a forward of all of them takes too long,
-e.g. on a CPU: the blocks are identical, so each block's time is the same at any depth). The sparse
-steer leaves block 0 dense (the pipelines' default) and runs every other block at ``--sparsity``
-from the first step. Configurations alternate forward by forward; the first forward of each (flex's
-compile) is reported apart. Besides the forward ratio, the table gives the ratio of a whole run of
-``--steps`` steps whose first 30% are dense (the pipelines' default warm-up):
-steps x dense / (warm-up x dense + rest x sparse).
+of its blocks (all 30 by default; fewer where a forward of all of them takes too long, e.g. on a CPU).
+The sparse steer leaves block 0 dense (the pipelines' default) and runs every other block at
+``--sparsity`` from the first step. Configurations alternate forward by forward; the first forward of
+each (flex's compile) is reported apart. Each block is timed on its own (hooks around it), so the
+30-block forward is composed from the measured parts when fewer blocks ran, as the blocks are
+identical: the parts outside the blocks + block 0 + 29 x a later block (the median of blocks 1..).
+Besides the forward ratio, the table gives the ratio of a whole run of ``--steps`` steps whose first
+30% are dense (the pipelines' default warm-up): steps x dense / (warm-up x dense + rest x sparse).
 
     python benchmarks/bench_sparse_model.py --frames 11 --threads 2               # 17160 tokens
     python benchmarks/bench_sparse_model.py --frames 11 --layers 3 --threads 2    # on a CPU
@@ -75,30 +76,53 @@ def main() -> None:
     steers = {"dense": []}
     steers.update({f"draft {s:g}": [DraftAttention(sparse_layers, s, pool, 0, backend)] for s in args.sparsity})
 
-    def forward(name: str) -> float:
+    stamps = []
+
+    def stamp(*_):
+        sync()
+        stamps.append(time.perf_counter())
+
+    for block in model.blocks:
+        block.register_forward_pre_hook(stamp)
+        block.register_forward_hook(stamp)
+
+    def forward(name: str) -> tuple[float, list[float]]:
+        """(seconds of the forward, seconds of each block)."""
+        stamps.clear()
         with torch.no_grad(), steering(model, steers[name]):
             sync()
             t = time.perf_counter()
             model(hidden_states=x, timestep=timestep, encoder_hidden_states=text, return_dict=False)
             sync()
-            return time.perf_counter() - t
+            total = time.perf_counter() - t
+        return total, [b - a for a, b in zip(stamps[::2], stamps[1::2])]
 
-    results = {name: {"first_s": forward(name), "seconds": []} for name in steers}
+    results = {name: {"first_s": forward(name)[0], "seconds": [], "blocks_s": []} for name in steers}
     for repeat in range(args.repeats):
         for name in steers:
-            results[name]["seconds"].append(forward(name))
-            print(f"round {repeat} {name}: {results[name]['seconds'][-1]:.2f} s", file=sys.stderr)
-    dense = statistics.median(results["dense"]["seconds"])
+            total, blocks = forward(name)
+            results[name]["seconds"].append(total)
+            results[name]["blocks_s"].append(blocks)
+            print(f"round {repeat} {name}: {total:.2f} s", file=sys.stderr)
+    for entry in results.values():
+        entry["median_s"] = statistics.median(entry["seconds"])
+        entry["block0_s"] = statistics.median(b[0] for b in entry["blocks_s"])
+        entry["block_s"] = statistics.median(t for b in entry["blocks_s"] for t in b[1:])
+        entry["outside_s"] = statistics.median(s - sum(b) for s, b in zip(entry["seconds"], entry["blocks_s"]))
+        entry["composed_30_s"] = entry["outside_s"] + entry["block0_s"] + 29 * entry["block_s"]
+    dense = results["dense"]
     warm = math.ceil(WARMUP * args.steps)
     print(f"device {device}, {torch.get_num_threads()} threads, {args.dtype}; {tokens} tokens ({args.frames} latent "
           f"frames of 30 x 52), {args.layers} blocks, pool {pool}, backend {backend}")
-    print(f"| configuration | median s / forward | forward vs dense | {args.steps} steps, first {warm} dense, vs dense "
-          "| first forward s |\n|---|---|---|---|---|")
+    print(f"| configuration | s / forward of {args.layers} blocks | a later block s | outside the blocks s | 30-block "
+          f"forward s (composed) | vs dense | {args.steps} steps, first {warm} dense, vs dense | first forward s |\n"
+          "|---|---|---|---|---|---|---|---|")
     for name, entry in results.items():
-        entry["median_s"] = statistics.median(entry["seconds"])
-        entry["speedup"] = dense / entry["median_s"]
-        entry["run_speedup"] = args.steps * dense / (warm * dense + (args.steps - warm) * entry["median_s"])
-        print(f"| {name} | {entry['median_s']:.2f} | {entry['speedup']:.2f}x | {entry['run_speedup']:.2f}x | "
+        entry["speedup"] = dense["composed_30_s"] / entry["composed_30_s"]
+        entry["run_speedup"] = args.steps * dense["composed_30_s"] / (
+            warm * dense["composed_30_s"] + (args.steps - warm) * entry["composed_30_s"])
+        print(f"| {name} | {entry['median_s']:.2f} | {entry['block_s']:.2f} | {entry['outside_s']:.2f} | "
+              f"{entry['composed_30_s']:.1f} | {entry['speedup']:.2f}x | {entry['run_speedup']:.2f}x | "
               f"{entry['first_s']:.2f} |")
     if args.json:
         with open(args.json, "w") as f:
