@@ -588,7 +588,7 @@ def parser() -> argparse.ArgumentParser:
                    help="FIFO with Ouroboros' coherent tail: new tail frames keep the low frequencies of the queue's last")
     v.add_argument("--ouroboros-subjects", nargs="+", default=None, metavar="WORD",
                    help="FIFO with Ouroboros' subject parts for these words of the prompt: later windows read the head "
-                        "window's subject keys and values, and self-recurrent guidance")
+                        "window's subject keys and values, and self-recurrent guidance (default: none, the parts off)")
     v.add_argument("--ouroboros-guidance", type=NON_NEGATIVE_FLOAT, default=0.1,
                    help="self-recurrent guidance step relative to the velocity (0: off; with --ouroboros-subjects)")
     v.add_argument("--no-cross-frame", action="store_true",
