@@ -125,7 +125,7 @@ class Ouroboros:
             if head and masks is not None:
                 self.stored["uncond"] = self.memory.stored
             pred = other + guidance_scale * (pred - other)
-        self.memory.masks, self.memory.extra, self.memory.pooled, self.memory.stored = None, {}, {}, {}
+        self.memory.clear()
         if guided:
             dims = tuple(range(1, pred.dim()))
             rms = lambda t: t.float().pow(2).mean(dims, keepdim=True).sqrt()

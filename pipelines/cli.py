@@ -271,7 +271,7 @@ def long_video(args, pipe, call: dict) -> None:
     if args.ouroboros_subjects:
         options.update(ouroboros_subjects=args.ouroboros_subjects, ouroboros_guidance=args.ouroboros_guidance,
                        ouroboros_cross_frame=not args.no_cross_frame)
-        fifo.check_ouroboros(args.ouroboros_subjects, args.ouroboros_guidance, 0.9, None, [call["prompt"]],
+        fifo.check_ouroboros(args.ouroboros_subjects, args.ouroboros_guidance, [call["prompt"]],
                              call.get("max_sequence_length"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

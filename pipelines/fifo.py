@@ -35,6 +35,7 @@ from .steer import CallDefaultsMixin
 from .tokens import word_indices
 
 WAN_TRAINED_FRAMES = 81  # Wan 2.1's clip length, for a model without a recorded one
+OUROBOROS_MOMENTUM = 0.9  # of the subject bank's moving average
 PARENT_DEFAULTS = {name: p.default for name, p in inspect.signature(WanPipeline.__call__).parameters.items()}
 
 
@@ -134,7 +135,8 @@ class WanFIFOPipeline(CallDefaultsMixin, WanPipeline):
             raise ValueError("give prompt or fifo_prompt_schedule, not both")
         return PromptSchedule(schedule, num_frames, blend)
 
-    def check_ouroboros(self, subjects, guidance, momentum, layers, prompts: list[str], max_sequence_length=None):
+    def check_ouroboros(self, subjects, guidance, prompts: list[str], max_sequence_length=None,
+                        momentum=OUROBOROS_MOMENTUM, layers=None):
         """The subjects' text-key indices per prompt ([prompt][subject]) and the memory layers, or a
         ValueError naming a bad Ouroboros option, before any compute (max_sequence_length None: the
         pipeline's default)."""
@@ -163,7 +165,8 @@ class WanFIFOPipeline(CallDefaultsMixin, WanPipeline):
                  callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",), max_sequence_length=None,
                  fifo_partitions=4, fifo_lookahead=True, fifo_window_frames=None, fifo_beyond_training=False,
                  fifo_prompt_schedule=None, fifo_prompt_blend=0, frame_callback=None, ouroboros_tail=False,
-                 ouroboros_subjects=None, ouroboros_cross_frame=True, ouroboros_guidance=0.1, ouroboros_momentum=0.9,
+                 ouroboros_subjects=None, ouroboros_cross_frame=True, ouroboros_guidance=0.1,
+                 ouroboros_momentum=OUROBOROS_MOMENTUM,
                  ouroboros_layers=None):
         defaults = {**PARENT_DEFAULTS, **self.call_defaults}
         pick = lambda value, name: value if value is not None else defaults[name]
@@ -180,8 +183,8 @@ class WanFIFOPipeline(CallDefaultsMixin, WanPipeline):
             raise ValueError(f"prompt must be a string or a list of strings, got {prompt!r}")
         subjects = None
         if ouroboros_subjects is not None:
-            groups, memory_layers = self.check_ouroboros(ouroboros_subjects, ouroboros_guidance, ouroboros_momentum,
-                                                         ouroboros_layers, prompts, max_sequence_length)
+            groups, memory_layers = self.check_ouroboros(ouroboros_subjects, ouroboros_guidance, prompts,
+                                                         max_sequence_length, ouroboros_momentum, ouroboros_layers)
             if schedule is not None:
                 if any(g != groups[0] for g in groups):
                     raise ValueError(f"ouroboros_subjects {list(ouroboros_subjects)} sit at different tokens in the "
