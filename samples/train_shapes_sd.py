@@ -182,6 +182,15 @@ def finetune_decoder(args, vae, images, log):
     hues truer (the crop-trained decoder turned some reds partly orange and blunted stars)."""
     rng = np.random.default_rng(args.seed + 5)
     torch.manual_seed(args.seed + 5)
+    return fit_decoder(args, vae, lambda: to_tensor(images[rng.integers(0, len(images), args.vae_batch)]),
+                       lambda rec, x: F.mse_loss(rec, x) + F.l1_loss(rec, x), log)
+
+
+def fit_decoder(args, vae, batch, loss_of, log):
+    """--decoder-steps AdamW steps (--decoder-lr, decayed; gradients clipped to norm 1) on ``vae``'s
+    decoder and post-quant conv, the encoder frozen: each step encodes ``batch()`` without gradients,
+    samples the latent and decodes it, with loss ``loss_of(reconstruction, batch)``. Returns ``vae`` in
+    eval mode, frozen."""
     vae.requires_grad_(False)
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     for q in params:
@@ -192,19 +201,19 @@ def finetune_decoder(args, vae, images, log):
     for step in range(args.decoder_steps):
         for g in opt.param_groups:
             g["lr"] = decayed(args.decoder_lr, step, args.decoder_steps)
-        x = to_tensor(images[rng.integers(0, len(images), args.vae_batch)])
+        x = batch()
         with torch.no_grad():
             z = vae.encode(x).latent_dist.sample()
         rec = vae.decode(z).sample
-        mse = F.mse_loss(rec, x)
-        loss = mse + F.l1_loss(rec, x)
+        loss = loss_of(rec, x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step % args.log_every == 0 or step == args.decoder_steps - 1:
-            log(f"decoder step {step}/{args.decoder_steps} mse {mse.item():.5f} "
-                f"psnr {10 * math.log10(4 / mse.item()):.1f} dB  {time.time() - t0:.0f}s")
+            mse = F.mse_loss(rec.detach(), x).item()
+            log(f"decoder step {step + 1}/{args.decoder_steps} mse {mse:.5f} psnr {10 * math.log10(4 / mse):.1f} dB  "
+                f"{time.time() - t0:.0f}s")
     vae.requires_grad_(False)
     return vae.eval()
 

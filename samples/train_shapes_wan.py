@@ -71,7 +71,8 @@ from attnsteer.pipelines.tiny import clip_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_shapes_sd import (  # noqa: E402
-    cosine_lr, decayed, encode_dataset, end_step, n_params, open_log, optimizer_step, positive_int, weights_option,
+    cosine_lr, decayed, encode_dataset, end_step, fit_decoder, n_params, open_log, optimizer_step, positive_int,
+    weights_option,
 )
 
 VOCAB_SIZE, EOS_ID = 49408, 49407
@@ -310,34 +311,13 @@ def train_decoder(args, vae, log):
     same = dim == vae.config.decoder_base_dim
     new.load_state_dict({k: v for k, v in vae.state_dict().items()
                          if same or not k.startswith(("decoder.", "post_quant_conv."))}, strict=same)
-    new.requires_grad_(False)
-    params = list(new.decoder.parameters()) + list(new.post_quant_conv.parameters())
-    for q in params:
-        q.requires_grad_(True)
-    log(f"decoder: base {dim}, {sum(q.numel() for q in params)} params, {'from the trained one' if same else 'new'}")
+    log(f"decoder: base {dim}, {n_params(new.decoder) + n_params(new.post_quant_conv)} params, "
+        f"{'from the trained one' if same else 'new'}")
     clips, _ = draw_clips(args)
     rng = np.random.default_rng(args.seed + 5)
     torch.manual_seed(args.seed + 5)
-    opt = torch.optim.AdamW(params, args.decoder_lr, weight_decay=0.0)
-    t0 = time.time()
-    for step in range(args.decoder_steps):
-        for g in opt.param_groups:
-            g["lr"] = decayed(args.decoder_lr, step, args.decoder_steps)
-        x = to_video(clips[rng.integers(0, len(clips), args.vae_full_batch)])
-        with torch.no_grad():
-            z = new.encode(x).latent_dist.sample()
-        rec = new.decode(z).sample
-        loss = reconstruction_loss(rec, x, args)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if step % args.log_every == 0 or step == args.decoder_steps - 1:
-            mse = F.mse_loss(rec.detach(), x).item()
-            log(f"decoder step {step + 1}/{args.decoder_steps} mse {mse:.5f} psnr {10 * np.log10(4 / mse):.1f} dB  "
-                f"{time.time() - t0:.0f}s")
-    new.requires_grad_(False)
-    return new.eval()
+    return fit_decoder(args, new, lambda: to_video(clips[rng.integers(0, len(clips), args.vae_full_batch)]),
+                       lambda rec, x: reconstruction_loss(rec, x, args), log)
 
 
 def train_vae(args, clips, log):
