@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from measure import check_video_set, video_set_options
 
 from attnsteer.guidance.shapes import VIDEO_METRICS
 
@@ -36,21 +37,13 @@ SUBJECT_ROWS = ("ouroboros-cross-frame", "ouroboros-guidance", "ouroboros")  # s
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="shapes-wan")
-    p.add_argument("--set", default="one-moving", choices=["one", "two", "one-moving", "two-moving"])
-    p.add_argument("--split", default="heldout", choices=["tune", "heldout"])
-    p.add_argument("--count", type=int, default=20, help="prompts")
-    p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per prompt")
+    video_set_options(p, batch_size=4)
     p.add_argument("--frames", type=int, default=65, help="frames asked for (1 + 4k for Wan)")
     p.add_argument("--window", type=int, default=None, help="frames per scored window (default: the model's trained clip)")
     p.add_argument("--rows", nargs="+", default=["direct", "fifo"], choices=list(ROWS))
     p.add_argument("--partitions", type=int, default=4, help="FIFO's n")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default=None, help="write the records and tables here (JSON)")
     args = p.parse_args()
-    if args.count < 1 or args.seeds < 1 or args.batch_size < 1:
-        p.error("--count, --seeds and --batch-size must be at least 1")
+    check_video_set(p, args)
     if args.frames < 5 or (args.frames - 1) % 4:
         p.error(f"--frames {args.frames}: Wan needs 1 + 4k frames, at least 5")
     return args

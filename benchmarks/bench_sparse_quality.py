@@ -19,27 +19,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from measure import check_video_set, video_set_options
 
 METRICS = ("psnr", "binding", "identity", "smooth", "flicker")
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="shapes-wan")
-    p.add_argument("--set", default="one-moving", choices=["one", "two", "one-moving", "two-moving"])
-    p.add_argument("--split", default="heldout", choices=["tune", "heldout"])
-    p.add_argument("--count", type=int, default=20, help="prompts")
-    p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per prompt")
+    video_set_options(p, batch_size=8)
     p.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.75, 0.9])
     p.add_argument("--pool", type=int, nargs=2, default=(4, 4))
     p.add_argument("--tile", type=int, nargs=3, default=(3, 1, 1), help="the tile mask's window of blocks")
     p.add_argument("--backend", default="gather", choices=["auto", "flex", "gather", "dense"])
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default=None, help="write the records and tables here (JSON)")
     args = p.parse_args()
-    if args.count < 1 or args.seeds < 1 or args.batch_size < 1:
-        p.error("--count, --seeds and --batch-size must be at least 1")
+    check_video_set(p, args)
     return args
 
 

@@ -20,6 +20,24 @@ def device_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
 
 
+def video_set_options(parser: argparse.ArgumentParser, batch_size: int) -> None:
+    """The video quality benchmarks' --model, --set, --split, --count, --seeds (a video prompt set x seeds),
+    --batch-size, --threads and --out; ``check_video_set`` checks them after parsing."""
+    parser.add_argument("--model", default="shapes-wan")
+    parser.add_argument("--set", default="one-moving", choices=["one", "two", "one-moving", "two-moving"])
+    parser.add_argument("--split", default="heldout", choices=["tune", "heldout"])
+    parser.add_argument("--count", type=int, default=20, help="prompts")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per prompt")
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=None, help="write the records and tables here (JSON)")
+
+
+def check_video_set(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.count < 1 or args.seeds < 1 or args.batch_size < 1:
+        parser.error("--count, --seeds and --batch-size must be at least 1")
+
+
 def step_seconds(call: Callable[[Callable], object], device: str) -> list[float]:
     """Seconds of each denoising step after the first (warm-up) of ``call(stamp)``, which runs one
     pipeline call with ``stamp`` as its step callback (``callback_on_step_end`` or the older ``callback``)."""
