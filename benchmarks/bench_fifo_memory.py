@@ -20,11 +20,10 @@ def run(args, frames: int) -> dict:
     import torch
 
     from attnsteer.pipelines.cli import load_pipeline
-    from attnsteer.pipelines.fifo import WanFIFOPipeline
+    from attnsteer.pipelines.fifo import fifo_pipeline
 
     pipe, _ = load_pipeline(args.model, args.device, args.dtype)
-    fifo = WanFIFOPipeline(**pipe.components)
-    fifo.call_defaults = pipe.call_defaults
+    fifo = fifo_pipeline(pipe)
     fifo.set_progress_bar_config(disable=True)
     calls, seen = [0], [0]
     forward = fifo.transformer.forward

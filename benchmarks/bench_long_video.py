@@ -73,16 +73,15 @@ def main():
     from attnsteer.guidance.stats import paired_difference
     from attnsteer.pipelines.cli import load_pipeline
     from attnsteer.pipelines.evaluate import paired_table, table
-    from attnsteer.pipelines.fifo import WanFIFOPipeline
+    from attnsteer.pipelines.fifo import fifo_pipeline
 
     pipe, is_video = load_pipeline(args.model, "cpu", "float32")
     if not is_video:
         raise SystemExit(f"--model {args.model} is not a video model")
     pipe.set_progress_bar_config(disable=True)
-    fifo = WanFIFOPipeline(**pipe.components)
-    fifo.call_defaults = pipe.call_defaults
+    fifo = fifo_pipeline(pipe)
     fifo.set_progress_bar_config(disable=True)
-    trained = pipe.call_defaults.get("num_frames", 17)
+    trained = fifo.trained_frames()
     window = args.window or trained
     if args.frames < 2 * window:
         raise SystemExit(f"--frames {args.frames}: at least two windows of {window} frames are needed")

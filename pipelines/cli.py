@@ -260,10 +260,9 @@ def long_video(args, pipe, call: dict) -> None:
     from PIL import Image
 
     from .evaluate import enlarged
-    from .fifo import WanFIFOPipeline
+    from .fifo import fifo_pipeline
 
-    fifo = WanFIFOPipeline(**pipe.components)
-    fifo.call_defaults = pipe.call_defaults
+    fifo = fifo_pipeline(pipe)
     fifo.set_progress_bar_config(disable=False)
     options = dict(fifo_partitions=args.fifo_partitions, fifo_lookahead=not args.no_lookahead,
                    ouroboros_tail=args.ouroboros_tail)

@@ -294,3 +294,10 @@ class WanFIFOPipeline(CallDefaultsMixin, WanPipeline):
 
                 video = [[Image.fromarray((f * 255).round().astype(np.uint8)) for f in v] for v in video]
         return WanPipelineOutput(frames=video) if return_dict else (video,)
+
+
+def fifo_pipeline(pipe: WanPipeline) -> WanFIFOPipeline:
+    """A WanFIFOPipeline on a loaded Wan pipeline's components (shared, not copied) and call defaults."""
+    fifo = WanFIFOPipeline(**pipe.components)
+    fifo.call_defaults = pipe.call_defaults
+    return fifo
