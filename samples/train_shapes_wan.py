@@ -18,7 +18,11 @@ generation uses, so training and inference see the same text tokens.
    in one brown). latents_mean / latents_std are set per channel from the encoded clips.
 3. Every clip encoded once (posterior mean and std kept, a latent sampled per step) and cached with its
    caption: a resumed run neither redraws nor re-encodes (--vae-only stops here, to tune the VAE).
-4. Text encoder + transformer, jointly from scratch.
+4. Text encoder + transformer, jointly from scratch, on videos and images as Wan itself was trained:
+   --image-ratio of the steps are image steps, --image-batch single frames (each clip's first frame,
+   whose latent is the clip latent's first frame because the VAE is causal; captions without their
+   motion words). An image is 64 tokens against a clip's 320 and carries a new scene, so appearance and
+   text binding are learned at a fraction of a clip's cost; motion and consistency come from the clips.
 5. With --decoder-steps: a decoder (--decoder-dim base channels) trained on whole clips for the frozen
    encoder, so the latent space the transformer learned stays; the VAE check runs again on it.
 Then a few tune-prompt videos are generated and scored with the video metrics (and a contact sheet of
@@ -49,6 +53,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -79,6 +84,7 @@ VOCAB_SIZE, EOS_ID = 49408, 49407
 SPATIAL, TEMPORAL = 4, 4  # the VAE's compression: two downsampling stages, both also temporal
 PATCH = (1, 2, 2)
 BACKGROUND_TOL = 0.02  # a pixel this far (in [-1, 1]) from the scenes' grey on some channel is off the background
+MOTION = re.compile(r" moving \w+")
 LOGVAR_INIT = -6.0  # the VAE posterior's initial log-variance: std 0.05
 
 
@@ -180,6 +186,8 @@ def parse_args(argv=None):
     # training
     p.add_argument("--steps", type=positive_int, default=11000)
     p.add_argument("--batch", type=positive_int, default=8)
+    p.add_argument("--image-ratio", type=probability, default=0.0, help="fraction of steps that train on images")
+    p.add_argument("--image-batch", type=positive_int, default=128, help="images in an image step")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=positive_int, default=100)
     p.add_argument("--min-lr-frac", type=float, default=0.1, help="cosine decay floor, fraction of --lr")
@@ -404,6 +412,11 @@ def load_or_train_vae(args, work, log, timings):
     return vae, means, stds, captions
 
 
+def still(caption):
+    """A clip's caption for its first frame alone: 'a red circle moving left' -> 'a red circle'."""
+    return MOTION.sub("", caption)
+
+
 def set_latent_stats(vae, means, stds):
     """latents_mean / latents_std per channel, which WanPipeline uses to un-normalise before decoding: those
     of the latents training samples (posterior mean plus std times noise)."""
@@ -508,13 +521,16 @@ def main(argv=None):
         lr = cosine_lr(args, step)
         for g in opt.param_groups:
             g["lr"] = lr
-        idx = torch.from_numpy(rng.integers(0, len(captions), args.batch))
-        z0 = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen) - lmean) / lstd
-        drop = rng.random(args.batch) < args.drop
-        caps = ["" if d else captions[i] for d, i in zip(drop, idx.tolist())]
+        image = rng.random() < args.image_ratio
+        n = args.image_batch if image else args.batch
+        idx = torch.from_numpy(rng.integers(0, len(captions), n))
+        mean, std = (means[idx, :, :1], stds[idx, :, :1]) if image else (means[idx], stds[idx])
+        z0 = (mean + std * torch.randn(mean.shape, generator=gen) - lmean) / lstd
+        drop = rng.random(n) < args.drop
+        caps = ["" if d else still(captions[i]) if image else captions[i] for d, i in zip(drop, idx.tolist())]
         text, _ = train_pipe.encode_prompt(caps, do_classifier_free_guidance=False, max_sequence_length=args.max_seq,
                                            device=torch.device("cpu"))
-        sigma = torch.sigmoid(torch.randn(args.batch, generator=gen))  # logit-normal(0, 1), one per clip
+        sigma = torch.sigmoid(torch.randn(n, generator=gen))  # logit-normal(0, 1), one per clip
         noise = torch.randn(z0.shape, generator=gen)
         s = sigma.view(-1, 1, 1, 1, 1)
         pred = transformer(hidden_states=(1 - s) * z0 + s * noise, timestep=sigma * 1000, encoder_hidden_states=text,
@@ -592,7 +608,9 @@ def write_record(args, out, trained, timings, eval_s, vae_check, evaluation, pip
         f"- clips: {args.n_clips} drawn clips of {args.frames} frames at {args.size}x{args.size} (object weights "
         f"{args.object_weights}, motion named with probability {args.named}); latents "
         f"{1 + (args.frames - 1) // TEMPORAL} x {args.size // SPATIAL} x {args.size // SPATIAL} x {args.z_dim}\n"
-        f"- transformer + text encoder steps: {trained} of {args.steps} scheduled, batch {args.batch}, lr {args.lr} "
+        f"- transformer + text encoder steps: {trained} of {args.steps} scheduled, batch {args.batch} clips"
+        + (f" ({args.image_ratio:.0%} of the steps: {args.image_batch} first frames as images)" if args.image_ratio else "")
+        + f", lr {args.lr} "
         f"(warmup {args.warmup}, cosine to {args.min_lr_frac}x), AdamW wd 0.01, grad clip 1\n"
         f"- objective: rectified flow, one sigma per clip, logit-normal(0, 1), target noise - x0; caption dropout "
         f"{args.drop}; sampling: FlowMatchEulerDiscreteScheduler shift {args.shift}\n"

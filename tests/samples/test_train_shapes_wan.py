@@ -37,6 +37,8 @@ TINY = ["--n-clips", "4", "--frames", "5", "--size", "32", "--vae-steps", "2", "
     ("--decoder-steps", "-1", "argument --decoder-steps: '-1' is not a whole number >= 0"),
     ("--decoder-dim", "0", "argument --decoder-dim: '0' is not a whole number >= 1"),
     ("--decoder-lr", "-0.1", "argument --decoder-lr: '-0.1' is not a number >= 0"),
+    ("--image-ratio", "2", "argument --image-ratio: '2' is not a probability in [0, 1]"),
+    ("--image-batch", "0", "argument --image-batch: '0' is not a whole number >= 1"),
 ])
 def test_bad_options_are_named(option, value, message, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -96,6 +98,33 @@ def test_tiny_run_saves_a_wan_pipeline_that_loads_offline_and_resumes(tmp_path):
     log = (work / "train.log").read_text()
     assert "resumed at step 2" in log and "step 3/3 loss" in log and log.count("drew 4 clips") == 1
     assert json.loads((out / "training.json").read_text())["steps_trained"] == 3
+
+
+def test_an_image_is_a_clips_first_frame_and_its_latent_the_clips_first_latent_frame():
+    assert wan.still("a blue square moving down and a red cross") == "a blue square and a red cross"
+    assert wan.still("a purple circle moving right") == "a purple circle" == wan.still("a purple circle")
+    torch.manual_seed(0)
+    vae = wan.make_vae(wan.parse_args(["--vae-dim", "4", "--vae-decoder-dim", "4", "--z-dim", "4"])).eval()
+    clips = torch.rand(2, 3, 9, 16, 16) * 2 - 1
+    with torch.no_grad():
+        whole, first = (vae.encode(x).latent_dist.mean for x in (clips, clips[:, :, :1]))
+    assert whole.shape[2] == 3 and first.shape[2] == 1
+    torch.testing.assert_close(whole[:, :, :1], first, rtol=0, atol=1e-6)  # the VAE is causal in time
+
+
+def test_image_steps_train_on_single_frames(tmp_path, monkeypatch):
+    inputs, make = [], wan.make_transformer
+
+    def recording(args):
+        model = make(args)
+        model.register_forward_pre_hook(lambda _, a, kw: inputs.append(tuple(kw["hidden_states"].shape)), with_kwargs=True)
+        return model
+
+    monkeypatch.setattr(wan, "make_transformer", recording)
+    wan.main(TINY + ["--work", str(tmp_path / "work"), "--output", str(tmp_path / "out"), "--steps", "3",
+                     "--image-ratio", "1", "--image-batch", "3", "--eval-videos", "0"])
+    assert inputs == [(3, 16, 1, 8, 8)] * 3  # 3 images of 32 px: one latent frame each, not the clips' 2
+    assert "3 first frames as images" in (tmp_path / "out" / "TRAINING.md").read_text()
 
 
 def test_vae_only_stops_before_the_transformer(tmp_path):
