@@ -1,0 +1,48 @@
+"""What the sample scripts share: their common options, the model by name (shipped, tiny-*, a
+diffusers folder or a hub id), seeded generators, and pictures written with a labelled grid."""
+
+import argparse
+import re
+from pathlib import Path
+
+import torch
+
+from attnsteer.pipelines.cli import load_pipeline
+from attnsteer.pipelines.evaluate import labelled_grid
+
+
+def options(doc: str, model: str, out: str) -> argparse.ArgumentParser:
+    """A parser with the options every sample script has, ``model`` and ``out`` as their defaults."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=model, help="a shipped model, tiny-<kind>, a diffusers folder or a hub id")
+    p.add_argument("--seed", type=int, default=0, help="the seed of every picture")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=out, help="folder the pictures go to")
+    return p
+
+
+def load(args):
+    """The attnsteer pipeline of --model on --device, in float32, without a progress bar per picture."""
+    pipe, _ = load_pipeline(args.model, args.device, "float32")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def call(args) -> dict:
+    """The call arguments the options set: a seeded generator, and --steps when given."""
+    steps = {} if args.steps is None else {"num_inference_steps": args.steps}
+    return {"generator": torch.Generator(args.device).manual_seed(args.seed), **steps}
+
+
+def save(out: str | Path, stem: str, title: str, pictures: list, labels: list[str]) -> Path:
+    """Each picture as ``stem_<label>.png`` and all of them side by side, labelled, as ``stem_grid.png``
+    (the grid's path is returned and printed)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for picture, label in zip(pictures, labels):
+        picture.save(out / f"{stem}_{re.sub(r'[^a-z0-9]+', '-', label.lower()).strip('-')}.png")
+    grid = out / f"{stem}_grid.png"
+    labelled_grid(pictures, labels, title).save(grid)
+    print(grid)
+    return grid
