@@ -12,6 +12,7 @@ SAMPLES = Path(__file__).resolve().parents[2] / "samples"
 sys.path.insert(0, str(SAMPLES))
 import astar  # noqa: E402
 import head_perturbation  # noqa: E402
+import story  # noqa: E402
 
 
 def pictures(out: Path, stem: str) -> list[np.ndarray]:
@@ -28,6 +29,18 @@ def test_sample_script_writes_baseline_method_and_grid(script, argv, tmp_path, c
     baseline, steered = pictures(tmp_path, "prompt0")  # sorted: baseline first
     assert baseline.shape == steered.shape and np.abs(baseline - steered).mean() > 0.01  # the method acted
     assert f"in {tmp_path}" in capsys.readouterr().out
+
+
+def test_story_script_writes_references_independent_and_ir_scenes(tmp_path):
+    grids = story.main(["--model", "tiny-sd", "--steps", "4", "--scenes", "a red circle and a blue square",
+                        "--out", str(tmp_path)])
+    shown = {p.name for p in tmp_path.glob("*.png")}
+    assert grids == [tmp_path / "seed0_grid.png"] and shown == {
+        "seed0_grid.png", "seed0_reference-a-red-circle.png", "seed0_reference-a-blue-square.png",
+        "seed0_independent-a-red-circle-and-a-blue-square.png", "seed0_ir-a-red-circle-and-a-blue-square.png"}
+    independent, ir = (np.asarray(Image.open(tmp_path / f"seed0_{n}-a-red-circle-and-a-blue-square.png"), np.float64)
+                       for n in ("independent", "ir"))
+    assert np.abs(independent - ir).mean() > 0.01  # the same seed: IR changed the scene
 
 
 def test_bad_input_is_refused_before_any_picture(tmp_path):
