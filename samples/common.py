@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from attnsteer.pipelines.cli import load_pipeline
+from attnsteer.pipelines.cli import GIF_FRAME_MS, load_pipeline
 from attnsteer.pipelines.evaluate import labelled_grid
 
 
@@ -46,3 +46,15 @@ def save(out: str | Path, stem: str, title: str, pictures: list, labels: list[st
     labelled_grid(pictures, labels, title).save(grid)
     print(grid)
     return grid
+
+
+def save_video(out: str | Path, stem: str, title: str, videos: list, labels: list[str], view: int = 128) -> Path:
+    """Equally long videos (lists of PIL frames) side by side, labelled, as one animated GIF
+    ``stem.gif`` (its path is returned and printed)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    frames = [labelled_grid(list(step), labels, title, view) for step in zip(*videos)]
+    path = out / f"{stem}.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=GIF_FRAME_MS, loop=0)
+    print(path)
+    return path

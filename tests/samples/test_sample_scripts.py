@@ -12,11 +12,13 @@ SAMPLES = Path(__file__).resolve().parents[2] / "samples"
 sys.path.insert(0, str(SAMPLES))
 import astar  # noqa: E402
 import head_perturbation  # noqa: E402
+import long_video  # noqa: E402
+import sparse_attention  # noqa: E402
 import story  # noqa: E402
 
 
 def pictures(out: Path, stem: str) -> list[np.ndarray]:
-    return [np.asarray(Image.open(path), np.float64) for path in sorted(out.glob(f"{stem}_*.png")) if "grid" not in path.name]
+    return [np.asarray(Image.open(path), np.float64) for path in sorted(out.glob(f"{stem}_*.png")) if not path.stem.endswith(("grid", "maps"))]
 
 
 @pytest.mark.parametrize("script,argv", [
@@ -26,9 +28,16 @@ def pictures(out: Path, stem: str) -> list[np.ndarray]:
 def test_sample_script_writes_baseline_method_and_grid(script, argv, tmp_path, capsys):
     grids = script.main(argv + ["--steps", "2", "--prompts", "a red circle and a blue square", "--out", str(tmp_path)])
     assert grids == [tmp_path / "prompt0_grid.png"] and grids[0].exists()
-    baseline, steered = pictures(tmp_path, "prompt0")  # sorted: baseline first
+    baseline, steered = pictures(tmp_path, "prompt0")  # in name order: which is which does not matter here
     assert baseline.shape == steered.shape and np.abs(baseline - steered).mean() > 0.01  # the method acted
     assert f"in {tmp_path}" in capsys.readouterr().out
+
+
+def test_astar_script_draws_the_concepts_maps_without_and_with_it(tmp_path):
+    astar.main(["--model", "tiny-sd", "--steps", "2", "--concepts", "red,blue", "--prompts", "a red circle and a blue square",
+                "--out", str(tmp_path)])
+    maps = Image.open(tmp_path / "prompt0_maps.png")
+    assert maps.size == (3 * 32, 2 * (32 + 12))  # rows baseline, A-STAR: the image and a map per concept, labelled
 
 
 def test_story_script_writes_references_independent_and_ir_scenes(tmp_path):
@@ -43,7 +52,55 @@ def test_story_script_writes_references_independent_and_ir_scenes(tmp_path):
     assert np.abs(independent - ir).mean() > 0.01  # the same seed: IR changed the scene
 
 
+def test_sparse_attention_script_writes_one_gif_with_each_configuration_side_by_side(tmp_path):
+    gifs = sparse_attention.main(["--model", "tiny-wan", "--steps", "4", "--configs", "dense", "draft 0.9",
+                                  "--prompts", "a red circle moving left", "--out", str(tmp_path)])
+    gif = Image.open(gifs[0])
+    assert gifs == [tmp_path / "prompt0.gif"] and gif.n_frames == 9  # tiny-wan's clip
+    first = np.asarray(gif.convert("RGB"), np.float64)
+    side = (first.shape[1] - 6) // 2  # two square panels, 6 px apart, under their labels
+    assert np.abs(first[-side:, :side] - first[-side:, -side:]).mean() > 0.01  # dense and sparse frames differ
+
+
+def test_long_video_script_runs_direct_fifo_and_ouroboros(tmp_path, capsys):
+    gifs = long_video.main(["--model", "tiny-wan", "--steps", "2", "--frames", "17", "--partitions", "1",
+                            "--prompt", "a red circle moving left", "--out", str(tmp_path)])
+    assert gifs == [tmp_path / "seed0.gif"] and Image.open(gifs[0]).n_frames == 17
+    assert "17 frames" in capsys.readouterr().out
+
+
 def test_bad_input_is_refused_before_any_picture(tmp_path):
     with pytest.raises(ValueError, match="'dog'"):
         astar.main(["--model", "tiny-sd", "--concepts", "dog", "--prompts", "a red circle", "--out", str(tmp_path)])
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_gallery_rewrites_only_its_block_and_keeps_the_rows_it_does_not_make():
+    import gallery
+
+    readme = f"intro\n{gallery.BEGIN}\n{gallery.END}\nrest\n"
+    once = gallery.replace_block(readme, {"astar": "A-STAR row\n", "heads": "heads row\n"})
+    assert once.index("heads row") < once.index("A-STAR row")  # in METHODS order
+    twice = gallery.replace_block(once, {"astar": "new A-STAR row\n"})
+    assert "heads row" in twice and "new A-STAR row" in twice and "\nA-STAR row" not in twice
+    assert twice.startswith("intro\n") and twice.endswith(f"{gallery.END}\nrest\n")
+    with pytest.raises(ValueError, match="README.md has no gallery block"):
+        gallery.replace_block("no block", {})
+
+
+def test_gallery_links_each_method_to_a_benchmarks_heading_that_exists():
+    import gallery
+
+    headings = {gallery.anchor(line.lstrip("#").strip()) for line in
+                (SAMPLES.parent / "BENCHMARKS.md").read_text().splitlines() if line.startswith("#")}
+    for name, (_, _, _, heading, _) in gallery.METHODS.items():
+        assert gallery.anchor(heading) in headings, (name, heading)
+
+
+def test_gallery_gifs_keep_every_other_frame_at_the_same_speed(tmp_path):
+    import gallery
+
+    frames = [Image.new("RGB", (8, 8), (40 * i, 0, 0)) for i in range(5)]
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    small = Image.open(gallery.shrink(tmp_path / "a.gif", tmp_path / "b.gif"))
+    assert small.n_frames == 3 and small.info["duration"] == 200

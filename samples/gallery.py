@@ -1,0 +1,104 @@
+"""Build the README gallery from the sample scripts: for each method, the first held-out prompts at
+seed 0 (fixed before looking at any result), baseline beside the method, written to docs/gallery and
+shown in README.md between the gallery markers, each picture linked to its script and to its
+BENCHMARKS.md section, with what the numbers there say, so that picture and table tell one story.
+
+    python samples/gallery.py                      # every method, on the shipped models
+    python samples/gallery.py --methods astar      # one method's row, the others kept
+"""
+
+import argparse
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import astar
+import head_perturbation
+import long_video
+import sparse_attention
+import story
+from PIL import Image
+
+from attnsteer.guidance.shapes import prompt_set, video_prompt_set
+
+ROOT = Path(__file__).resolve().parents[1]
+BEGIN, END = "<!-- gallery: samples/gallery.py writes this block -->", "<!-- end of gallery -->"
+TWO, MOVING = prompt_set("two", "heldout")[:2], video_prompt_set("one-moving", "heldout")[:1]
+# name: (title, script, its options, the BENCHMARKS.md heading of its numbers, what they say)
+METHODS = {
+    "heads": ("Head perturbation guidance (shapes-sd3, the found heads)", head_perturbation, ["--prompts", *TWO],
+              "The held-out result: searching at w = 0.5",
+              "held-out two-object prompts: bound +0.026 [+0.009, +0.044] over no perturbation (1200 pairs)"),
+    "astar": ("A-STAR (shapes-sd, alpha 5)", astar, ["--prompts", *TWO], "A-STAR (issue 11): quality on shapes-sd",
+              "held-out two-object prompts: binding +0.037 [+0.001, +0.073], coverage +0.015 [-0.036, +0.066]"),
+    "story": ("IR-Diffusion (shapes-sd)", story, ["--scenes", TWO[0]], "IR-Diffusion (issue 13): cost per step, SDXL shape on an H200",
+              "tune scenes: no setting raises consistency on shapes-sd; on shapes-sd3 the defaults lower it"),
+    "sparse": ("Block-sparse attention (shapes-wan)", sparse_attention, ["--prompts", *MOVING],
+               "Block-sparse attention (issue 14): the attention call alone on this CPU, first numbers",
+               "speed on this CPU: the attention call 4.1x faster at 0.9 and 16k tokens; quality not yet measured"),
+    "long": ("Long video: direct, FIFO-Diffusion, FIFO + Ouroboros (shapes-wan, 8x its clip)", long_video,
+             ["--prompt", MOVING[0]], "FIFO-Diffusion (issue 15): memory against video length",
+             "memory flat from 65 to 1025 frames; quality not yet measured"),
+}
+
+
+def shrink(source: Path, dest: Path, every: int = 2) -> Path:
+    """Copy a PNG as it is, or a GIF with every ``every``-th frame (at the same speed)."""
+    if source.suffix != ".gif":
+        return Path(shutil.copyfile(source, dest))
+    gif, frames = Image.open(source), []
+    for i in range(0, gif.n_frames, every):
+        gif.seek(i)
+        frames.append(gif.convert("RGB"))
+    frames[0].save(dest, save_all=True, append_images=frames[1:], duration=gif.info.get("duration", 100) * every, loop=0)
+    return dest
+
+
+def anchor(heading: str) -> str:
+    """GitHub's link anchor of a markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+
+
+def row(name: str, pictures: list[Path]) -> str:
+    """The gallery's markdown for one method: its title, pictures, and the links to its script and numbers."""
+    title, script, _, heading, says = METHODS[name]
+    shown = " ".join(f"[![{title}](docs/gallery/{p.name})](samples/{Path(script.__file__).name})" for p in pictures)
+    return (f"**{title}**: `python samples/{Path(script.__file__).name}`; "
+            f"[BENCHMARKS.md](BENCHMARKS.md#{anchor(heading)}): {says}.\n\n{shown}\n")
+
+
+def replace_block(readme: str, rows: dict[str, str]) -> str:
+    """README text with the gallery block holding ``rows`` (in METHODS order) and the other rows it had."""
+    if BEGIN not in readme or END not in readme:
+        raise ValueError(f"README.md has no gallery block: put {BEGIN!r} and {END!r} where it goes")
+    head, rest = readme.split(BEGIN, 1)
+    block, tail = rest.split(END, 1)
+    kept = dict(re.findall(r"<!-- (\w+) -->\n(.*?)(?=<!-- \w+ -->\n|\Z)", block, re.S))
+    kept.update(rows)
+    body = "".join(f"<!-- {name} -->\n{kept[name].strip()}\n\n" for name in METHODS if name in kept)
+    return f"{head}{BEGIN}\n{body}{END}{tail}"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--readme", default=str(ROOT / "README.md"))
+    p.add_argument("--dest", default=str(ROOT / "docs" / "gallery"))
+    args = p.parse_args(argv)
+    dest = Path(args.dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    rows = {}
+    for name in args.methods:
+        _, script, options, _, _ = METHODS[name]
+        with tempfile.TemporaryDirectory() as tmp:
+            made = script.main(options + ["--out", tmp])
+            rows[name] = row(name, [shrink(path, dest / f"{name}_{path.name}") for path in made])
+    readme = Path(args.readme)
+    readme.write_text(replace_block(readme.read_text(), rows))
+    total = sum(f.stat().st_size for f in dest.iterdir())
+    print(f"gallery: {', '.join(args.methods)} in {dest} ({total / 1024:.0f} KB in all) and {readme}")
+
+
+if __name__ == "__main__":
+    main()

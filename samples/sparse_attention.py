@@ -1,0 +1,43 @@
+"""Block-sparse attention on a video model: the same prompts and seed with dense attention, DraftAttention
+at several sparsities, and the Radial and sliding-tile static masks.
+
+    python samples/sparse_attention.py         # shipped shapes-wan
+    python samples/sparse_attention.py --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --device cuda \\
+        --prompts "a cat walking on grass" --frames 81
+
+Writes one GIF per prompt with the videos side by side. The first 30% of the steps stay dense (the
+authors' warm-up). Speed on this CPU: BENCHMARKS.md ("Block-sparse attention"). A few minutes on a
+2-core CPU.
+"""
+
+from common import call, load, options, save_video
+
+from attnsteer.guidance.shapes import video_prompt_set
+
+CONFIGS = {"dense": {}, "draft 0.5": dict(sparsity=0.5), "draft 0.75": dict(sparsity=0.75),
+           "draft 0.9": dict(sparsity=0.9), "radial": dict(sparse_mask="radial"), "tile": dict(sparse_mask="tile")}
+
+
+def main(argv=None):
+    p = options(__doc__, "shapes-wan", "samples/out/sparse_attention")
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--frames", type=int, default=None, help="video frames (default: the model's clip)")
+    p.add_argument("--prompts", nargs="+", default=video_prompt_set("one-moving", "heldout")[:2])
+    args = p.parse_args(argv)
+    pipe = load(args)
+    frames = {} if args.frames is None else {"num_frames": args.frames}
+    for prompt in args.prompts:
+        for name in args.configs:
+            pipe.check_call(prompt=prompt, **frames, **CONFIGS[name])
+    gifs = []
+    for i, prompt in enumerate(args.prompts):
+        videos = [pipe(prompt, **frames, **CONFIGS[name], **call(args), output_type="pil").frames[0]
+                  for name in args.configs]
+        gifs.append(save_video(args.out, f"prompt{i}", prompt, videos, args.configs))
+    print(f"{args.model}: {len(args.prompts)} prompts at seed {args.seed} with {', '.join(args.configs)} attention, "
+          f"in {args.out}")
+    return gifs
+
+
+if __name__ == "__main__":
+    main()
