@@ -35,15 +35,12 @@ latent frames after the first, which is what frame-queue and sparse-attention vi
 long enough for a named motion to travel 16-32 px. A step costs about linearly in tokens here, so twice
 the frames or pixels would halve the transformer steps two cores manage in two hours (see below).
 
-Sizing, measured on the shared 2-core AMD EPYC at 1 thread (2 threads could not be timed there: with
-other jobs running they oversubscribed the cores, 4-10 s a step): transformer + text encoder 0.65-0.71 s
-a step at batch 8; VAE 1.25-1.4 s a crop step (batch 8, 9 frames of 32 px), 1.9 s a whole-clip step
-(batch 2); encoding 0.08 s a clip; drawing 13-32 ms a clip. Assuming 2 threads run 1.3-1.6x faster on
-the idle machine: clips 1-2 min, VAE 20-25 min, encoding 5-6 min, then 88 min of transformer: 10,000-
-12,000 steps (at 0.43-0.52 s). The real run (--max-minutes stops the transformer stage if it is slower):
+Sizing, measured on the idle 2-core AMD EPYC with 2 threads: drawing 1.4 min; the VAE stage 56 min
+(1800 steps); encoding 6 min; the transformer + text encoder 1.6-1.7 s a step at batch 32 clips and
+1.2 s at 128 images (BENCHMARKS.md, "shapes-wan"). The second run, not shipped (it draws blobs):
 
-    HF_HUB_OFFLINE=1 python samples/train_shapes_wan.py --output samples/models/shapes-wan \
-        --work /tmp/shapes-wan-work --threads 2 --steps 11000 --max-minutes 88
+    HF_HUB_OFFLINE=1 python samples/train_shapes_wan.py --output OUT --work /tmp/shapes-wan-work \
+        --threads 2 --batch 32 --image-ratio 0.5 --image-batch 128 --steps 2700 --max-minutes 70
 
 A state checkpoint is written under --work every --ckpt-every steps (and the pipeline saved to --output
 at the same time); rerunning the same command resumes from it.
