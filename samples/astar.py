@@ -17,6 +17,7 @@ from PIL import Image
 
 from attnsteer.guidance.shapes import caption_concepts, prompt_set
 from attnsteer.pipelines import render_attention_maps
+from attnsteer.pipelines.evaluate import enlarged
 
 
 def main(argv=None):
@@ -37,12 +38,13 @@ def main(argv=None):
                 for method in ({}, dict(astar_tokens=tokens, astar_scale=args.scale))]
         grids.append(save(args.out, f"prompt{i}", prompt, [out.images[0] for out in outs],
                           ["baseline", f"A-STAR on {', '.join(tokens)}, alpha {args.scale:g}"]))
-        rows = [render_attention_maps(out.images[0], out.attention_maps.maps[0], tokens) for out in outs]
+        rows = [render_attention_maps(enlarged(out.images[0], 128), out.attention_maps.maps[0], tokens) for out in outs]
         maps = Image.new("RGB", (rows[0].width, 2 * rows[0].height), "white")
         maps.paste(rows[0], (0, 0))
         maps.paste(rows[1], (0, rows[0].height))
-        maps.save(Path(args.out) / f"prompt{i}_maps.png")
-        print(Path(args.out) / f"prompt{i}_maps.png")
+        grids.append(Path(args.out) / f"prompt{i}_maps.png")
+        maps.save(grids[-1])
+        print(grids[-1])
     print(f"{args.model}: {len(args.prompts)} prompts at seed {args.seed}, without and with A-STAR "
           f"(alpha {args.scale:g}), and their attention maps (top row baseline, bottom row A-STAR), in {args.out}")
     return grids

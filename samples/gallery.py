@@ -30,7 +30,7 @@ METHODS = {
     "heads": ("Head perturbation guidance (shapes-sd3, the found heads)", head_perturbation, ["--prompts", *TWO],
               "The held-out result: searching at w = 0.5",
               "held-out two-object prompts: bound +0.026 [+0.009, +0.044] over no perturbation (1200 pairs)"),
-    "astar": ("A-STAR (shapes-sd, alpha 5)", astar, ["--prompts", *TWO], "A-STAR (issue 11): quality on shapes-sd",
+    "astar": ("A-STAR (shapes-sd, alpha 5; in the maps, top row baseline, bottom row A-STAR)", astar, ["--prompts", *TWO], "A-STAR (issue 11): quality on shapes-sd",
               "held-out two-object prompts: binding +0.037 [+0.001, +0.073], coverage +0.015 [-0.036, +0.066]"),
     "story": ("IR-Diffusion (shapes-sd)", story, ["--scenes", TWO[0]], "IR-Diffusion (issue 13): cost per step, SDXL shape on an H200",
               "tune scenes: no setting raises consistency on shapes-sd; on shapes-sd3 the defaults lower it"),

@@ -27,17 +27,18 @@ def pictures(out: Path, stem: str) -> list[np.ndarray]:
 ])
 def test_sample_script_writes_baseline_method_and_grid(script, argv, tmp_path, capsys):
     grids = script.main(argv + ["--steps", "2", "--prompts", "a red circle and a blue square", "--out", str(tmp_path)])
-    assert grids == [tmp_path / "prompt0_grid.png"] and grids[0].exists()
+    assert grids[0] == tmp_path / "prompt0_grid.png" and all(path.exists() for path in grids)
     baseline, steered = pictures(tmp_path, "prompt0")  # in name order: which is which does not matter here
     assert baseline.shape == steered.shape and np.abs(baseline - steered).mean() > 0.01  # the method acted
     assert f"in {tmp_path}" in capsys.readouterr().out
 
 
 def test_astar_script_draws_the_concepts_maps_without_and_with_it(tmp_path):
-    astar.main(["--model", "tiny-sd", "--steps", "2", "--concepts", "red,blue", "--prompts", "a red circle and a blue square",
-                "--out", str(tmp_path)])
-    maps = Image.open(tmp_path / "prompt0_maps.png")
-    assert maps.size == (3 * 32, 2 * (32 + 12))  # rows baseline, A-STAR: the image and a map per concept, labelled
+    made = astar.main(["--model", "tiny-sd", "--steps", "2", "--concepts", "red,blue", "--prompts",
+                       "a red circle and a blue square", "--out", str(tmp_path)])
+    assert made == [tmp_path / "prompt0_grid.png", tmp_path / "prompt0_maps.png"]
+    maps = Image.open(made[1])
+    assert maps.size == (3 * 128, 2 * (128 + 12))  # rows baseline, A-STAR: the image enlarged, a map per concept
 
 
 def test_story_script_writes_references_independent_and_ir_scenes(tmp_path):
