@@ -1,6 +1,7 @@
 """The sample-generation scripts run end to end on tiny models with the smallest settings: each writes
 the baseline, the method's picture and their grid, and the method changes the picture."""
 
+import re
 import sys
 from pathlib import Path
 
@@ -105,3 +106,11 @@ def test_gallery_gifs_keep_every_other_frame_at_the_same_speed(tmp_path):
     frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
     small = Image.open(gallery.shrink(tmp_path / "a.gif", tmp_path / "b.gif"))
     assert small.n_frames == 3 and small.info["duration"] == 200
+
+
+def test_every_gallery_picture_and_script_the_readme_links_exists():
+    readme = (SAMPLES.parent / "README.md").read_text()
+    links = re.findall(r"\]\(((?:docs/gallery|samples)/[^)]+)\)", readme)
+    assert any(link.startswith("docs/gallery/") for link in links)
+    for link in links:
+        assert (SAMPLES.parent / link).is_file(), link
