@@ -13,7 +13,7 @@ a 2-core CPU.
 """
 
 import torch
-from common import load, options, save
+from common import call, load, options, save
 
 from attnsteer.guidance.shapes import parse_caption, prompt_set
 
@@ -27,13 +27,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     pipe = load(args)
     subjects = args.subjects or [f"a {colour} {shape}" for colour, shape in parse_caption(args.scenes[0])]
-    steps = {} if args.steps is None else {"num_inference_steps": args.steps}
-    pipe.check_call(prompt=args.scenes, story_subjects=subjects, **steps)
-    story = pipe(args.scenes, story_subjects=subjects, generator=torch.Generator(args.device).manual_seed(args.seed),
-                 **steps).images
+    pipe.check_call(prompt=args.scenes, story_subjects=subjects, **call(args))
+    story = pipe(args.scenes, story_subjects=subjects, **call(args)).images
     references, scenes = story[:len(subjects)], story[len(subjects):]
     seeds = [torch.Generator(args.device).manual_seed(args.seed + len(subjects) + j) for j in range(len(scenes))]
-    independent = pipe(args.scenes, generator=seeds, **steps).images
+    independent = pipe(args.scenes, **{**call(args), "generator": seeds}).images
     grid = save(args.out, f"seed{args.seed}", " | ".join(args.scenes), references + independent + scenes,
                 [f"reference: {s}" for s in subjects] + [f"independent: {s}" for s in args.scenes]
                 + [f"IR: {s}" for s in args.scenes])
