@@ -36,6 +36,7 @@ from .tokens import word_indices
 
 WAN_TRAINED_FRAMES = 81  # Wan 2.1's clip length, for a model without a recorded one
 OUROBOROS_MOMENTUM = 0.9  # of the subject bank's moving average
+OUROBOROS_GUIDANCE = 0.1  # self-recurrent guidance step, relative to the velocity (not tuned)
 PARENT_DEFAULTS = {name: p.default for name, p in inspect.signature(WanPipeline.__call__).parameters.items()}
 
 
@@ -165,7 +166,7 @@ class WanFIFOPipeline(CallDefaultsMixin, WanPipeline):
                  callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",), max_sequence_length=None,
                  fifo_partitions=4, fifo_lookahead=True, fifo_window_frames=None, fifo_beyond_training=False,
                  fifo_prompt_schedule=None, fifo_prompt_blend=0, frame_callback=None, ouroboros_tail=False,
-                 ouroboros_subjects=None, ouroboros_cross_frame=True, ouroboros_guidance=0.1,
+                 ouroboros_subjects=None, ouroboros_cross_frame=True, ouroboros_guidance=OUROBOROS_GUIDANCE,
                  ouroboros_momentum=OUROBOROS_MOMENTUM,
                  ouroboros_layers=None):
         defaults = {**PARENT_DEFAULTS, **self.call_defaults}

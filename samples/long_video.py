@@ -14,7 +14,7 @@ BENCHMARKS.md ("FIFO-Diffusion"). Minutes on a 2-core CPU.
 from common import call, load, options, save_video
 
 from attnsteer.guidance.shapes import caption_concepts, video_prompt_set
-from attnsteer.pipelines.fifo import fifo_pipeline, trained_frames
+from attnsteer.pipelines.fifo import OUROBOROS_GUIDANCE, fifo_pipeline, trained_frames
 
 
 def main(argv=None):
@@ -31,7 +31,7 @@ def main(argv=None):
     frames = args.frames or 8 * (clip - 1) + 1
     subjects = args.subjects or caption_concepts(args.prompt)
     fifo.check_fifo(frames, args.partitions, clip, False, None, 0, args.prompt)
-    fifo.check_ouroboros(subjects, 0.1, [args.prompt], pipe.call_defaults.get("max_sequence_length"))
+    fifo.check_ouroboros(subjects, OUROBOROS_GUIDANCE, [args.prompt], pipe.call_defaults.get("max_sequence_length"))
     runs = {"direct": lambda: pipe(args.prompt, num_frames=frames, **call(args), output_type="pil"),
             "FIFO": lambda: fifo(args.prompt, num_frames=frames, fifo_partitions=args.partitions, **call(args),
                                  output_type="pil"),

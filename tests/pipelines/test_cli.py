@@ -176,6 +176,14 @@ def test_help_shows_every_default_and_starts_without_torch():
     assert done.stderr == ""  # no third-party notices on import
 
 
+def test_video_defaults_are_the_pipelines():
+    from attnsteer.pipelines.cli import parser
+    from attnsteer.pipelines.fifo import OUROBOROS_GUIDANCE
+
+    args = parser().parse_args(["video", "--prompt", "a red circle"])
+    assert args.ouroboros_guidance == OUROBOROS_GUIDANCE
+
+
 def test_tiny_wan_runs_without_a_size(tmp_path, capsys):
     main(["generate", "--model", "tiny-wan", "--prompt", "a cat", "--steps", "1", "--frames", "5", "--out", str(tmp_path)])
     assert Image.open(tmp_path / "seed0_output_0_frame000.png").size == (32, 32)
