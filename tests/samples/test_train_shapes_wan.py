@@ -14,7 +14,8 @@ SAMPLES = Path(__file__).resolve().parents[2] / "samples"
 sys.path.insert(0, str(SAMPLES))
 import train_shapes_wan as wan  # noqa: E402
 
-TINY = ["--n-clips", "4", "--frames", "5", "--size", "32", "--vae-steps", "2", "--vae-full-steps", "1",
+TINY = ["--n-clips", "4", "--frames", "5", "--size", "32", "--vae-image-steps", "2", "--vae-image-batch", "3",
+        "--vae-steps", "2", "--vae-full-steps", "1",
         "--vae-batch", "2", "--vae-frames", "5", "--vae-crop", "16", "--layers", "2", "--heads", "2",
         "--head-dim", "8", "--ffn", "16", "--te-dim", "8", "--te-layers", "1", "--batch", "2",
         "--eval-videos", "1", "--check-clips", "1", "--default-steps", "2", "--log-every", "1"]
@@ -125,6 +126,22 @@ def test_image_steps_train_on_single_frames(tmp_path, monkeypatch):
                      "--image-ratio", "1", "--image-batch", "3", "--eval-videos", "0"])
     assert inputs == [(3, 16, 1, 8, 8)] * 3  # 3 images of 32 px: one latent frame each, not the clips' 2
     assert "3 first frames as images" in (tmp_path / "out" / "TRAINING.md").read_text()
+
+
+def test_the_vae_trains_on_single_frames_then_clip_crops_then_whole_clips():
+    args = wan.parse_args(TINY)
+    clips = wan.draw_clips(args)[0]
+    seen = []
+    real = wan.AutoencoderKLWan.encode
+
+    def encode(vae, x):
+        seen.append(tuple(x.shape))
+        return real(vae, x)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(wan.AutoencoderKLWan, "encode", encode)
+        wan.train_vae(args, clips, lambda line: None)
+    assert seen == [(3, 3, 1, 16, 16)] * 2 + [(2, 3, 5, 16, 16)] * 2 + [(1, 3, 5, 32, 32)]
 
 
 def test_vae_only_stops_before_the_transformer(tmp_path):
