@@ -10,6 +10,10 @@ subjects drawn alone, the same images in every row below, and the target is row 
 Per target: consistency, the mean over its subjects of ``attribute_match`` (size, shade, texture)
 between the subject in the reference and in the target (0 when either is missing); coverage and
 count right of the target. Each row is paired against "independent" on the same scenes and seeds.
+Subject masks (--masks): "maps", the subjects' cross-attention maps (the pipeline's default); or
+"detector", the shapes detector's pixel masks of each subject in the independent row's references and
+target (the same seeds, so the same starting noise): a stand-in for the authors' GroundingDINO + SAM
+masks, which separates what IR's attention does from how well the maps find the subjects.
 
     python benchmarks/bench_story_quality.py --model shapes-sd --split heldout --count 150 --seeds 2 --out story.json
 """
@@ -39,6 +43,8 @@ def parse_args():
     p.add_argument("--read-layers", default="decoder", choices=["decoder", "all"],
                    help="layers where targets read the references: the decoder's (the paper's) or every self-attention layer")
     p.add_argument("--dropout", type=float, default=0.5, help="reference mask dropout (ConsiStory's 0.5)")
+    p.add_argument("--masks", default="maps", choices=["maps", "detector"],
+                   help="subject masks: the cross-attention maps, or the detector's on the independent images")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None, help="write the records and tables here (JSON)")
     args = p.parse_args()
@@ -60,6 +66,22 @@ def scored(references, target, scene: str) -> dict:
                for ref, (c, s) in zip(references, parse_caption(scene))]
     return {"consistency": sum(matches) / len(matches), "per_subject": matches, "coverage": result["coverage"],
             "count_right": float(result["count_right"])}
+
+
+def detector_masks(references, target, scene: str) -> torch.Tensor:
+    """``story_masks`` [references + 1, subjects, H, W]: each subject's pixels in its reference and in the
+    target, the largest detection of its colour (whatever shape was drawn; empty where there is none)."""
+    from attnsteer.guidance.shapes import detect, parse_caption
+
+    pairs = parse_caption(scene)
+    masks = torch.zeros(len(references) + 1, len(pairs), *target.size[::-1])
+    found = detect(target)
+    for k, (c, _) in enumerate(pairs):
+        for row, detections in ((k, detect(references[k])), (len(references), found)):
+            same = [d for d in detections if d.colour == c]
+            if same:
+                masks[row, k] = torch.from_numpy(max(same, key=lambda d: d.mask.sum()).mask).float()
+    return masks
 
 
 def main():
@@ -91,6 +113,8 @@ def main():
                     references = [pipe(s, generator=torch.Generator().manual_seed(base + k), **call).images[0]
                                   for k, s in enumerate(subjects)]
                     target = pipe(scene, generator=torch.Generator().manual_seed(base + len(subjects)), **call).images[0]
+                    if args.masks == "detector":
+                        options["story_masks"] = detector_masks(references, target, scene)
                 else:
                     images = pipe(scene, story_subjects=subjects, generator=torch.Generator().manual_seed(base),
                                   **ROWS[row], **options, **call).images
@@ -99,7 +123,7 @@ def main():
                 records.append({"row": row, "prompt": scene, "seed": seed, **scored(references, target, scene)})
     heading = (f"{args.model}, two-object {args.split} scenes {args.first}..{args.first + len(scenes) - 1} x seeds "
                f"0..{args.seeds - 1}, {call.get('num_inference_steps')} steps, read layers {args.read_layers}, "
-               f"dropout {args.dropout}; {time.time() - t:.0f} s")
+               f"dropout {args.dropout}, {args.masks} masks; {time.time() - t:.0f} s")
     by_row = {row: [r for r in records if r["row"] == row] for row in args.rows}
     summary = {row: {"n_images": len(rs), **{m: mean_interval([r[m] for r in rs], [r["prompt"] for r in rs])
                                              for m in METRICS}} for row, rs in by_row.items()}
