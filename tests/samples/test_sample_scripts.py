@@ -71,9 +71,17 @@ def test_long_video_script_runs_direct_fifo_and_ouroboros(tmp_path, capsys):
     assert "17 frames" in capsys.readouterr().out
 
 
-def test_bad_input_is_refused_before_any_picture(tmp_path):
-    with pytest.raises(ValueError, match="'dog'"):
-        astar.main(["--model", "tiny-sd", "--concepts", "dog", "--prompts", "a red circle", "--out", str(tmp_path)])
+@pytest.mark.parametrize("script,argv,message", [
+    (astar, ["--model", "tiny-sd", "--concepts", "dog", "--prompts", "a red circle"], "'dog'"),
+    (head_perturbation, ["--model", "tiny-sd3", "--heads", "9:9"], "layer index 9 is out of range"),
+    (story, ["--model", "tiny-sd", "--subjects", "a dog"], "the word 'dog' of subject 0 is not in scene 0"),
+    (sparse_attention, ["--model", "tiny-wan", "--steps", "-1"], "num_inference_steps -1 must be a positive integer"),
+    (long_video, ["--model", "tiny-wan", "--frames", "6"], "num_frames 6 must be 1 \\+ 4k frames"),
+    (long_video, ["--model", "tiny-wan", "--partitions", "0"], "fifo_partitions 0 must be a whole number"),
+])
+def test_bad_input_is_refused_before_any_picture(script, argv, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        script.main(argv + ["--out", str(tmp_path)])
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
 
 
