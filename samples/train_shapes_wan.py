@@ -37,12 +37,13 @@ latent frames after the first, which is what frame-queue and sparse-attention vi
 long enough for a named motion to travel 16-32 px. A step costs about linearly in tokens here, so twice
 the frames or pixels would halve the transformer steps two cores manage in two hours (see below).
 
-Sizing, measured on the idle 2-core AMD EPYC with 2 threads: drawing 1.4 min; the VAE stage 56 min
-(1800 steps); encoding 6 min; the transformer + text encoder 1.6-1.7 s a step at batch 32 clips and
-1.2 s at 128 images (BENCHMARKS.md, "shapes-wan"). The second run, not shipped (it draws blobs):
+Sizing, measured on the idle 2-core AMD EPYC with 2 threads: drawing 1.4 min; the VAE stage 50 min
+(5800 steps: 0.19 s on 8 frames, 0.65 s on 2 clip crops, 1.8 s on a whole clip); encoding 5.3 min;
+the transformer + text encoder 0.37 s a step at batch 8 clips / 32 images, half and half (1.6-1.7 s at
+32 clips, 1.2 s at 128 images). The third run, under way (BENCHMARKS.md, "shapes-wan"):
 
     HF_HUB_OFFLINE=1 python samples/train_shapes_wan.py --output OUT --work /tmp/shapes-wan-work \
-        --threads 2 --batch 32 --image-ratio 0.5 --image-batch 128 --steps 2700 --max-minutes 70
+        --threads 2 --batch 8 --image-ratio 0.5 --image-batch 32 --steps 12000 --max-minutes 38
 
 A state checkpoint is written under --work every --ckpt-every steps (and the pipeline saved to --output
 at the same time); rerunning the same command resumes from it.
