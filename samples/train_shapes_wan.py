@@ -349,14 +349,13 @@ def train_vae(args, clips, log):
     for step in range(total):
         if step < crops:
             oy, ox = (int(v) * SPATIAL for v in rng.integers(0, (size - args.vae_crop) // SPATIAL + 1, 2))
-            window = np.s_[oy:oy + args.vae_crop, ox:ox + args.vae_crop]
-        if step < images:
-            idx = rng.integers(0, n, args.vae_image_batch)
-            x = to_video(clips[idx, rng.integers(0, frames, len(idx))][(slice(None), None) + window])
-        elif step < crops:
-            idx = rng.integers(0, n, args.vae_batch)
-            t = int(rng.integers(0, frames - args.vae_frames + 1))
-            x = to_video(clips[idx, t:t + args.vae_frames][(slice(None), slice(None)) + window])
+            idx = rng.integers(0, n, args.vae_image_batch if step < images else args.vae_batch)
+            if step < images:
+                part = clips[idx, rng.integers(0, frames, len(idx))][:, None]
+            else:
+                t = int(rng.integers(0, frames - args.vae_frames + 1))
+                part = clips[idx, t:t + args.vae_frames]
+            x = to_video(part[:, :, oy:oy + args.vae_crop, ox:ox + args.vae_crop])
         else:
             x = to_video(clips[rng.integers(0, n, args.vae_full_batch)])
         for g in opt.param_groups:

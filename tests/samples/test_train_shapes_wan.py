@@ -40,6 +40,8 @@ TINY = ["--n-clips", "4", "--frames", "5", "--size", "32", "--vae-image-steps", 
     ("--decoder-lr", "-0.1", "argument --decoder-lr: '-0.1' is not a number >= 0"),
     ("--image-ratio", "2", "argument --image-ratio: '2' is not a probability in [0, 1]"),
     ("--image-batch", "0", "argument --image-batch: '0' is not a whole number >= 1"),
+    ("--vae-image-steps", "-1", "argument --vae-image-steps: '-1' is not a whole number >= 0"),
+    ("--vae-image-batch", "0", "argument --vae-image-batch: '0' is not a whole number >= 1"),
 ])
 def test_bad_options_are_named(option, value, message, capsys):
     with pytest.raises(SystemExit) as exit_:
