@@ -11,9 +11,10 @@ Per target: consistency, the mean over its subjects of ``attribute_match`` (size
 between the subject in the reference and in the target (0 when either is missing); coverage and
 count right of the target. Each row is paired against "independent" on the same scenes and seeds.
 Subject masks (--masks): "maps", the subjects' cross-attention maps (the pipeline's default); or
-"detector", the shapes detector's pixel masks of each subject in the independent row's references and
-target (the same seeds, so the same starting noise): a stand-in for the authors' GroundingDINO + SAM
-masks, which separates what IR's attention does from how well the maps find the subjects.
+"detector", ``segment_subjects``' masks (the shapes detector's) on the independent row's references and
+target: the same seeds, so the same as ``story_segmenter=segment_subjects``, drawn once for every
+row. A stand-in for the authors' GroundingDINO + SAM masks, which separates what IR's attention does
+from how well the maps find the subjects.
 
     python benchmarks/bench_story_quality.py --model shapes-sd --split heldout --count 150 --seeds 2 --out story.json
 """
@@ -68,26 +69,10 @@ def scored(references, target, scene: str) -> dict:
             "count_right": float(result["count_right"])}
 
 
-def detector_masks(references, target, scene: str) -> torch.Tensor:
-    """``story_masks`` [references + 1, subjects, H, W]: each subject's pixels in its reference and in the
-    target, the largest detection of its colour (whatever shape was drawn; empty where there is none)."""
-    from attnsteer.guidance.shapes import detect, parse_caption
-
-    pairs = parse_caption(scene)
-    masks = torch.zeros(len(references) + 1, len(pairs), *target.size[::-1])
-    found = detect(target)
-    for k, (c, _) in enumerate(pairs):
-        for row, detections in ((k, detect(references[k])), (len(references), found)):
-            same = [d for d in detections if d.colour == c]
-            if same:
-                masks[row, k] = torch.from_numpy(max(same, key=lambda d: d.mask.sum()).mask).float()
-    return masks
-
-
 def main():
     args = parse_args()
     torch.set_num_threads(args.threads)
-    from attnsteer.guidance.shapes import mean_interval, parse_caption, prompt_set
+    from attnsteer.guidance.shapes import mean_interval, parse_caption, prompt_set, segment_subjects
     from attnsteer.guidance.stats import paired_difference
     from attnsteer.pipelines.cli import load_pipeline
     from attnsteer.pipelines.evaluate import paired_table, table
@@ -114,7 +99,7 @@ def main():
                                   for k, s in enumerate(subjects)]
                     target = pipe(scene, generator=torch.Generator().manual_seed(base + len(subjects)), **call).images[0]
                     if args.masks == "detector":
-                        options["story_masks"] = detector_masks(references, target, scene)
+                        options["story_masks"] = segment_subjects(references + [target], subjects)
                 else:
                     images = pipe(scene, story_subjects=subjects, generator=torch.Generator().manual_seed(base),
                                   **ROWS[row], **options, **call).images

@@ -51,9 +51,14 @@ class SubjectConsistency:
         self.present = torch.tensor([[bool(g) for g in row] for row in groups])  # [rows, S]: the row holds the subject
         self.steer = SubjectAttention(isolate, read)
         self.map_layers = list(map_layers)
-        self.fixed, self.dropout, self.seed, self.binarization = masks, float(dropout), int(seed), binarization
+        self.dropout, self.seed, self.binarization = float(dropout), int(seed), binarization
+        self.fix_masks(masks)
         self.isolation, self.reposition = isolation, reposition
         self.step, self.masks = 0, None
+
+    def fix_masks(self, masks: torch.Tensor | None) -> None:
+        """Use ``masks`` [rows, S, H, W] (any resolution) instead of the maps, emptied where a row lacks the subject."""
+        self.fixed = None if masks is None else masks.bool() & self.present[:, :, None, None]
 
     def subject_masks(self, maps: torch.Tensor) -> torch.Tensor:
         """[rows, S, h, w] bool from captured maps [rows, S, h, w]: normalised, binarised, absent subjects empty."""
@@ -65,7 +70,7 @@ class SubjectConsistency:
         """``masks`` with each reference-row token dropped with probability ``dropout``."""
         if not self.dropout:
             return masks
-        generator = torch.Generator().manual_seed(self.seed * 100003 + self.step)
+        generator = torch.Generator().manual_seed((self.seed * 100003 + self.step) % 2 ** 63)
         keep = torch.rand(masks.shape, generator=generator) >= self.dropout
         references = torch.tensor(self.references)[:, None, None, None]
         return masks & (keep.to(masks.device) | ~references.to(masks.device))

@@ -301,6 +301,13 @@ def story(args) -> None:
 
     from .evaluate import labelled_grid
 
+    from attnsteer.guidance.shapes import segment_subjects, subject_colours
+
+    if args.masks == "detector":
+        try:
+            subject_colours(args.subject)
+        except ValueError as error:
+            raise UsageError(f"--masks detector: {error}") from None
     pipe, is_video = load_pipeline(args.model, args.device, args.dtype)
     if is_video:
         raise UsageError(f"--model {args.model} is a video model; `attnsteer story` draws images (SD, SDXL, SD3)")
@@ -308,6 +315,7 @@ def story(args) -> None:
     options = dict(story_subjects=args.subject, story_isolation=not args.no_isolation,
                    story_reposition=not args.no_reposition, story_read=not args.no_read,
                    **({"story_words": [w.strip() for w in args.words.split(",")]} if args.words else {}),
+                   **({"story_segmenter": segment_subjects} if args.masks == "detector" else {}),
                    **(_steering(args) if args.heads else {}))
     pipe.check_call(**call, **options)
     images = pipe(**call, **options, generator=torch.Generator(args.device).manual_seed(args.seed)).images
@@ -655,6 +663,9 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--scene", action="append", required=True, help="a scene holding every subject; repeat for more")
     st.add_argument("--words", default=None, help="comma list, one per subject, of the words naming it in its prompt "
                                                   "and every scene (default: each subject without its article)")
+    st.add_argument("--masks", default="maps", choices=["maps", "detector"],
+                    help="where the subjects are: their cross-attention maps (default), or the shapes detector on the "
+                         "images drawn first without IR (shapes models; subjects of distinct colours; twice the time)")
     st.add_argument("--no-isolation", action="store_true", help="let the subjects of a scene attend to each other")
     st.add_argument("--no-reposition", action="store_true", help="read the references where they sit (shared attention)")
     st.add_argument("--no-read", action="store_true", help="scenes do not read the references (isolation only)")

@@ -10,7 +10,7 @@ from attnsteer.attention_processors import steering
 from .astar import ASTAR_DEFAULTS, astar_guidance, denoiser
 from .maps import MAPS_DEFAULTS, AttentionMaps, map_recorder
 from .sparse import SPARSE_DEFAULTS, sparse_steer
-from .story import STORY_DEFAULTS, story_guidance
+from .story import STORY_DEFAULTS, segmented_masks, story_guidance
 
 OPTIONS = {**ASTAR_DEFAULTS, **MAPS_DEFAULTS, **STORY_DEFAULTS, **SPARSE_DEFAULTS}
 
@@ -33,6 +33,13 @@ class AttentionMethods:
         self.astar = astar_guidance(pipe, arguments, {k: v for k, v in options.items() if k in ASTAR_DEFAULTS})
         self.recorder = map_recorder(pipe, arguments, {k: v for k, v in options.items() if k in MAPS_DEFAULTS})
         self.sparse = sparse_steer(pipe, arguments, {k: v for k, v in options.items() if k in SPARSE_DEFAULTS})
+        self.segmenter = options.get("story_segmenter") if self.story is not None else None
+        self.subjects = options.get("story_subjects")
+
+    def segment(self, parent_call, kwargs: dict) -> None:
+        """IR's subject masks from ``story_segmenter`` on a first pass of the parent pipeline, when asked."""
+        if self.segmenter is not None:
+            self.story.fix_masks(segmented_masks(parent_call, kwargs, self.segmenter, self.subjects))
 
     @property
     def active(self) -> bool:

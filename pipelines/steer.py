@@ -173,6 +173,7 @@ class SteerMixin(CallDefaultsMixin):
         parent_call = super().__call__
         if not guidance.enabled and not attention.active:
             return parent_call(**kwargs)
+        attention.segment(parent_call, kwargs)
         with ExitStack() as stack:
             for model in self.steer_denoisers().values() if guidance.enabled else ():
                 stack.enter_context(guidance.attached(model, lambda m: self.branch_info(m, bound.arguments)))

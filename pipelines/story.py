@@ -12,6 +12,10 @@ is the picture its subject prompt gives alone with that seed. Keyword arguments 
         subject prompt without a leading article ("red circle").
     story_masks: fixed subject masks instead of the maps: [rows, subjects, H, W] values in [0, 1],
         rows = references then scenes, any resolution.
+    story_segmenter: masks from a segmenter instead of the maps, as the authors' GroundingDINO + SAM:
+        ``segmenter(images, subjects)`` gets the PIL images of the rows drawn first without IR (the
+        parent pipeline at the same seeds) and returns their ``story_masks``; the IR pass follows,
+        so the call costs two. ``attnsteer.guidance.shapes.segment_subjects`` serves the shapes models.
     story_isolation, story_reposition: the two mechanisms (True); story_read: targets read the
         references (True; False: isolation only). story_reposition=False reads the references'
         tokens where they sit (shared attention, as ConsiStory).
@@ -35,7 +39,7 @@ from .tokens import word_indices
 
 STORY_DEFAULTS = dict(
     story_subjects=None, story_words=None, story_masks=None, story_isolation=True, story_reposition=True,
-    story_read=True, story_isolate_layers=None, story_read_layers=None, story_dropout=0.5,
+    story_read=True, story_isolate_layers=None, story_read_layers=None, story_dropout=0.5, story_segmenter=None,
 )
 ARTICLES = ("a ", "an ", "the ")
 SUPPORTED = (StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline)
@@ -86,6 +90,8 @@ def expand_story(kwargs: dict, options: dict) -> dict:
                          f"got {kwargs['num_images_per_prompt']!r}")
     rows = len(subjects) + len(scenes)
     generator = kwargs.get("generator")
+    if generator is None and options.get("story_segmenter") is not None and kwargs.get("latents") is None:
+        generator = torch.Generator().manual_seed(int(torch.randint(2 ** 62, ())))  # both passes, the same noise
     if isinstance(generator, torch.Generator):
         seed = generator.initial_seed()
         generator = [torch.Generator(generator.device).manual_seed(seed + k) for k in range(rows)]
@@ -133,17 +139,38 @@ def story_guidance(pipe, arguments: dict, options: dict) -> SubjectConsistency |
     isolate = o["story_isolate_layers"] or self_layers(model)
     read = (o["story_read_layers"] or decoder_layers(model)) if o["story_read"] else []
     check_subject_layers(model, isolate, read)
-    masks = o["story_masks"]
-    if masks is not None:
-        masks = torch.as_tensor(np.asarray(masks, dtype=np.float32))
-        if masks.dim() != 4 or masks.shape[:2] != (rows, count):
-            raise ValueError(f"story_masks must be [rows, subjects, H, W] = [{rows}, {count}, H, W] "
-                             f"(references then scenes), got shape {tuple(masks.shape)}")
-        if not 0 <= masks.min() <= masks.max() <= 1:  # NaN fails the comparison too
-            raise ValueError("story_masks values must lie in [0, 1]")
-        masks = masks >= 0.5
+    masks, segmenter = o["story_masks"], o["story_segmenter"]
+    if segmenter is not None and not callable(segmenter):
+        raise ValueError(f"story_segmenter must be a function segmenter(images, subjects) -> masks, got {segmenter!r}")
+    if segmenter is not None and masks is not None:
+        raise ValueError("give story_masks or story_segmenter, not both")
+    masks = None if masks is None else checked_masks(masks, rows, count, "story_masks")
     layers, _ = map_layers(model, latent_size(pipe, arguments))
     sources = [[-1] * count if row < count else list(range(count)) for row in range(rows)]
     seed = arguments["generator"][0].initial_seed() if isinstance(arguments.get("generator"), list) else 0
     return SubjectConsistency(groups, sources, isolate, read, layers, masks=masks, dropout=float(dropout),
                               seed=seed, isolation=o["story_isolation"], reposition=o["story_reposition"])
+
+
+def checked_masks(masks, rows: int, count: int, name: str) -> torch.Tensor:
+    """Subject masks [rows, subjects, H, W] as bool (values >= 0.5); ValueError naming ``name`` otherwise."""
+    masks = torch.as_tensor(np.asarray(masks, dtype=np.float32))
+    if masks.dim() != 4 or masks.shape[:2] != (rows, count):
+        raise ValueError(f"{name} must be [rows, subjects, H, W] = [{rows}, {count}, H, W] "
+                         f"(references then scenes), got shape {tuple(masks.shape)}")
+    if not 0 <= masks.min() <= masks.max() <= 1:  # NaN fails the comparison too
+        raise ValueError(f"{name} values must lie in [0, 1]")
+    return masks >= 0.5
+
+
+def segmented_masks(parent_call, kwargs: dict, segmenter, subjects: list[str]) -> torch.Tensor:
+    """``story_segmenter``'s masks of the rows of a story call, drawn first by the parent pipeline at the
+    call's seeds (the generators are rewound after, so the IR pass starts from the same noise)."""
+    generators = kwargs.get("generator")
+    generators = [] if generators is None else generators
+    states = [g.get_state() for g in generators]
+    plain = {k: v for k, v in kwargs.items() if k not in ("callback", "callback_steps")}
+    images = parent_call(**{**plain, "output_type": "pil", "return_dict": True, "callback_on_step_end": None}).images
+    for generator, state in zip(generators, states):
+        generator.set_state(state)
+    return checked_masks(segmenter(images, list(subjects)), len(images), len(subjects), "story_segmenter's masks")

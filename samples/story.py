@@ -15,7 +15,7 @@ a 2-core CPU.
 import torch
 from common import call, load, options, save
 
-from attnsteer.guidance.shapes import parse_caption, prompt_set
+from attnsteer.guidance.shapes import parse_caption, prompt_set, segment_subjects, subject_colours
 
 
 def main(argv=None):
@@ -24,11 +24,18 @@ def main(argv=None):
                    help="one prompt per subject (default: the objects of the first scene, 'a red circle')")
     p.add_argument("--scenes", nargs="+", default=prompt_set("two", "heldout")[:1],
                    help="scene prompts, each naming every subject")
+    p.add_argument("--masks", default="maps", choices=["maps", "detector"],
+                   help="where the subjects are: their cross-attention maps (default), or the shapes detector on the "
+                        "pictures drawn first without IR (shapes models only; twice the time)")
     args = p.parse_args(argv)
-    pipe = load(args)
     subjects = args.subjects or [f"a {colour} {shape}" for colour, shape in parse_caption(args.scenes[0])]
-    pipe.check_call(prompt=args.scenes, story_subjects=subjects, **call(args))
-    story = pipe(args.scenes, story_subjects=subjects, **call(args)).images
+    masks = {}
+    if args.masks == "detector":
+        subject_colours(subjects)
+        masks = {"story_segmenter": segment_subjects}
+    pipe = load(args)
+    pipe.check_call(prompt=args.scenes, story_subjects=subjects, **masks, **call(args))
+    story = pipe(args.scenes, story_subjects=subjects, **masks, **call(args)).images
     references, scenes = story[:len(subjects)], story[len(subjects):]
     seeds = [torch.Generator(args.device).manual_seed(args.seed + len(subjects) + j) for j in range(len(scenes))]
     independent = pipe(args.scenes, **{**call(args), "generator": seeds}).images

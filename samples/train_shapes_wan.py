@@ -40,10 +40,11 @@ the frames or pixels would halve the transformer steps two cores manage in two h
 Sizing, measured on the idle 2-core AMD EPYC with 2 threads: drawing 1.4 min; the VAE stage 50 min
 (5800 steps: 0.19 s on 8 frames, 0.65 s on 2 clip crops, 1.8 s on a whole clip); encoding 5.3 min;
 the transformer + text encoder 0.37 s a step at batch 8 clips / 32 images, half and half (1.6-1.7 s at
-32 clips, 1.2 s at 128 images). The third run, under way (BENCHMARKS.md, "shapes-wan"):
+32 clips, 1.2 s at 128 images). The third run (BENCHMARKS.md, "shapes-wan"), 120 minutes in all; its
+videos lose their objects after the first frames, so no shapes-wan is shipped yet:
 
     HF_HUB_OFFLINE=1 python samples/train_shapes_wan.py --output OUT --work /tmp/shapes-wan-work \
-        --threads 2 --batch 8 --image-ratio 0.5 --image-batch 32 --steps 12000 --max-minutes 38
+        --threads 2 --batch 8 --image-ratio 0.5 --image-batch 32 --steps 12000 --max-minutes 63
 
 A state checkpoint is written under --work every --ckpt-every steps (and the pipeline saved to --output
 at the same time); rerunning the same command resumes from it.

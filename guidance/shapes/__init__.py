@@ -4,7 +4,7 @@ fusion, subject consistency)."""
 
 from .detect import Detection, classify_shape, detect
 from .metrics import (attribute_match, caption_concepts, parse_caption, rate, score,
-                      score_frames, subject, summarize, wilson)
+                      score_frames, segment_subjects, subject, subject_colours, summarize, wilson)
 from .prompts import prompt_set
 from .scene import (COLOURS, PALETTE, SHAPES, TEXTURES, ObjectSpec, caption, draw,
                     draw_objects, render)
@@ -12,7 +12,7 @@ from .scene import (COLOURS, PALETTE, SHAPES, TEXTURES, ObjectSpec, caption, dra
 __all__ = [
     "COLOURS", "PALETTE", "SHAPES", "TEXTURES", "Detection", "ObjectSpec",
     "attribute_match", "caption", "caption_concepts", "classify_shape", "detect", "draw", "draw_objects",
-    "parse_caption", "prompt_set", "rate", "render", "score", "score_frames", "subject",
+    "parse_caption", "prompt_set", "rate", "render", "score", "score_frames", "segment_subjects", "subject", "subject_colours",
     "summarize", "wilson",
 ]
 

@@ -92,6 +92,36 @@ def subject(detections, colour, shape):
     return max(matches, key=lambda d: d.mask.sum(), default=None)
 
 
+def subject_colours(subjects):
+    """The colour of each subject prompt ('a red circle' -> 'red'); ValueError unless each names one
+    shapes object and the colours differ (what ``segment_subjects`` tells subjects apart by)."""
+    colours = []
+    for text in subjects:
+        found = parse_caption(text)
+        if len(found) != 1:
+            raise ValueError(f"segment_subjects: subject {text!r} must name one shapes object, e.g. 'a red circle'")
+        colours.append(found[0][0])
+    if len(set(colours)) != len(colours):
+        raise ValueError(f"segment_subjects: the subjects {list(subjects)!r} must differ in colour")
+    return colours
+
+
+def segment_subjects(images, subjects):
+    """Subject masks [images, subjects, H, W] (float, 0 or 1), IR-Diffusion's ``story_segmenter`` for the
+    shapes models: in each image, the pixels of the largest detection of each subject's colour, whatever
+    shape was drawn (empty where there is none). Images are PIL images; each subject is a prompt naming one object ('a red
+    circle'); subjects of one call must differ in colour."""
+    colours = subject_colours(subjects)
+    masks = np.zeros((len(images), len(colours), images[0].height, images[0].width), np.float32)
+    for row, image in enumerate(images):
+        detections = detect(image)
+        for k, colour in enumerate(colours):
+            largest = max((d for d in detections if d.colour == colour), key=lambda d: d.mask.sum(), default=None)
+            if largest is not None:
+                masks[row, k] = largest.mask
+    return masks
+
+
 def attribute_match(a, b):
     """How well one subject's unnamed attributes agree between two images, in [0, 1]:
     mean of size and shade closeness (1 - difference / the generator's range, floored

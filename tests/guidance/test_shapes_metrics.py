@@ -5,9 +5,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from attnsteer.guidance.shapes import (Detection, ObjectSpec, attribute_match,
-                                       draw_objects, parse_caption, prompt_set, render,
-                                       score, score_frames, summarize, wilson)
+from attnsteer.guidance.shapes import (Detection, ObjectSpec, attribute_match, detect,
+                                       draw_objects, parse_caption, prompt_set, render, score,
+                                       score_frames, segment_subjects, summarize, wilson)
 
 
 def _det(colour, shape):
@@ -107,3 +107,27 @@ def test_prompt_sets(name, n, size):
         objects = parse_caption(p)
         assert len(objects) == n
         assert len({c for c, _ in objects}) == len({s for _, s in objects}) == n
+
+
+def test_segment_subjects_masks_each_subjects_colour_whatever_its_shape():
+    scene, _, objects = draw_objects([("red", "circle"), ("blue", "square")], seed=3)
+    alone, _, _ = draw_objects([("red", "star")], seed=4)  # the red subject drawn with the wrong shape
+    masks = segment_subjects([alone, scene], ["a red circle", "a blue square"])
+    assert masks.shape == (2, 2, 64, 64) and set(np.unique(masks)) <= {0.0, 1.0}
+    for row, image in enumerate([alone, scene]):
+        for k, colour in enumerate(["red", "blue"]):
+            found = [d.mask for d in detect(image) if d.colour == colour]
+            expected = found[0] if found else np.zeros((64, 64), bool)
+            np.testing.assert_array_equal(masks[row, k], expected)
+    assert masks[0, 0].any() and not masks[0, 1].any() and masks[1].any(axis=(1, 2)).all()
+    x0, y0, x1, y1 = objects[1].box  # the blue square's mask lies in its drawn box
+    assert masks[1, 1, y0:y1, x0:x1].sum() == masks[1, 1].sum()
+
+
+@pytest.mark.parametrize("subjects,message", [
+    (["a red circle and a blue square"], r"subject 'a red circle and a blue square' must name one shapes object"),
+    (["a red circle", "a red square"], r"the subjects \['a red circle', 'a red square'\] must differ in colour"),
+])
+def test_segment_subjects_refuses_what_it_cannot_tell_apart(subjects, message):
+    with pytest.raises(ValueError, match=message):
+        segment_subjects([draw_objects([("red", "circle")], seed=0)[0]], subjects)

@@ -245,6 +245,15 @@ def test_story_writes_references_scenes_and_the_independent_scenes(tmp_path, cap
          "--scene", "a red circle and a blue square", "--out", str(tmp_path)], capsys)
 
 
+def test_story_with_detector_masks(tmp_path, capsys):
+    main(["story", "--model", "tiny-sd", "--subject", "a red circle", "--subject", "a blue square", "--masks", "detector",
+          "--scene", "a red circle and a blue square", "--steps", "2", "--out", str(tmp_path)])
+    assert (tmp_path / "seed0_scene0.png").is_file()
+    assert "--masks detector: segment_subjects: the subjects ['a red circle', 'a red square'] must differ in colour" in refused(
+        ["story", "--model", "tiny-sd", "--subject", "a red circle", "--subject", "a red square", "--masks", "detector",
+         "--scene", "a red circle and a red square", "--out", str(tmp_path)], capsys)
+
+
 def test_video_with_block_sparse_attention(tmp_path, capsys):
     main(["video", "--model", "tiny-wan", "--prompt", "a cat", "--steps", "2", "--sparsity", "0.5",
           "--sparse-pool", "2", "2", "--sparse-backend", "gather", "--sparse-dense-steps", "0", "--baseline",

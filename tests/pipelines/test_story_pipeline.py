@@ -32,6 +32,13 @@ def model_of(pipe):
     return pipe.unet if hasattr(pipe, "unet") else pipe.transformer
 
 
+def corner_masks():
+    """Each reference's subject in its own corner, the target's subjects in the bottom corners."""
+    masks = np.zeros((3, 2, 8, 8), np.float32)
+    masks[0, 0, :4, :4], masks[1, 1, :4, 4:], masks[2, 0, 4:, :4], masks[2, 1, 4:, 4:] = 1, 1, 1, 1
+    return masks
+
+
 @pytest.mark.parametrize("kind", ["sd", "sdxl", "sd3"])
 def test_references_are_their_prompts_alone_and_the_target_changes(kind):
     story = generate(kind, story_subjects=SUBJECTS, num_inference_steps=3)  # IR acts from the second step
@@ -54,13 +61,41 @@ def test_empty_masks_without_reading_are_the_parent_pipeline():
 
 
 def test_each_mechanism_acts_and_composes_with_head_perturbation():
-    masks = np.zeros((3, 2, 8, 8), np.float32)  # each reference's subject in its own corner, the target's elsewhere
-    masks[0, 0, :4, :4], masks[1, 1, :4, 4:], masks[2, 0, 4:, :4], masks[2, 1, 4:, 4:] = 1, 1, 1, 1
+    masks = corner_masks()
     full = generate("sd", story_subjects=SUBJECTS, story_masks=masks)
     for option in (dict(story_reposition=False), dict(story_isolation=False), dict(story_read=False)):
         assert np.abs(generate("sd", story_subjects=SUBJECTS, story_masks=masks, **option)[2] - full[2]).max() > 1e-5, option
     perturbed = generate("sd", story_subjects=SUBJECTS, story_masks=masks, perturbed_heads="0:*")
     assert perturbed.shape == full.shape and np.abs(perturbed - full).max() > 1e-4
+
+
+def test_a_segmenter_sees_the_rows_drawn_without_ir_and_its_masks_act_as_given():
+    seen, steps = [], []
+    segmenter = lambda images, subjects: seen.append((images, subjects)) or corner_masks()  # noqa: E731
+    out = generate("sd", story_subjects=SUBJECTS, story_segmenter=segmenter,
+                   callback_on_step_end=lambda pipe, i, t, kwargs: steps.append(i) or kwargs)
+    np.testing.assert_array_equal(out, generate("sd", story_subjects=SUBJECTS, story_masks=corner_masks()))
+    assert len(seen) == 1 and seen[0][1] == SUBJECTS and steps == [0, 1]  # the callback sees the IR pass only
+    generators = [torch.Generator().manual_seed(k) for k in range(3)]
+    parent = super(StableDiffusionSteerPipeline, pipe_of("sd")).__call__(
+        SUBJECTS + [SCENE], num_inference_steps=2, height=32, width=32, output_type="pil", generator=generators).images
+    for image, expected in zip(seen[0][0], parent):
+        np.testing.assert_array_equal(np.asarray(image), np.asarray(expected))
+
+
+def test_without_a_generator_both_passes_start_from_the_same_noise():
+    seen = []
+    segmenter = lambda images, subjects: seen.extend(images) or np.zeros((3, 2, 8, 8))  # noqa: E731
+    out = pipe_of("sd")(SCENE, story_subjects=SUBJECTS, story_segmenter=segmenter, story_read=False,
+                        num_inference_steps=2, height=32, width=32, output_type="pil").images
+    for image, first in zip(out, seen):  # empty masks, no reading: the IR pass is the parent pipeline again
+        np.testing.assert_array_equal(np.asarray(image), np.asarray(first))
+
+
+def test_a_segmenter_returning_the_wrong_shape_is_named():
+    with pytest.raises(ValueError, match=r"story_segmenter's masks must be \[rows, subjects, H, W\] = \[3, 2, H, W\] "
+                                         r"\(references then scenes\), got shape \(3, 8, 8\)"):
+        generate("sd", story_subjects=SUBJECTS, story_segmenter=lambda images, subjects: np.zeros((3, 8, 8)))
 
 
 def test_the_model_is_restored_when_the_call_raises():
@@ -82,6 +117,10 @@ BAD = [
     (dict(story_subjects=SUBJECTS, story_masks=np.zeros((2, 2, 8, 8))),
      r"story_masks must be \[rows, subjects, H, W\] = \[3, 2, H, W\] \(references then scenes\), got shape \(2, 2, 8, 8\)"),
     (dict(story_subjects=SUBJECTS, story_masks=np.full((3, 2, 8, 8), 2.0)), r"story_masks values must lie in \[0, 1\]"),
+    (dict(story_subjects=SUBJECTS, story_segmenter="sam"), r"story_segmenter must be a function segmenter\(images, "
+                                                           r"subjects\) -> masks, got 'sam'"),
+    (dict(story_subjects=SUBJECTS, story_segmenter=print, story_masks=np.zeros((3, 2, 8, 8))),
+     r"give story_masks or story_segmenter, not both"),
     (dict(story_subjects=SUBJECTS, story_read_layers=["up_blocks.9.attn1"]), r"unknown attention layer 'up_blocks.9.attn1'"),
     (dict(story_subjects=SUBJECTS, story_isolate_layers=["mid_block.attentions.0.transformer_blocks.0.attn2"]),
      r"is cross-attention: isolation and reposition act on self-attention"),

@@ -75,6 +75,7 @@ def test_long_video_script_runs_direct_fifo_and_ouroboros(tmp_path, capsys):
     (astar, ["--model", "tiny-sd", "--concepts", "dog", "--prompts", "a red circle"], "'dog'"),
     (head_perturbation, ["--model", "tiny-sd3", "--heads", "9:9"], "layer index 9 is out of range"),
     (story, ["--model", "tiny-sd", "--subjects", "a dog"], "the word 'dog' of subject 0 is not in scene 0"),
+    (story, ["--model", "tiny-sd", "--masks", "detector", "--subjects", "a dog"], "subject 'a dog' must name one shapes"),
     (sparse_attention, ["--model", "tiny-wan", "--steps", "-1"], "num_inference_steps -1 must be a positive integer"),
     (long_video, ["--model", "tiny-wan", "--frames", "6"], "num_frames 6 must be 1 \\+ 4k frames"),
     (long_video, ["--model", "tiny-wan", "--partitions", "0"], "fifo_partitions 0 must be a whole number"),
