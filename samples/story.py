@@ -7,9 +7,9 @@
 Each subject is drawn alone first (its reference), then every scene, in one batch: in a scene the
 subjects do not attend to each other (isolation), and in the decoder each reads its reference's
 features moved onto where it sits (reposition). Row k of the batch has seed --seed + k; the
-independent scenes take the same seeds. On the shapes models no IR setting has raised consistency on
-tune scenes, and on shapes-sd3 the defaults lower it (BENCHMARKS.md, "IR-Diffusion"). A few minutes on
-a 2-core CPU.
+independent scenes take the same seeds. On held-out scenes of the shapes models IR does not beat
+independent generation, with the maps' masks or the detector's (BENCHMARKS.md, "IR-Diffusion (issue
+13): the held-out rows"). A few minutes on a 2-core CPU.
 """
 
 import torch

@@ -2,6 +2,7 @@
 the baseline, the method's picture and their grid, and the method changes the picture."""
 
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -106,6 +107,15 @@ def test_gallery_links_each_method_to_a_benchmarks_heading_that_exists():
                 (SAMPLES.parent / "BENCHMARKS.md").read_text().splitlines() if line.startswith("#")}
     for name, (_, _, _, heading, _) in gallery.METHODS.items():
         assert gallery.anchor(heading) in headings, (name, heading)
+
+
+def test_gallery_rows_show_the_exact_command_of_their_pictures():
+    import gallery
+
+    options = gallery.METHODS["story"][2]
+    shown = gallery.row("story", [Path("story_seed0_grid.png")])
+    assert shlex.split(shown.split("`")[1]) == ["python", "samples/story.py", *options]
+    assert "(docs/gallery/story_seed0_grid.png)](samples/story.py)" in shown
 
 
 def test_gallery_gifs_keep_every_other_frame_at_the_same_speed(tmp_path):
