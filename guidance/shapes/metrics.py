@@ -86,9 +86,9 @@ def summarize(scores):
     }
 
 
-def subject(detections, colour, shape):
-    """The largest detection of that colour and shape, or None."""
-    matches = [d for d in detections if (d.colour, d.shape) == (colour, shape)]
+def subject(detections, colour, shape=None):
+    """The largest detection of that colour and shape (any shape when None), or None."""
+    matches = [d for d in detections if d.colour == colour and shape in (None, d.shape)]
     return max(matches, key=lambda d: d.mask.sum(), default=None)
 
 
@@ -109,14 +109,14 @@ def subject_colours(subjects):
 def segment_subjects(images, subjects):
     """Subject masks [images, subjects, H, W] (float, 0 or 1), IR-Diffusion's ``story_segmenter`` for the
     shapes models: in each image, the pixels of the largest detection of each subject's colour, whatever
-    shape was drawn (empty where there is none). Images are PIL images; each subject is a prompt naming one object ('a red
-    circle'); subjects of one call must differ in colour."""
+    shape was drawn (empty where there is none). Images are PIL images; each subject is a prompt naming
+    one object ('a red circle'); subjects of one call must differ in colour."""
     colours = subject_colours(subjects)
     masks = np.zeros((len(images), len(colours), images[0].height, images[0].width), np.float32)
     for row, image in enumerate(images):
         detections = detect(image)
         for k, colour in enumerate(colours):
-            largest = max((d for d in detections if d.colour == colour), key=lambda d: d.mask.sum(), default=None)
+            largest = subject(detections, colour)
             if largest is not None:
                 masks[row, k] = largest.mask
     return masks
