@@ -18,7 +18,8 @@ The diagonal is always kept, and every block row and column that touches text.
 Backends compute attention over the kept block pairs only:
 - ``"flex"``: ``torch.nn.attention.flex_attention``, compiled (torch.compile caches it per shape), on a
   BlockMask built directly from the block booleans with a block-level mask_mod (eager flex without a
-  mask_mod silently computes dense attention);
+  mask_mod silently computes dense attention); on CUDA its Triton kernels need ph * pw to be a multiple
+  of 128, so "auto" picks it there only for such pools;
 - ``"gather"``: each query block gathers its kept key/value blocks, one SDPA per group of rows with
   the same number of kept blocks; needs no compiler;
 - ``"dense"``: SDPA with the block mask expanded to tokens, the reference.
@@ -40,6 +41,7 @@ from .core import AttentionCall, Next
 
 BACKENDS = ("auto", "flex", "gather", "dense")
 _NO_CALL = object()  # the timestep before the first call
+CUDA_FLEX_BLOCK = 128  # flex's Triton kernels tile queries and keys by up to 128 and need blocks a multiple of the tile
 GATHER_ELEMENTS = 2**25  # gathered key elements per SDPA call of the gather backend (128 MiB in float32)
 
 
@@ -275,12 +277,17 @@ def gather_blocks(q, k, v, mask, blocks: BlockLayout, scale: float) -> torch.Ten
     return out.view(b, h, n * size, d)
 
 
-def flex_available(device: torch.device) -> tuple[bool, str]:
-    """(whether compiled flex_attention can run on ``device``, why not)."""
+def flex_available(device: torch.device, pool: tuple[int, int] | None = None) -> tuple[bool, str]:
+    """(whether compiled flex_attention can run on ``device`` with blocks of ``pool``, why not)."""
     if device.type == "cuda":
         from torch.utils._triton import has_triton
 
-        return (True, "") if has_triton() else (False, "triton is not installed")
+        if not has_triton():
+            return False, "triton is not installed"
+        if pool is not None and math.prod(pool) % CUDA_FLEX_BLOCK:
+            return False, (f"its CUDA kernels need blocks of a multiple of {CUDA_FLEX_BLOCK} tokens, and pool "
+                           f"{tuple(pool)} gives {math.prod(pool)} (e.g. pool (8, 16) or (16, 8) gives 128)")
+        return True, ""
     if device.type == "cpu":
         return (True, "") if shutil.which("c++") or shutil.which("g++") else (False, "no C++ compiler on the PATH")
     return False, f"flex_attention is not compiled for {device.type} here"
@@ -329,14 +336,14 @@ def check_backend(backend, name: str = "sparse attention backend") -> None:
         raise ValueError(f"{name} {backend!r} is not one of {BACKENDS}")
 
 
-def resolve_backend(backend: str, device) -> str:
-    """The backend a call on ``device`` uses: ``backend`` itself, or for "auto" flex where it can run,
-    else gather. ValueError for an unknown backend or one that cannot run here."""
+def resolve_backend(backend: str, device, pool: tuple[int, int] | None = None) -> str:
+    """The backend a call on ``device`` with blocks of ``pool`` uses: ``backend`` itself, or for "auto"
+    flex where it can run, else gather. ValueError for an unknown backend or one that cannot run here."""
     check_backend(backend)
     if backend not in ("auto", "flex"):
         return backend
     device = torch.device(device)
-    ok, why = flex_available(device)
+    ok, why = flex_available(device, pool)
     if backend == "auto":
         return "flex" if ok else "gather"
     if not ok:
@@ -348,7 +355,7 @@ def resolve_backend(backend: str, device) -> str:
 def sparse_attention(q, k, v, layout: TokenLayout, source: MaskSource, pool: tuple[int, int], scale: float,
                      backend: str = "auto") -> torch.Tensor:
     """Block-sparse attention of one call ([B, H, L, D]) with ``source``'s block mask on ``backend``."""
-    return blocked_attention(q, k, v, layout, source, pool, scale, resolve_backend(backend, q.device))
+    return blocked_attention(q, k, v, layout, source, pool, scale, resolve_backend(backend, q.device, pool))
 
 
 def blocked_attention(q, k, v, layout: TokenLayout, source: MaskSource, pool: tuple[int, int], scale: float,
@@ -392,6 +399,6 @@ class DraftAttention:
             raise RuntimeError(f"layer {call.name!r} passes its own attention mask, which block-sparse attention "
                                "does not combine with; leave this layer dense")
         if q.device not in self._resolved:
-            self._resolved[q.device] = resolve_backend(self.backend, q.device)
+            self._resolved[q.device] = resolve_backend(self.backend, q.device, self.pool)
         return blocked_attention(q, k, v, call.layout, self.source, self.pool, call.scale(q.shape[-1]),
                                  self._resolved[q.device])

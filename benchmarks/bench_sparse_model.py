@@ -71,7 +71,7 @@ def main() -> None:
     timestep = torch.tensor([500.0], device=device)
     tokens = args.frames * (GRID[0] // 2) * (GRID[1] // 2)
     pool = tiling_pool((GRID[0] // 2, GRID[1] // 2))
-    backend = resolve_backend(args.backend, torch.device(device))
+    backend = resolve_backend(args.backend, torch.device(device), pool)
     sparse_layers = [n for n, info in list_layers(model).items() if info.kind == SELF][1:]
     steers = {"dense": []}
     steers.update({f"draft {s:g}": [DraftAttention(sparse_layers, s, pool, 0, backend)] for s in args.sparsity})

@@ -68,7 +68,6 @@ def sparse_steer(pipe, arguments: dict, options: dict) -> DraftAttention | None:
                          f"{type(pipe).__name__}")
     check_backend(o["sparse_backend"], "sparse_backend")
     model = denoiser(pipe)
-    resolve_backend(o["sparse_backend"], model.device)
     layers = list_layers(model)
     names = [n for n, info in layers.items() if info.kind in (SELF, JOINT)]
     dense = o["sparse_dense_layers"]
@@ -81,6 +80,7 @@ def sparse_steer(pipe, arguments: dict, options: dict) -> DraftAttention | None:
             or pool[0] > grid[0] or pool[1] > grid[1]):
         raise ValueError(f"sparse_pool {pool!r} must be (rows, columns) of tokens that fit in the call's "
                          f"{grid[0]} x {grid[1]} tokens per frame")
+    resolve_backend(o["sparse_backend"], model.device, tuple(pool))
     steps = o["sparse_dense_steps"]
     if steps is None:
         steps = math.ceil(WARMUP * (arguments.get("num_inference_steps") or 0))

@@ -46,6 +46,11 @@ videos lose their objects after the first frames, so no shapes-wan is shipped ye
     HF_HUB_OFFLINE=1 python samples/train_shapes_wan.py --output OUT --work /tmp/shapes-wan-work \
         --threads 2 --batch 8 --image-ratio 0.5 --image-batch 32 --steps 12000 --max-minutes 63
 
+With --device cuda the models train on a GPU (clips are still drawn on the CPU). On one H200 a step costs
+about the same at any batch used here (0.025 s for 32 single frames, 0.2 s for 8 whole clips in the VAE,
+0.055 s for 64 clips in the transformer): the model is too small to fill it, so a GPU buys batch, not
+steps. The fourth run (BENCHMARKS.md), 7.6 H200 minutes with 5x the third run's clips, was no better.
+
 A state checkpoint is written under --work every --ckpt-every steps (and the pipeline saved to --output
 at the same time); rerunning the same command resumes from it.
 """
@@ -126,6 +131,18 @@ def whole(text):
     return _number(int, text, lambda v: v >= 0, "a whole number >= 0")
 
 
+def torch_device(text):
+    """--device: a torch device this machine has."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a device here: cpu{', cuda' if torch.cuda.is_available() else ' (no cuda available)'}")
+    return str(device)
+
+
 def probability(text):
     return _number(float, text, lambda v: 0 <= v <= 1, "a probability in [0, 1]")
 
@@ -143,6 +160,8 @@ def parse_args(argv=None):
     p.add_argument("--work", default="/tmp/shapes-wan-work", help="checkpoints, VAE, cached latents, log")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=positive_int, default=1, help="torch threads, and processes drawing clips")
+    p.add_argument("--device", type=torch_device, default="cpu",
+                   help="where the models train and generate: cpu (default) or cuda (clips are drawn on the CPU)")
     # data
     p.add_argument("--n-clips", type=positive_int, default=6000, help="drawn training clips")
     p.add_argument("--frames", type=clip_frames, default=17, help="frames per clip: 1 + 4k")
@@ -296,21 +315,21 @@ def draw_clips(args):
     return np.concatenate([c for c, _ in parts]), [t for _, texts in parts for t in texts]
 
 
-def to_video(clips):
-    """uint8 clips (B, F, H, W, 3) as the VAE's input: float (B, 3, F, H, W) in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(clips)).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+def to_video(clips, device="cpu"):
+    """uint8 clips (B, F, H, W, 3) as the VAE's input: float (B, 3, F, H, W) in [-1, 1] on ``device``."""
+    return torch.from_numpy(np.ascontiguousarray(clips)).to(device).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
 
 
 def to_frames(video):
     """The VAE's output (B, 3, F, H, W) in [-1, 1] as uint8 clips (B, F, H, W, 3)."""
-    return ((video.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 4, 1).numpy()
+    return ((video.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 4, 1).cpu().numpy()
 
 
 # ----------------------------------------------------------------------------- stages
 
 def reconstruction_loss(rec, x, args):
     """MSE + L1, the pixels off the background grey weighted --vae-object-weight."""
-    background = torch.tensor(BACKGROUND).view(1, 3, 1, 1, 1) / 127.5 - 1
+    background = torch.tensor(BACKGROUND, device=x.device).view(1, 3, 1, 1, 1) / 127.5 - 1
     off = (x - background).abs().amax(1, keepdim=True) > BACKGROUND_TOL
     weight = 1 + (args.vae_object_weight - 1) * off
     return ((rec - x).square() + (rec - x).abs()).mul(weight).mean()
@@ -324,12 +343,13 @@ def train_decoder(args, vae, log):
     same = dim == vae.config.decoder_base_dim
     new.load_state_dict({k: v for k, v in vae.state_dict().items()
                          if same or not k.startswith(("decoder.", "post_quant_conv."))}, strict=same)
+    new.to(args.device)
     log(f"decoder: base {dim}, {n_params(new.decoder) + n_params(new.post_quant_conv)} params, "
         f"{'from the trained one' if same else 'new'}")
     clips, _ = draw_clips(args)
     rng = np.random.default_rng(args.seed + 5)
     torch.manual_seed(args.seed + 5)
-    return fit_decoder(args, new, lambda: to_video(clips[rng.integers(0, len(clips), args.vae_full_batch)]),
+    return fit_decoder(args, new, lambda: to_video(clips[rng.integers(0, len(clips), args.vae_full_batch)], args.device),
                        lambda rec, x: reconstruction_loss(rec, x, args), log)
 
 
@@ -340,7 +360,7 @@ def train_vae(args, clips, log):
     first frame 24.7 dB where 170 steps of 8 clips gave 19.7 (BENCHMARKS.md)."""
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed + 1)
-    vae = make_vae(args)
+    vae = make_vae(args).to(args.device)
     log(f"vae params: encoder {n_params(vae.encoder)}, decoder {n_params(vae.decoder)}")
     opt = torch.optim.AdamW(vae.parameters(), args.vae_lr, weight_decay=0.0)
     images, crops = args.vae_image_steps, args.vae_image_steps + args.vae_steps
@@ -356,9 +376,9 @@ def train_vae(args, clips, log):
             else:
                 t = int(rng.integers(0, frames - args.vae_frames + 1))
                 part = clips[idx, t:t + args.vae_frames]
-            x = to_video(part[:, :, oy:oy + args.vae_crop, ox:ox + args.vae_crop])
+            x = to_video(part[:, :, oy:oy + args.vae_crop, ox:ox + args.vae_crop], args.device)
         else:
-            x = to_video(clips[rng.integers(0, n, args.vae_full_batch)])
+            x = to_video(clips[rng.integers(0, n, args.vae_full_batch)], args.device)
         for g in opt.param_groups:
             g["lr"] = decayed(args.vae_lr, step, total)
         post = vae.encode(x).latent_dist
@@ -388,7 +408,7 @@ def check_vae(args, vae, log):
     n = args.check_clips
     args_fresh = argparse.Namespace(**{**vars(args), "n_clips": n, "seed": args.seed + 1000, "threads": 1})
     clips, captions = draw_clips(args_fresh)
-    rec = to_frames(vae.decode(vae.encode(to_video(clips)).latent_dist.mean).sample)
+    rec = to_frames(vae.decode(vae.encode(to_video(clips, args.device)).latent_dist.mean).sample)
     line = headline(summarize_videos([score_video(list(r), c) for r, c in zip(rec, captions)]))
     log(f"video metrics on {n} VAE reconstructions: {line}")
     return line
@@ -398,7 +418,7 @@ def load_or_train_vae(args, work, log, timings):
     """(vae, means, stds, captions): from --work when there, else drawn, trained and encoded here."""
     cache = work / "latents.pt"
     if (work / "vae" / "config.json").exists() and cache.exists():
-        vae = AutoencoderKLWan.from_pretrained(work / "vae").eval()
+        vae = AutoencoderKLWan.from_pretrained(work / "vae").to(args.device).eval()
         data = torch.load(cache)
         expect = {"n_clips": args.n_clips, "frames": args.frames, "size": args.size, "seed": args.seed}
         if data["key"] != expect:
@@ -416,7 +436,7 @@ def load_or_train_vae(args, work, log, timings):
     vae.save_pretrained(work / "vae")
     timings["vae_s"] = time.time() - t
     t = time.time()
-    means, stds = encode_dataset(vae, clips, batch=16, convert=to_video)
+    means, stds = (t.cpu() for t in encode_dataset(vae, clips, batch=16 if args.device == "cpu" else 256, convert=lambda c: to_video(c, args.device)))
     timings["encode_s"] = time.time() - t
     torch.save({"means": means, "stds": stds, "captions": captions, "timings": dict(timings),
                 "key": {"n_clips": args.n_clips, "frames": args.frames, "size": args.size, "seed": args.seed}}, cache)
@@ -472,6 +492,8 @@ def call_defaults(args):
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True  # each stage has fixed shapes
     work, out = Path(args.work), Path(args.output)
     work.mkdir(parents=True, exist_ok=True)
     log = open_log(work)
@@ -484,15 +506,16 @@ def main(argv=None):
     if args.vae_only:
         log("stopping after the VAE stage (--vae-only)")
         return
-    lmean, lstd = set_latent_stats(vae, means, stds)
+    lmean, lstd = (t.to(args.device) for t in set_latent_stats(vae, means, stds))
+    means, stds = means.to(args.device), stds.to(args.device)
     tokenizer = clip_tokenizer(model_max_length=args.max_seq)
     longest = max(len(tokenizer(c).input_ids) for c in set(captions))
     if longest > args.max_seq:
         raise SystemExit(f"a caption has {longest} tokens, more than --max-seq {args.max_seq}")
 
     torch.manual_seed(args.seed + 2)
-    text_encoder, transformer = make_text_encoder(args), make_transformer(args)
-    ema_te, ema_tr = make_text_encoder(args), make_transformer(args)
+    text_encoder, transformer = make_text_encoder(args).to(args.device), make_transformer(args).to(args.device)
+    ema_te, ema_tr = make_text_encoder(args).to(args.device), make_transformer(args).to(args.device)
     for model, ema in ((text_encoder, ema_te), (transformer, ema_tr)):
         ema.load_state_dict(model.state_dict())
         ema.requires_grad_(False).eval()
@@ -502,10 +525,10 @@ def main(argv=None):
     opt = torch.optim.AdamW(params, args.lr, weight_decay=0.01)
     train_pipe = build_pipeline(vae, text_encoder, transformer, tokenizer, args.shift)  # for its encode_prompt
     rng = np.random.default_rng(args.seed + 3)
-    gen = torch.Generator().manual_seed(args.seed + 4)
+    gen = torch.Generator(args.device).manual_seed(args.seed + 4)
     start = 0
     if state_path.exists():
-        st = torch.load(state_path, weights_only=False)
+        st = torch.load(state_path, weights_only=False, map_location="cpu")
         for model, key in ((text_encoder, "te"), (transformer, "transformer"), (ema_te, "ema_te"),
                            (ema_tr, "ema_transformer")):
             model.load_state_dict(st[key])
@@ -535,15 +558,15 @@ def main(argv=None):
             g["lr"] = lr
         image = rng.random() < args.image_ratio
         n = args.image_batch if image else args.batch
-        idx = torch.from_numpy(rng.integers(0, len(captions), n))
+        idx = torch.from_numpy(rng.integers(0, len(captions), n)).to(args.device)
         mean, std = (means[idx, :, :1], stds[idx, :, :1]) if image else (means[idx], stds[idx])
-        z0 = (mean + std * torch.randn(mean.shape, generator=gen) - lmean) / lstd
+        z0 = (mean + std * torch.randn(mean.shape, generator=gen, device=args.device) - lmean) / lstd
         drop = rng.random(n) < args.drop
         caps = ["" if d else still(captions[i]) if image else captions[i] for d, i in zip(drop, idx.tolist())]
         text, _ = train_pipe.encode_prompt(caps, do_classifier_free_guidance=False, max_sequence_length=args.max_seq,
-                                           device=torch.device("cpu"))
-        sigma = torch.sigmoid(torch.randn(n, generator=gen))  # logit-normal(0, 1), one per clip
-        noise = torch.randn(z0.shape, generator=gen)
+                                           device=args.device)
+        sigma = torch.sigmoid(torch.randn(n, generator=gen, device=args.device))  # logit-normal(0, 1), one per clip
+        noise = torch.randn(z0.shape, generator=gen, device=args.device)
         s = sigma.view(-1, 1, 1, 1, 1)
         pred = transformer(hidden_states=(1 - s) * z0 + s * noise, timestep=sigma * 1000, encoder_hidden_states=text,
                            return_dict=False)[0]
@@ -564,7 +587,7 @@ def main(argv=None):
     if args.decoder_steps > 0:
         dec_path = work / "vae_decoder"
         if (dec_path / "config.json").exists():
-            decoded = AutoencoderKLWan.from_pretrained(dec_path).eval()
+            decoded = AutoencoderKLWan.from_pretrained(dec_path).to(args.device).eval()
             log(f"decoder from {dec_path}")
         else:
             t = time.time()
@@ -598,13 +621,15 @@ def command_line(args):
 def write_record(args, out, trained, timings, eval_s, vae_check, evaluation, pipe, log):
     total = sum(v for k, v in timings.items() if k.endswith("_s"))
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and f.suffix == ".safetensors")
-    cpu = subprocess.run("lscpu | grep 'Model name' | sed 's/.*: *//'", shell=True, capture_output=True,
+    hardware = subprocess.run("lscpu | grep 'Model name' | sed 's/.*: *//'", shell=True, capture_output=True,
                          text=True).stdout.strip()
+    if args.device.startswith("cuda"):
+        hardware = f"{torch.cuda.get_device_name(args.device)} (CPU: {hardware})"
     params = {name: n_params(getattr(pipe, name)) for name in ("vae", "text_encoder", "transformer")}
     record = {
         "seed": args.seed, "args": vars(args), "steps_trained": trained,
         "timings_s": {k: round(v, 1) for k, v in {**timings, "eval_s": eval_s}.items()},
-        "wall_time_min": round(total / 60, 1), "torch_threads": args.threads, "cpu": cpu,
+        "wall_time_min": round(total / 60, 1), "torch_threads": args.threads, "hardware": hardware,
         "machine": platform.platform(), "torch": torch.__version__, "weights_bytes": size, "params": params,
         "latents_mean": pipe.vae.config.latents_mean, "latents_std": pipe.vae.config.latents_std,
         "vae_reconstructions": vae_check, "evaluation": evaluation,
@@ -641,7 +666,7 @@ def write_record(args, out, trained, timings, eval_s, vae_check, evaluation, pip
         f"{args.te_layers} layers, the CLIP BPE tokenizer\n"
         f"- parameters: {', '.join(f'{k} {v}' for k, v in params.items())}; saved EMA weights (decay {args.ema}), "
         f"{size / 2**20:.1f} MiB of weights\n"
-        f"- wall time: {total / 60:.1f} min on {cpu}, torch {torch.__version__}, {args.threads} thread(s) (stages: "
+        f"- wall time: {total / 60:.1f} min on {hardware}, torch {torch.__version__}, {args.threads} thread(s) (stages: "
         f"{', '.join(f'{k} {v / 60:.1f} min' for k, v in timings.items())}; evaluation {eval_s / 60:.1f} min more)\n"
         + (f"- video metrics on {len(evaluation['prompts'])} generated tune videos: {evaluation['metrics']}\n"
            if evaluation else "")

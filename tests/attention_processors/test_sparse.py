@@ -175,6 +175,20 @@ def test_flex_unavailable_is_named_with_the_alternatives(monkeypatch):
     assert sparse.resolve_backend("auto", "cpu") == "gather"
 
 
+def test_flex_on_cuda_needs_blocks_of_a_multiple_of_128(monkeypatch):
+    import torch.utils._triton
+
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: True)
+    assert sparse.resolve_backend("auto", "cuda", (8, 16)) == "flex"
+    assert sparse.resolve_backend("auto", "cuda", (10, 13)) == "gather"
+    with pytest.raises(ValueError, match=r"'flex' is not available on cuda: .* multiple of 128 tokens, and pool "
+                                         r"\(10, 13\) gives 130 .*'gather'"):
+        sparse.resolve_backend("flex", "cuda", (10, 13))
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: False)
+    with pytest.raises(ValueError, match="triton is not installed"):
+        sparse.resolve_backend("flex", "cuda", (8, 16))
+
+
 def test_a_grid_is_required():
     with pytest.raises(ValueError, match="image token grid"):
         block_layout(TokenLayout(slice(0, 10), None, None), 10, POOL)
