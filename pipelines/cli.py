@@ -296,12 +296,15 @@ def long_video(args, pipe, call: dict) -> None:
 
 def story(args) -> None:
     """References of each --subject and every --scene with IR-Diffusion, in one batch; with --baseline
-    also the scenes generated independently at the same seeds."""
+    also the scenes generated independently at the same seeds (with --masks detector, the segmenter's
+    first pass, which drew them)."""
     import torch
 
     from .evaluate import labelled_grid
 
     from attnsteer.guidance.shapes import segment_subjects, subject_colours
+
+    from .story import keeping_images
 
     if args.masks == "detector":
         try:
@@ -312,10 +315,11 @@ def story(args) -> None:
     if is_video:
         raise UsageError(f"--model {args.model} is a video model; `attnsteer story` draws images (SD, SDXL, SD3)")
     call = dict(_call(args, pipe, 28), prompt=args.scene, negative_prompt=args.negative_prompt, output_type="pil")
+    segmenter = keeping_images(segment_subjects) if args.masks == "detector" else None
     options = dict(story_subjects=args.subject, story_isolation=not args.no_isolation,
                    story_reposition=not args.no_reposition, story_read=not args.no_read,
                    **({"story_words": [w.strip() for w in args.words.split(",")]} if args.words else {}),
-                   **({"story_segmenter": segment_subjects} if args.masks == "detector" else {}),
+                   **({"story_segmenter": segmenter} if segmenter else {}),
                    **(_steering(args) if args.heads else {}))
     pipe.check_call(**call, **options)
     images = pipe(**call, **options, generator=torch.Generator(args.device).manual_seed(args.seed)).images
@@ -323,8 +327,11 @@ def story(args) -> None:
     named = [(f"seed{args.seed}_reference{i}", f"reference: {s}") for i, s in enumerate(args.subject)] + \
             [(f"seed{args.seed}_scene{j}", f"IR: {s}") for j, s in enumerate(args.scene)]
     if args.baseline:
-        generators = [torch.Generator(args.device).manual_seed(args.seed + count + j) for j in range(len(args.scene))]
-        images += pipe(**call, generator=generators).images
+        if segmenter:  # its first pass drew every row without IR at the same seeds
+            images += segmenter.images[count:]
+        else:
+            generators = [torch.Generator(args.device).manual_seed(args.seed + count + j) for j in range(len(args.scene))]
+            images += pipe(**call, generator=generators).images
         named += [(f"seed{args.seed}_scene{j}_independent", f"independent: {s}") for j, s in enumerate(args.scene)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

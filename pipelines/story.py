@@ -163,6 +163,18 @@ def checked_masks(masks, rows: int, count: int, name: str) -> torch.Tensor:
     return masks >= 0.5
 
 
+def keeping_images(segmenter):
+    """``segmenter`` that also keeps the images it is given in its ``images`` list: the rows of the call
+    drawn without IR at the call's seeds, which a comparison with independent generation can reuse
+    instead of drawing them again."""
+    def segment(images, subjects):
+        segment.images[:] = images
+        return segmenter(images, subjects)
+
+    segment.images = []
+    return segment
+
+
 def segmented_masks(parent_call, kwargs: dict, segmenter, subjects: list[str]) -> torch.Tensor:
     """``story_segmenter``'s masks of the rows of a story call, drawn first by the parent pipeline at the
     call's seeds (the generators are rewound after, so the IR pass starts from the same noise)."""

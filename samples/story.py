@@ -16,6 +16,7 @@ import torch
 from common import call, load, options, save
 
 from attnsteer.guidance.shapes import parse_caption, prompt_set, segment_subjects, subject_colours
+from attnsteer.pipelines.story import keeping_images
 
 
 def main(argv=None):
@@ -26,19 +27,23 @@ def main(argv=None):
                    help="scene prompts, each naming every subject")
     p.add_argument("--masks", default="maps", choices=["maps", "detector"],
                    help="where the subjects are: their cross-attention maps (default), or the shapes detector on the "
-                        "pictures drawn first without IR (shapes models only; twice the time)")
+                        "pictures drawn first without IR (shapes models only), which are then the independent scenes")
     args = p.parse_args(argv)
     subjects = args.subjects or [f"a {colour} {shape}" for colour, shape in parse_caption(args.scenes[0])]
-    masks = {}
+    masks, segmenter = {}, None
     if args.masks == "detector":
         subject_colours(subjects)
-        masks = {"story_segmenter": segment_subjects}
+        segmenter = keeping_images(segment_subjects)
+        masks = {"story_segmenter": segmenter}
     pipe = load(args)
     pipe.check_call(prompt=args.scenes, story_subjects=subjects, **masks, **call(args))
     story = pipe(args.scenes, story_subjects=subjects, **masks, **call(args)).images
     references, scenes = story[:len(subjects)], story[len(subjects):]
-    seeds = [torch.Generator(args.device).manual_seed(args.seed + len(subjects) + j) for j in range(len(scenes))]
-    independent = pipe(args.scenes, **{**call(args), "generator": seeds}).images
+    if segmenter:  # the first pass drew every row without IR at the same seeds
+        independent = segmenter.images[len(subjects):]
+    else:
+        seeds = [torch.Generator(args.device).manual_seed(args.seed + len(subjects) + j) for j in range(len(scenes))]
+        independent = pipe(args.scenes, **{**call(args), "generator": seeds}).images
     grid = save(args.out, f"seed{args.seed}", " | ".join(args.scenes), references + independent + scenes,
                 [f"reference: {s}" for s in subjects] + [f"independent: {s}" for s in args.scenes]
                 + [f"IR: {s}" for s in args.scenes])

@@ -143,6 +143,10 @@ def torch_device(text):
     return str(device)
 
 
+def positive_number(text):
+    return _number(float, text, lambda v: v > 0, "a number > 0")
+
+
 def probability(text):
     return _number(float, text, lambda v: 0 <= v <= 1, "a probability in [0, 1]")
 
@@ -219,6 +223,9 @@ def parse_args(argv=None):
     p.add_argument("--drop", type=probability, default=0.1, help="caption dropout to the empty prompt")
     p.add_argument("--shift", type=float, default=3.0,
                    help="sampling shift of the saved FlowMatchEulerDiscreteScheduler")
+    p.add_argument("--train-shift", type=positive_number, default=1.0,
+                   help="the same shift on the training noise levels (1: logit-normal(0, 1) as it is; 3: as sampled, "
+                        "more steps at the high noise where a clip's objects are decided)")
     p.add_argument("--default-cfg", type=float, default=5.0, help="guidance_scale written to attnsteer.json")
     p.add_argument("--default-steps", type=positive_int, default=30,
                    help="num_inference_steps written to attnsteer.json")
@@ -566,6 +573,7 @@ def main(argv=None):
         text, _ = train_pipe.encode_prompt(caps, do_classifier_free_guidance=False, max_sequence_length=args.max_seq,
                                            device=args.device)
         sigma = torch.sigmoid(torch.randn(n, generator=gen, device=args.device))  # logit-normal(0, 1), one per clip
+        sigma = args.train_shift * sigma / (1 + (args.train_shift - 1) * sigma)  # the scheduler's shift
         noise = torch.randn(z0.shape, generator=gen, device=args.device)
         s = sigma.view(-1, 1, 1, 1, 1)
         pred = transformer(hidden_states=(1 - s) * z0 + s * noise, timestep=sigma * 1000, encoder_hidden_states=text,

@@ -1,9 +1,11 @@
 """The attnsteer command line, run in-process on tiny random pipelines."""
 
+import functools
 import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from attnsteer.pipelines.cli import main
@@ -245,10 +247,25 @@ def test_story_writes_references_scenes_and_the_independent_scenes(tmp_path, cap
          "--scene", "a red circle and a blue square", "--out", str(tmp_path)], capsys)
 
 
-def test_story_with_detector_masks(tmp_path, capsys):
+def test_story_with_detector_masks_reuses_the_first_pass_as_the_independent_scenes(tmp_path, capsys, monkeypatch):
+    from diffusers import StableDiffusionPipeline
+
+    calls, parent = [], StableDiffusionPipeline.__call__
+
+    @functools.wraps(parent)  # the steer pipeline reads the parent's signature
+    def counted(self, *args, **kwargs):
+        calls.append((self, dict(kwargs)))
+        return parent(self, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", counted)
     main(["story", "--model", "tiny-sd", "--subject", "a red circle", "--subject", "a blue square", "--masks", "detector",
-          "--scene", "a red circle and a blue square", "--steps", "2", "--out", str(tmp_path)])
-    assert (tmp_path / "seed0_scene0.png").is_file()
+          "--scene", "a red circle and a blue square", "--steps", "2", "--baseline", "--out", str(tmp_path)])
+    rows = ["a red circle", "a blue square", "a red circle and a blue square"]
+    assert [k["prompt"] for _, k in calls] == [rows, rows]  # the first pass and the IR pass: no third for the baseline
+    pipe, first = calls[0]
+    alone = parent(pipe, **{**first, "prompt": rows[2:], "generator": [torch.Generator().manual_seed(2)]}).images[0]
+    independent = np.asarray(Image.open(tmp_path / "seed0_scene0_independent.png"), dtype=int)
+    assert np.abs(independent - np.asarray(alone, dtype=int)).max() <= 1  # the scene drawn alone at its seed
     assert "--masks detector: segment_subjects: the subjects ['a red circle', 'a red square'] must differ in colour" in refused(
         ["story", "--model", "tiny-sd", "--subject", "a red circle", "--subject", "a red square", "--masks", "detector",
          "--scene", "a red circle and a red square", "--out", str(tmp_path)], capsys)

@@ -53,6 +53,11 @@ def test_story_script_writes_references_independent_and_ir_scenes(tmp_path):
     independent, ir = (np.asarray(Image.open(tmp_path / f"seed0_{n}-a-red-circle-and-a-blue-square.png"), np.float64)
                        for n in ("independent", "ir"))
     assert np.abs(independent - ir).mean() > 0.01  # the same seed: IR changed the scene
+    story.main(["--model", "tiny-sd", "--steps", "4", "--scenes", "a red circle and a blue square", "--masks", "detector",
+                "--out", str(tmp_path / "detector")])
+    first_pass = np.asarray(Image.open(tmp_path / "detector" / "seed0_independent-a-red-circle-and-a-blue-square.png"),
+                            np.float64)
+    assert np.abs(first_pass - independent).max() <= 1  # the segmenter's first pass is the independent scene
 
 
 def test_sparse_attention_script_writes_one_gif_with_each_configuration_side_by_side(tmp_path):
