@@ -49,7 +49,9 @@ videos lose their objects after the first frames, so no shapes-wan is shipped ye
 With --device cuda the models train on a GPU (clips are still drawn on the CPU). On one H200 a step costs
 about the same at any batch used here (0.025 s for 32 single frames, 0.2 s for 8 whole clips in the VAE,
 0.055 s for 64 clips in the transformer): the model is too small to fill it, so a GPU buys batch, not
-steps. The fourth run (BENCHMARKS.md), 7.6 H200 minutes with 5x the third run's clips, was no better.
+steps. The fourth run (BENCHMARKS.md), 7.6 H200 minutes with 5x the third run's clips, was no better;
+nor was the fifth, at --train-shift 3. In all of them a latent frame is denoised almost from itself
+(benchmarks/wan_frame_influence.py measures how far the transformer looks across frames).
 
 A state checkpoint is written under --work every --ckpt-every steps (and the pipeline saved to --output
 at the same time); rerunning the same command resumes from it.

@@ -43,6 +43,7 @@ TINY = ["--n-clips", "4", "--frames", "5", "--size", "32", "--vae-image-steps", 
     ("--vae-image-steps", "-1", "argument --vae-image-steps: '-1' is not a whole number >= 0"),
     ("--vae-image-batch", "0", "argument --vae-image-batch: '0' is not a whole number >= 1"),
     ("--device", "gpu", "argument --device: 'gpu' is not a device here: cpu"),
+    ("--train-shift", "0", "argument --train-shift: '0' is not a number > 0"),
     ("--device", "mps", "argument --device: 'mps' is not a device here: cpu"),
 ])
 def test_bad_options_are_named(option, value, message, capsys):

@@ -1,0 +1,43 @@
+"""wan_frame_influence: the swap of latent frame 0 moves the other frames only through the transformer."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from wan_frame_influence import frame_influence, wan  # noqa: E402
+
+from attnsteer.pipelines.tiny import clip_tokenizer  # noqa: E402
+
+CALL = {"num_frames": 9, "height": 32, "max_sequence_length": 16}
+
+
+def tiny_pipe():
+    args = wan.parse_args(["--vae-dim", "4", "--vae-decoder-dim", "4", "--z-dim", "4", "--layers", "1", "--heads", "2",
+                           "--head-dim", "8", "--ffn", "16", "--te-dim", "8", "--te-layers", "1"])
+    torch.manual_seed(0)
+    transformer = wan.make_transformer(args)
+    with torch.no_grad():  # off its zero start, so that it predicts something
+        for module in (transformer.condition_embedder.time_proj, transformer.proj_out):
+            module.weight.normal_(0, 0.1)
+        for block in transformer.blocks:
+            block.scale_shift_table.normal_(0, 0.5)
+    return wan.build_pipeline(wan.make_vae(args).eval(), wan.make_text_encoder(args).eval(), transformer.eval(),
+                              clip_tokenizer(16), 3.0)
+
+
+def test_later_frames_move_only_when_the_transformer_reads_across_frames(monkeypatch):
+    pipe = tiny_pipe()
+    change = frame_influence(pipe, CALL, clips=2, sigmas=[0.8])[0.8]
+    assert len(change) == 3 and min(change) > 0  # 9 frames -> 3 latent frames; attention spans all of them
+
+    forward = pipe.transformer.forward
+
+    def frame_by_frame(hidden_states, **kwargs):
+        frames = hidden_states.split(1, dim=2)
+        return (torch.cat([forward(hidden_states=f, **kwargs)[0] for f in frames], dim=2),)
+
+    monkeypatch.setattr(pipe.transformer, "forward", frame_by_frame)
+    change = frame_influence(pipe, CALL, clips=2, sigmas=[0.8])[0.8]
+    assert change[0] > 0 and change[1:] == [0.0, 0.0]
