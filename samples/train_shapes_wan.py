@@ -50,7 +50,7 @@ With --device cuda the models train on a GPU (clips are still drawn on the CPU).
 about the same at any batch used here (0.025 s for 32 single frames, 0.2 s for 8 whole clips in the VAE,
 0.055 s for 64 clips in the transformer): the model is too small to fill it, so a GPU buys batch, not
 steps. The fourth run (BENCHMARKS.md), 7.6 H200 minutes with 5x the third run's clips, was no better;
-nor was the fifth, at --train-shift 3. In all of them a latent frame is denoised almost from itself
+nor were the fifth (--train-shift 3) and the sixth (also --frame-noise 0.5). In all of them a latent frame is denoised almost from itself
 (benchmarks/wan_frame_influence.py measures how far the transformer looks across frames).
 
 A state checkpoint is written under --work every --ckpt-every steps (and the pipeline saved to --output
@@ -225,9 +225,12 @@ def parse_args(argv=None):
     p.add_argument("--drop", type=probability, default=0.1, help="caption dropout to the empty prompt")
     p.add_argument("--shift", type=float, default=3.0,
                    help="sampling shift of the saved FlowMatchEulerDiscreteScheduler")
+    p.add_argument("--frame-noise", type=probability, default=0.0,
+                   help="fraction of clip steps whose latent frames each get their own noise level (as diffusion "
+                        "forcing; a frame must then be read from its less noisy neighbours), default 0: one per clip")
     p.add_argument("--train-shift", type=positive_number, default=1.0,
-                   help="the same shift on the training noise levels (1: logit-normal(0, 1) as it is; 3: as sampled, "
-                        "more steps at the high noise where a clip's objects are decided)")
+                   help="the sampling shift on the training noise levels (default 1: logit-normal(0, 1) as it is; 3: as "
+                        "sampled, more steps at the high noise where a clip's objects are decided)")
     p.add_argument("--default-cfg", type=float, default=5.0, help="guidance_scale written to attnsteer.json")
     p.add_argument("--default-steps", type=positive_int, default=30,
                    help="num_inference_steps written to attnsteer.json")
@@ -458,6 +461,19 @@ def still(caption):
     return MOTION.sub("", caption)
 
 
+def noise_levels(z0, per_frame: bool, generator, shift: float):
+    """Training noise levels of latents ``z0`` [n, c, f, h, w]: logit-normal(0, 1), shifted as the scheduler
+    shifts its sigmas (s -> shift s / (1 + (shift - 1) s)); one per clip, or with ``per_frame`` one per latent
+    frame. Returns (sigma broadcastable to z0, the transformer's timestep: [n], or per token [n, f h w / 4])."""
+    n, f, h, w = z0.shape[0], *z0.shape[2:]
+    sigma = torch.sigmoid(torch.randn((n, f) if per_frame else (n,), generator=generator, device=z0.device))
+    sigma = shift * sigma / (1 + (shift - 1) * sigma)
+    if not per_frame:
+        return sigma.view(n, 1, 1, 1, 1), sigma * 1000
+    tokens = (h // PATCH[1]) * (w // PATCH[2])
+    return sigma.view(n, 1, f, 1, 1), (sigma * 1000).repeat_interleave(tokens, dim=1)
+
+
 def set_latent_stats(vae, means, stds):
     """latents_mean / latents_std per channel, which WanPipeline uses to un-normalise before decoding: those
     of the latents training samples (posterior mean plus std times noise)."""
@@ -574,11 +590,10 @@ def main(argv=None):
         caps = ["" if d else still(captions[i]) if image else captions[i] for d, i in zip(drop, idx.tolist())]
         text, _ = train_pipe.encode_prompt(caps, do_classifier_free_guidance=False, max_sequence_length=args.max_seq,
                                            device=args.device)
-        sigma = torch.sigmoid(torch.randn(n, generator=gen, device=args.device))  # logit-normal(0, 1), one per clip
-        sigma = args.train_shift * sigma / (1 + (args.train_shift - 1) * sigma)  # the scheduler's shift
+        per_frame = not image and args.frame_noise > 0 and rng.random() < args.frame_noise
+        s, timestep = noise_levels(z0, per_frame, gen, args.train_shift)
         noise = torch.randn(z0.shape, generator=gen, device=args.device)
-        s = sigma.view(-1, 1, 1, 1, 1)
-        pred = transformer(hidden_states=(1 - s) * z0 + s * noise, timestep=sigma * 1000, encoder_hidden_states=text,
+        pred = transformer(hidden_states=(1 - s) * z0 + s * noise, timestep=timestep, encoder_hidden_states=text,
                            return_dict=False)[0]
         loss = F.mse_loss(pred, noise - z0)
         optimizer_step(opt, loss, params, ema_params, args.ema, step)

@@ -44,6 +44,7 @@ TINY = ["--n-clips", "4", "--frames", "5", "--size", "32", "--vae-image-steps", 
     ("--vae-image-batch", "0", "argument --vae-image-batch: '0' is not a whole number >= 1"),
     ("--device", "gpu", "argument --device: 'gpu' is not a device here: cpu"),
     ("--train-shift", "0", "argument --train-shift: '0' is not a number > 0"),
+    ("--frame-noise", "2", "argument --frame-noise: '2' is not a probability in [0, 1]"),
     ("--device", "mps", "argument --device: 'mps' is not a device here: cpu"),
 ])
 def test_bad_options_are_named(option, value, message, capsys):
@@ -172,3 +173,20 @@ def test_a_new_decoder_keeps_the_encoder_and_so_the_transformers_latent_space(tm
     assert decoded.config.latents_mean == WanPipeline.from_pretrained(out).vae.config.latents_mean != first.config.latents_mean
     wan.main(argv)
     assert f"decoder from {work / 'vae_decoder'}" in (work / "train.log").read_text()
+
+
+def test_noise_levels_one_per_clip_or_one_per_latent_frame_shifted_as_the_scheduler_shifts():
+    z0 = torch.zeros(3, 4, 2, 8, 8)  # 2 latent frames of 4 x 4 tokens
+    sigma, timestep = wan.noise_levels(z0, False, torch.Generator().manual_seed(0), 1.0)
+    assert sigma.shape == (3, 1, 1, 1, 1) and torch.equal(timestep, sigma.flatten() * 1000)
+    shifted, _ = wan.noise_levels(z0, False, torch.Generator().manual_seed(0), 3.0)
+    assert torch.allclose(shifted, 3 * sigma / (1 + 2 * sigma)) and (shifted > sigma).all()
+    sigma, timestep = wan.noise_levels(z0, True, torch.Generator().manual_seed(0), 1.0)
+    assert sigma.shape == (3, 1, 2, 1, 1) and timestep.shape == (3, 2 * 16)
+    assert torch.equal(timestep.view(3, 2, 16), sigma.view(3, 2, 1).expand(3, 2, 16) * 1000)  # a level per frame
+
+
+def test_a_run_with_per_frame_noise_levels_trains(tmp_path):
+    wan.main(TINY + ["--work", str(tmp_path / "work"), "--output", str(tmp_path / "out"), "--steps", "2",
+                     "--frame-noise", "1", "--eval-videos", "0"])
+    assert (tmp_path / "out" / "transformer" / "config.json").is_file()
