@@ -20,6 +20,7 @@ TINY_CALL = {"height": 32, "width": 32}  # a size every tiny model draws quickly
 TINY_FRAMES = 9  # frames of a tiny video model's call
 SHIPPED = ("shapes-sd", "shapes-sd3", "shapes-wan")  # small models trained on drawn shapes, in samples/models
 SHIPPED_DIR = Path(__file__).resolve().parents[1] / "samples" / "models"
+NOT_YET_SHIPPED = {"shapes-wan": "its training has not produced a usable model yet (BENCHMARKS.md, 'shapes-wan')"}
 DEFAULT_MODEL, DEFAULT_VIDEO_MODEL = "shapes-sd", "shapes-wan"
 GIF_FRAME_MS = 125  # 8 frames per second
 KNOWN = (*SHIPPED, *(TINY_PREFIX + k for k in TINY_KINDS))
@@ -45,6 +46,9 @@ def model_path(model: str) -> str:
     neither a local folder, a shipped or tiny model, nor a hub id (org/name) that can be had."""
     if model in SHIPPED:
         folder = SHIPPED_DIR / model
+        if not (folder / "model_index.json").is_file() and model in NOT_YET_SHIPPED and SHIPPED_DIR.is_dir():
+            raise UsageError(f"shipped model {model!r} is not in the repository: {NOT_YET_SHIPPED[model]}; "
+                             "pass --model PATH or a hub id")
         if not (folder / "model_index.json").is_file():
             raise UsageError(f"shipped model {model!r} not found at {folder}: it lives in the attnsteer repository's "
                              f"samples/models (install from a clone), or pass --model PATH")

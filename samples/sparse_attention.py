@@ -1,7 +1,7 @@
 """Block-sparse attention on a video model: the same prompts and seed with dense attention, DraftAttention
 at several sparsities, and the Radial and sliding-tile static masks.
 
-    python samples/sparse_attention.py         # shipped shapes-wan
+    python samples/sparse_attention.py         # shapes-wan, once shipped (not yet: BENCHMARKS.md)
     python samples/sparse_attention.py --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --device cuda \\
         --prompts "a cat walking on grass" --frames 81
 

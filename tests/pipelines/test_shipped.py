@@ -67,3 +67,11 @@ def test_a_missing_shipped_model_says_where_it_should_be(tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "SHIPPED_DIR", tmp_path)
     with pytest.raises(SystemExit, match=r"shipped model 'shapes-sd' not found at .*pass --model PATH"):
         cli.main(["layers"])
+
+
+def test_a_model_not_shipped_yet_says_so():
+    import attnsteer.pipelines.cli as cli
+
+    with pytest.raises(cli.UsageError, match=r"shipped model 'shapes-wan' is not in the repository: its training has "
+                                             r"not produced a usable model yet .*pass --model PATH or a hub id"):
+        cli.model_path("shapes-wan")
