@@ -36,8 +36,8 @@ def frame_influence(pipe, call: dict, clips: int, sigmas: list[float], seed: int
     shape = (1, -1, 1, 1, 1)
     mean, std = (torch.tensor(getattr(vae.config, k)).view(shape) for k in ("latents_mean", "latents_std"))
     z0 = (vae.encode(wan.to_video(video)).latent_dist.mean - mean) / std
-    text, _ = pipe.encode_prompt(captions, do_classifier_free_guidance=False, max_sequence_length=call["max_sequence_length"],
-                                   device="cpu")
+    text, _ = pipe.encode_prompt(captions, do_classifier_free_guidance=False,
+                                 max_sequence_length=call["max_sequence_length"], device="cpu")
     generator = torch.Generator().manual_seed(seed)
     out = {}
     for sigma in sigmas:
@@ -53,14 +53,28 @@ def frame_influence(pipe, call: dict, clips: int, sigmas: list[float], seed: int
     return out
 
 
-def main() -> None:
+def clip_count(text: str) -> int:
+    """--clips: at least 2, since frame 0 is swapped with another clip's."""
+    return wan._number(int, text, lambda v: v >= 2, "a whole number >= 2 (frame 0 comes from another clip)")
+
+
+def noise_level(text: str) -> float:
+    return wan._number(float, text, lambda v: 0 < v <= 1, "a noise level in (0, 1]")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a shapes-wan pipeline folder (train_shapes_wan.py --output)")
-    p.add_argument("--clips", type=int, default=16, help="fresh clips (default 16)")
-    p.add_argument("--sigmas", type=float, nargs="+", default=[0.5, 0.8, 0.95], help="noise levels (default 0.5 0.8 0.95)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--clips", type=clip_count, default=16, help="fresh clips (default 16)")
+    p.add_argument("--sigmas", type=noise_level, nargs="+", default=[0.5, 0.8, 0.95],
+                   help="noise levels (default 0.5 0.8 0.95)")
+    p.add_argument("--threads", type=wan.positive_int, default=2, help="torch threads (default 2)")
     p.add_argument("--json", default=None, help="also write the results here (default: none)")
-    args = p.parse_args()
+    return p.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     torch.set_num_threads(args.threads)
     call = json.loads((Path(args.model) / "attnsteer.json").read_text())["call"]
     result = frame_influence(WanPipeline.from_pretrained(args.model), call, args.clips, args.sigmas)

@@ -46,10 +46,10 @@ def model_path(model: str) -> str:
     neither a local folder, a shipped or tiny model, nor a hub id (org/name) that can be had."""
     if model in SHIPPED:
         folder = SHIPPED_DIR / model
-        if not (folder / "model_index.json").is_file() and model in NOT_YET_SHIPPED and SHIPPED_DIR.is_dir():
-            raise UsageError(f"shipped model {model!r} is not in the repository: {NOT_YET_SHIPPED[model]}; "
-                             "pass --model PATH or a hub id")
         if not (folder / "model_index.json").is_file():
+            if model in NOT_YET_SHIPPED and SHIPPED_DIR.is_dir():
+                raise UsageError(f"shipped model {model!r} is not in the repository: {NOT_YET_SHIPPED[model]}; "
+                                 "pass --model PATH or a hub id")
             raise UsageError(f"shipped model {model!r} not found at {folder}: it lives in the attnsteer repository's "
                              f"samples/models (install from a clone), or pass --model PATH")
         return str(folder)
@@ -304,10 +304,9 @@ def story(args) -> None:
     first pass, which drew them)."""
     import torch
 
-    from .evaluate import labelled_grid
-
     from attnsteer.guidance.shapes import segment_subjects, subject_colours
 
+    from .evaluate import labelled_grid
     from .story import keeping_images
 
     if args.masks == "detector":
@@ -676,7 +675,8 @@ def parser() -> argparse.ArgumentParser:
                                                   "and every scene (default: each subject without its article)")
     st.add_argument("--masks", default="maps", choices=["maps", "detector"],
                     help="where the subjects are: their cross-attention maps (default), or the shapes detector on the "
-                         "images drawn first without IR (shapes models; subjects of distinct colours; twice the time)")
+                         "images drawn first without IR (shapes models; subjects of distinct colours; twice the time; "
+                         "with --baseline that first pass gives the independent scenes)")
     st.add_argument("--no-isolation", action="store_true", help="let the subjects of a scene attend to each other")
     st.add_argument("--no-reposition", action="store_true", help="read the references where they sit (shared attention)")
     st.add_argument("--no-read", action="store_true", help="scenes do not read the references (isolation only)")

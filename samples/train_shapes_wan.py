@@ -50,8 +50,9 @@ With --device cuda the models train on a GPU (clips are still drawn on the CPU).
 about the same at any batch used here (0.025 s for 32 single frames, 0.2 s for 8 whole clips in the VAE,
 0.055 s for 64 clips in the transformer): the model is too small to fill it, so a GPU buys batch, not
 steps. The fourth run (BENCHMARKS.md), 7.6 H200 minutes with 5x the third run's clips, was no better;
-nor were the fifth (--train-shift 3) and the sixth (also --frame-noise 0.5). In all of them a latent frame is denoised almost from itself
-(benchmarks/wan_frame_influence.py measures how far the transformer looks across frames).
+nor were the fifth (--train-shift 3) and the sixth (also --frame-noise 0.5). In all of them a latent
+frame is denoised almost from itself (benchmarks/wan_frame_influence.py measures how far the transformer
+looks across frames).
 
 A state checkpoint is written under --work every --ckpt-every steps (and the pipeline saved to --output
 at the same time); rerunning the same command resumes from it.
@@ -448,7 +449,9 @@ def load_or_train_vae(args, work, log, timings):
     vae.save_pretrained(work / "vae")
     timings["vae_s"] = time.time() - t
     t = time.time()
-    means, stds = (t.cpu() for t in encode_dataset(vae, clips, batch=16 if args.device == "cpu" else 256, convert=lambda c: to_video(c, args.device)))
+    means, stds = encode_dataset(vae, clips, batch=16 if args.device == "cpu" else 256,
+                                 convert=lambda c: to_video(c, args.device))
+    means, stds = means.cpu(), stds.cpu()
     timings["encode_s"] = time.time() - t
     torch.save({"means": means, "stds": stds, "captions": captions, "timings": dict(timings),
                 "key": {"n_clips": args.n_clips, "frames": args.frames, "size": args.size, "seed": args.seed}}, cache)

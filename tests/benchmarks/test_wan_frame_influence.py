@@ -3,10 +3,11 @@
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from wan_frame_influence import frame_influence, wan  # noqa: E402
+from wan_frame_influence import frame_influence, parse_args, wan  # noqa: E402
 
 from attnsteer.pipelines.tiny import clip_tokenizer  # noqa: E402
 
@@ -41,3 +42,15 @@ def test_later_frames_move_only_when_the_transformer_reads_across_frames(monkeyp
     monkeypatch.setattr(pipe.transformer, "forward", frame_by_frame)
     change = frame_influence(pipe, CALL, clips=2, sigmas=[0.8])[0.8]
     assert change[0] > 0 and change[1:] == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--clips", "1", "argument --clips: '1' is not a whole number >= 2 (frame 0 comes from another clip)"),
+    ("--sigmas", "0", "argument --sigmas: '0' is not a noise level in (0, 1]"),
+    ("--sigmas", "1.5", "argument --sigmas: '1.5' is not a noise level in (0, 1]"),
+    ("--threads", "0", "argument --threads: '0' is not a whole number >= 1"),
+])
+def test_bad_options_are_named(option, value, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "m", option, value])
+    assert message in capsys.readouterr().err
