@@ -176,6 +176,16 @@ def patched_attribute(obj, name: str, value):
             delattr(obj, name)
 
 
+@contextmanager
+def wrapped(obj, name: str, wrapper: Callable[[Callable], Callable]):
+    """Replace the method ``obj.name`` by ``wrapper(original)`` for a block, keeping the original's name and
+    signature: diffusers inspects them (``prepare_extra_step_kwargs`` passes ``eta`` and ``generator`` to
+    ``scheduler.step`` only when its signature has them)."""
+    original = getattr(obj, name)
+    with patched_attribute(obj, name, functools.wraps(original)(wrapper(original))):
+        yield
+
+
 class SteeringSession:
     """The state of steering one model: its steers per layer and the current model call's info."""
 
@@ -224,7 +234,7 @@ class SteeringSession:
                 module = self.layers[name].module
                 originals[name] = module.processor
                 module.set_processor(_wrapper_class(type(module.processor))(module.processor, self.layers[name], self))
-            with patched_attribute(self.model, "forward", self._forward(self.model.forward)):
+            with wrapped(self.model, "forward", self._forward):
                 yield self
         finally:
             for name, processor in originals.items():

@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from attnsteer.attention_processors import AttentionMapCapture, patched_attribute, steering
+from attnsteer.attention_processors import AttentionMapCapture, steering, wrapped
 
 from .auxiliary import auxiliary_call, in_auxiliary_call
 from .perturbation import BranchInfo, _take_rows
@@ -318,10 +318,10 @@ class AStarGuidance:
 
         with ExitStack() as stack:
             stack.enter_context(steering(model, [capture]))
-            stack.enter_context(patched_attribute(model, "forward", guided(model.forward)))
+            stack.enter_context(wrapped(model, "forward", guided))
             if hasattr(scheduler, "scale_model_input"):
-                stack.enter_context(patched_attribute(scheduler, "scale_model_input", scale_model_input(scheduler.scale_model_input)))
-            stack.enter_context(patched_attribute(scheduler, "step", step(scheduler.step)))
+                stack.enter_context(wrapped(scheduler, "scale_model_input", scale_model_input))
+            stack.enter_context(wrapped(scheduler, "step", step))
             yield self
 
     def _guide(self, model, forward, capture: AttentionMapCapture, state: _Step, args, kwargs, info: BranchInfo) -> None:

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from attnsteer.attention_processors import AttentionMapCapture, patched_attribute, steering
+from attnsteer.attention_processors import AttentionMapCapture, steering, wrapped
 
 from .astar import _sample
 from .auxiliary import in_auxiliary_call
@@ -84,6 +84,6 @@ class MapRecorder:
 
         with ExitStack() as stack:
             stack.enter_context(steering(model, [capture]))
-            stack.enter_context(patched_attribute(model, "forward", recorded(model.forward)))
-            stack.enter_context(patched_attribute(scheduler, "step", stepped(scheduler.step)))
+            stack.enter_context(wrapped(model, "forward", recorded))
+            stack.enter_context(wrapped(scheduler, "step", stepped))
             yield self

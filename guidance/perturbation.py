@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from attnsteer.attention_processors import MODES, HeadPerturbation, HeadSet, head_weights, patched_attribute, steering
+from attnsteer.attention_processors import MODES, HeadPerturbation, HeadSet, head_weights, steering, wrapped
 
 from .auxiliary import in_auxiliary_call
 
@@ -185,8 +185,8 @@ class HeadPerturbationGuidance:
         with ExitStack() as stack:
             session = stack.enter_context(steering(model, [steer]))
             if hasattr(model, "cache_context"):
-                stack.enter_context(patched_attribute(model, "cache_context", cache_context(model.cache_context)))
-            stack.enter_context(patched_attribute(model, "forward", guided(model.forward)))
+                stack.enter_context(wrapped(model, "cache_context", cache_context))
+            stack.enter_context(wrapped(model, "forward", guided))
             yield self
 
     def _branches(self, forward, steer, layers, args, kwargs, n, cond):

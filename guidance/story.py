@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from attnsteer.attention_processors import AttentionMapCapture, patched_attribute, steering
+from attnsteer.attention_processors import AttentionMapCapture, steering, wrapped
 from attnsteer.attention_processors.subjects import SubjectAttention, Subjects
 
 from .astar import binarize
@@ -114,8 +114,8 @@ class SubjectConsistency:
         try:
             with ExitStack() as stack:
                 stack.enter_context(steering(model, steers))
-                stack.enter_context(patched_attribute(model, "forward", forward_of(model.forward)))
-                stack.enter_context(patched_attribute(scheduler, "step", stepped(scheduler.step)))
+                stack.enter_context(wrapped(model, "forward", forward_of))
+                stack.enter_context(wrapped(scheduler, "step", stepped))
                 yield self
         finally:
             self.steer.subjects = None
