@@ -19,14 +19,13 @@ from __future__ import annotations
 import inspect
 from contextlib import ExitStack
 
-import numpy as np
 import torch
 from diffusers import WanPipeline
 from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from attnsteer.attention_processors import CROSS, SELF, list_layers
+from attnsteer.attention_processors import CROSS, SELF, SteeringSession, list_layers
 from attnsteer.guidance.fifo import PromptSchedule, coherent_tail, fifo_step, initial_queue
 from attnsteer.guidance.ouroboros import Ouroboros
 
@@ -38,6 +37,7 @@ WAN_TRAINED_FRAMES = 81  # Wan 2.1's clip length, for a model without a recorded
 OUROBOROS_MOMENTUM = 0.9  # of the subject bank's moving average
 OUROBOROS_GUIDANCE = 0.1  # self-recurrent guidance step, relative to the velocity (not tuned)
 PARENT_DEFAULTS = {name: p.default for name, p in inspect.signature(WanPipeline.__call__).parameters.items()}
+OUTPUT_TYPES = ("np", "pil", "pt", "latent")  # WanPipeline's
 
 
 def trained_frames(call_defaults: dict) -> int:
@@ -95,13 +95,15 @@ class WanFIFOPipeline(CallDefaultsMixin, WanPipeline):
         fifo_window_frames: video frames of a window (default: the model's trained clip length).
         fifo_beyond_training: allow a window longer than the trained clip (default False).
         fifo_prompt_schedule, fifo_prompt_blend: prompts per frame range, instead of ``prompt``.
-        frame_callback: receives each decoded chunk of frames; the frames are then not kept.
+        frame_callback: receives each decoded chunk of frames; the frames are then not kept (not with
+            output_type "latent", which decodes none).
         ouroboros_tail: Ouroboros' coherent tail sampling: each new tail frame takes the low
             frequencies of the queue's last latent and the high frequencies of fresh noise (default False).
         ouroboros_subjects: words of the prompt (every prompt) naming the subjects, e.g. ["circle"];
-            turns on the two parts below (``attnsteer.guidance.ouroboros``), from the second step on.
+            turns on the two parts below (``attnsteer.guidance.ouroboros``), from the second step on. Both
+            act on the windows after the head window, so they need fifo_partitions >= 2.
         ouroboros_cross_frame: the head window's subject keys and values are read by the later windows
-            of each step (default True; it needs fifo_partitions >= 2, else one window holds the queue).
+            of each step (default True).
         ouroboros_guidance: self-recurrent guidance, the size of the subject-bank loss' gradient step
             relative to the velocity's (default 0.1; 0 turns it off). Not yet tuned on a trained model.
         ouroboros_momentum: of the subject bank's moving average (default 0.9).
@@ -112,13 +114,18 @@ class WanFIFOPipeline(CallDefaultsMixin, WanPipeline):
         return trained_frames(self.call_defaults)
 
     def check_fifo(self, num_frames, partitions, window_frames, beyond, schedule, blend, prompt,
-                   flags: dict | None = None, frame_callback=None) -> PromptSchedule | None:
+                   flags: dict | None = None, frame_callback=None, output_type="np") -> PromptSchedule | None:
         """ValueError naming a bad FIFO option, before any compute (``flags``: name -> a value that must be
         True or False)."""
         for name, value in (flags or {}).items():
             check_flag(name, value)
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type {output_type!r} must be one of {', '.join(map(repr, OUTPUT_TYPES))}")
         if frame_callback is not None and not callable(frame_callback):
             raise ValueError(f"frame_callback {frame_callback!r} must be a function (pipe, first_frame, frames)")
+        if frame_callback is not None and output_type == "latent":
+            raise ValueError("frame_callback receives decoded frames, and output_type 'latent' decodes none: "
+                             "give one of them")
         factor = self.vae_scale_factor_temporal
         _check_frames("num_frames", num_frames, factor)
         _check_frames("fifo_window_frames", window_frames, factor)
@@ -178,21 +185,33 @@ class WanFIFOPipeline(CallDefaultsMixin, WanPipeline):
         flags = dict(fifo_lookahead=fifo_lookahead, fifo_beyond_training=fifo_beyond_training, ouroboros_tail=ouroboros_tail,
                      ouroboros_cross_frame=ouroboros_cross_frame)
         schedule = self.check_fifo(num_frames, fifo_partitions, window_frames, fifo_beyond_training,
-                                   fifo_prompt_schedule, fifo_prompt_blend, prompt, flags, frame_callback)
+                                   fifo_prompt_schedule, fifo_prompt_blend, prompt, flags, frame_callback, output_type)
         prompts = schedule.prompts if schedule is not None else [prompt] if isinstance(prompt, str) else prompt
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"prompt must be a string or a list of strings, got {prompt!r}")
+        factor, device = self.vae_scale_factor_temporal, self._execution_device
+        f = (window_frames - 1) // factor + 1
+        length = f * fifo_partitions
+        total = (num_frames - 1) // factor + 1
+        warmup = length - f
         subjects = None
         if ouroboros_subjects is not None:
             groups, memory_layers = self.check_ouroboros(ouroboros_subjects, ouroboros_guidance, prompts,
                                                          max_sequence_length, ouroboros_momentum, ouroboros_layers)
+            if fifo_partitions < 2:
+                raise ValueError(f"ouroboros_subjects needs fifo_partitions >= 2, got {fifo_partitions}: its parts act "
+                                 "on the windows after the head window, and one partition is one window")
             if schedule is not None:
                 if any(g != groups[0] for g in groups):
                     raise ValueError(f"ouroboros_subjects {list(ouroboros_subjects)} sit at different tokens in the "
                                      "scheduled prompts, whose embeddings are blended: word them alike")
                 groups = groups[:1]
+            if ouroboros_cross_frame or ouroboros_guidance:
+                cross = [n for n, info in list_layers(self.transformer).items() if info.kind == CROSS]
+                subjects = Ouroboros(groups, cross, memory_layers, length, ouroboros_cross_frame,
+                                     float(ouroboros_guidance), float(ouroboros_momentum))
+                SteeringSession(self.transformer, [subjects.capture, subjects.memory])  # refuses unsteerable layers
         self.check_inputs(prompts[0], negative_prompt, height, width, None, None, list(callback_on_step_end_tensor_inputs))
-        factor, device = self.vae_scale_factor_temporal, self._execution_device
         self._guidance_scale, self._attention_kwargs, self._interrupt = guidance_scale, None, False
         cfg = self.do_classifier_free_guidance
 
@@ -212,11 +231,6 @@ class WanFIFOPipeline(CallDefaultsMixin, WanPipeline):
                              if embeds[0][k] is not None else None)
             return mix(0), mix(1)
 
-        f = (window_frames - 1) // factor + 1
-        length = f * fifo_partitions
-        total = (num_frames - 1) // factor + 1
-        warmup = length - f
-
         clip = WanPipeline.__call__(
             self, prompt_embeds=embeds[0][0], negative_prompt_embeds=embeds[0][1], height=height, width=width,
             num_frames=window_frames, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator,
@@ -230,11 +244,7 @@ class WanFIFOPipeline(CallDefaultsMixin, WanPipeline):
         queue = initial_queue(clip.float(), sigmas, noise)
         dtype = self.transformer.dtype
         tokens = (clip.shape[3] // self.transformer.config.patch_size[1]) * (clip.shape[4] // self.transformer.config.patch_size[2])
-        produced, frames, latents_out = 0, [], []
-        if ouroboros_subjects is not None and (ouroboros_cross_frame or ouroboros_guidance):
-            cross = [n for n, info in list_layers(self.transformer).items() if info.kind == CROSS]
-            subjects = Ouroboros(groups, cross, memory_layers, length, ouroboros_cross_frame, float(ouroboros_guidance),
-                                 float(ouroboros_momentum))
+        produced, kept = 0, []
 
         def video_frame(latent_index: int) -> int:
             return 0 if latent_index <= 0 else 1 + factor * (latent_index - 1)
@@ -275,25 +285,20 @@ class WanFIFOPipeline(CallDefaultsMixin, WanPipeline):
                 produced += 1
                 if i >= warmup:
                     if output_type == "latent":
-                        latents_out.append(head)
+                        kept.append(head)
+                    elif frame_callback is not None:
+                        frames = self.video_processor.postprocess_video(decoder.decode(head), output_type="np")
+                        frame_callback(self, video_frame(i - warmup), frames)
                     else:
-                        chunk = self.video_processor.postprocess_video(decoder.decode(head), output_type="np")
-                        if frame_callback is not None:
-                            frame_callback(self, video_frame(i - warmup), chunk)
-                        else:
-                            frames.append(chunk)
+                        kept.append(decoder.decode(head))
                 bar.update()
         self.maybe_free_model_hooks()
-        if output_type == "latent":
-            video = torch.cat(latents_out, dim=2)
-        elif frame_callback is not None:
+        if frame_callback is not None:
             video = None
         else:
-            video = np.concatenate(frames, axis=1)
-            if output_type == "pil":
-                from PIL import Image
-
-                video = [[Image.fromarray((f * 255).round().astype(np.uint8)) for f in v] for v in video]
+            video = torch.cat(kept, dim=2)
+            if output_type != "latent":
+                video = self.video_processor.postprocess_video(video, output_type=output_type)
         return WanPipelineOutput(frames=video) if return_dict else (video,)
 
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import WanPipeline
+from diffusers.models.attention_processor import AttnProcessor
 
 from attnsteer.pipelines.fifo import StreamingDecoder, WanFIFOPipeline
 from attnsteer.pipelines.tiny import tiny_pipeline
@@ -101,6 +102,10 @@ def test_the_vae_cache_is_cleared_when_the_call_raises():
     assert all(entry is None for entry in pipe().vae._feat_map)
 
 
+def computed(*args, **kwargs):
+    raise AssertionError("the transformer ran before the input was refused")
+
+
 @pytest.mark.parametrize("options,message", [
     (dict(num_frames=12), r"num_frames 12 must be 1 \+ 4k frames"),
     (dict(fifo_window_frames=6), r"fifo_window_frames 6 must be 1 \+ 4k frames"),
@@ -119,11 +124,15 @@ def test_the_vae_cache_is_cleared_when_the_call_raises():
     (dict(ouroboros_subjects=["circle"], ouroboros_layers=["blocks.0.attn2"]),
      r"ouroboros_layers \['blocks.0.attn2'\]: allowed are the transformer's self-attention layers"),
     (dict(ouroboros_cross_frame="no"), "ouroboros_cross_frame 'no' must be True or False"),
-    (dict(fifo_prompt_schedule=[(0, 4, "a red circle"), (4, 9, "a circle")], ouroboros_subjects=["circle"]),
-     "sit at different tokens in the scheduled prompts"),
+    (dict(fifo_prompt_schedule=[(0, 4, "a red circle"), (4, 9, "a circle")], ouroboros_subjects=["circle"],
+          fifo_partitions=2), "sit at different tokens in the scheduled prompts"),
+    (dict(ouroboros_subjects=["circle"], fifo_partitions=1), "ouroboros_subjects needs fifo_partitions >= 2, got 1"),
+    (dict(output_type="tensor"), "output_type 'tensor' must be one of 'np', 'pil', 'pt', 'latent'"),
+    (dict(output_type="latent", frame_callback=print), "frame_callback receives decoded frames, and output_type 'latent'"),
 ])
-def test_bad_input_is_refused_before_compute(options, message):
+def test_bad_input_is_refused_before_compute(options, message, monkeypatch):
     prompt = None if "fifo_prompt_schedule" in options else "a red circle"
+    monkeypatch.setattr(pipe().transformer, "forward", computed)
     with pytest.raises(ValueError, match=message):
         pipe()(prompt, **{**CALL, "num_frames": 9, **options})
     with pytest.raises(ValueError, match="give prompt or fifo_prompt_schedule, not both"):
@@ -157,3 +166,21 @@ def test_the_transformer_is_restored_when_a_call_with_subjects_raises():
         fifo(num_frames=13, fifo_partitions=2, ouroboros_subjects=["circle"], frame_callback=fail)
     assert processors == {n: type(m.processor) for n, m in pipe().transformer.named_modules() if hasattr(m, "processor")}
     assert all(p.requires_grad for p in pipe().transformer.parameters())
+
+
+def test_subjects_on_a_layer_that_cannot_be_steered_are_refused_before_compute(monkeypatch):
+    layer = pipe().transformer.blocks[0].attn1
+    monkeypatch.setattr(layer, "processor", AttnProcessor())  # a processor of another attention class
+    monkeypatch.setattr(pipe().transformer, "forward", computed)
+    with pytest.raises(ValueError, match="layer 'blocks.0.attn1' uses processor AttnProcessor"):
+        fifo(num_frames=9, fifo_partitions=2, ouroboros_subjects=["circle"])
+
+
+def test_output_types_are_the_parents():
+    frames = fifo(num_frames=9).frames
+    pt = fifo(num_frames=9, output_type="pt").frames
+    assert isinstance(pt, torch.Tensor) and pt.shape == (1, 9, 3, 32, 32)  # WanPipeline's [B, F, C, H, W]
+    np.testing.assert_allclose(pt.permute(0, 1, 3, 4, 2).numpy(), frames, atol=1e-6)
+    pil = fifo(num_frames=9, output_type="pil").frames
+    assert len(pil) == 1 and len(pil[0]) == 9 and pil[0][0].size == (32, 32)
+    np.testing.assert_array_equal(np.asarray(pil[0][3]), (frames[0, 3] * 255).round().astype(np.uint8))
