@@ -69,7 +69,9 @@ class AttentionCall:
 
 
 class Steer(Protocol):
-    """What a steer provides. ``layers``: the layer names it acts on."""
+    """What a steer provides. ``layers``: the layer names it acts on. Optional: ``kinds``, the layer
+    kinds it can act on (a session refuses other layers by name); ``reset()``, called when a session
+    installs it, so that per-generation state (a step count) starts anew."""
 
     layers: frozenset[str]
 
@@ -198,7 +200,13 @@ class SteeringSession:
         if unknown:
             raise ValueError(f"unknown attention layer(s) {unknown} in {type(model).__name__}; see list_layers(model)")
         self.chains = {name: [s for s in self.steers if name in s.layers] for name in wanted}
-        for name in self.chains:
+        for name, chain in self.chains.items():
+            kind = self.layers[name].kind
+            for steer in chain:
+                kinds = getattr(steer, "kinds", None)
+                if kinds is not None and kind not in kinds:
+                    raise ValueError(f"layer {name!r} is {kind}-attention; {type(steer).__name__} acts on "
+                                     f"{' or '.join(kinds)}-attention layers")
             check_processor(name, self.layers[name].module.processor)
         self.info: dict = {}
 
@@ -229,6 +237,9 @@ class SteeringSession:
     @contextmanager
     def installed(self):
         originals = {}
+        for steer in self.steers:
+            if hasattr(steer, "reset"):
+                steer.reset()
         try:
             for name in self.chains:
                 module = self.layers[name].module

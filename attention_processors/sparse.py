@@ -30,13 +30,14 @@ from __future__ import annotations
 import functools
 import math
 import shutil
+import warnings
 from dataclasses import dataclass
 from typing import Iterable, Protocol
 
 import torch
 import torch.nn.functional as F
 
-from .architectures import TokenLayout
+from .architectures import JOINT, SELF, TokenLayout
 from .core import AttentionCall, Next
 
 BACKENDS = ("auto", "flex", "gather", "dense")
@@ -369,14 +370,33 @@ def blocked_attention(q, k, v, layout: TokenLayout, source: MaskSource, pool: tu
     return from_slots(KERNELS[kernel](qs, ks, vs, mask, blocks, scale), blocks)
 
 
+def frame_blocks(grid: tuple[int, ...], pool: tuple[int, int]) -> int:
+    """How many blocks of ``pool`` tokens one frame of ``grid`` ((h, w) or (frames, h, w)) holds."""
+    h, w = grid[-2:]
+    return -(-h // pool[0]) * -(-w // pool[1])
+
+
+def one_block_a_frame(grid: tuple[int, ...], pool: tuple[int, int]) -> str:
+    """What to tell a user whose frames are one block each at ``pool``."""
+    h, w = grid[-2:]
+    video = len(grid) == 3 and grid[0] > 1
+    what = "blocks can only skip whole frames" if video else "it has nothing to skip"
+    return (f"a frame of {h} x {w} tokens is one block at pool {tuple(pool)}, so {what}; a smaller pool, e.g. "
+            f"({max(1, h // 2)}, {max(1, w // 2)}), makes several blocks a frame")
+
+
 class DraftAttention:
-    """Steer: block-sparse attention on ``layers`` with a mask source (the draft map by default).
+    """Steer: block-sparse attention on self- or joint-attention ``layers`` with a mask source (the
+    draft map by default).
 
     ``sparsity``: fraction of image block pairs skipped by the draft map; ``pool``: (ph, pw) tokens
-    per block in each frame; ``dense_steps``: the first denoising steps run dense (a new step is a
-    new timestep at the model call, so CFG's two calls are one step); ``backend``: see the module
-    docstring, resolved once per device. Layers that should stay dense are simply not given. A layer
-    call with its own attention mask is refused."""
+    per block in each frame; ``dense_steps``: the first denoising steps of each ``steering`` block run
+    dense (a new step is a new timestep at the model call, so CFG's two calls are one step);
+    ``backend``: see the module docstring, resolved once per device. Layers that should stay dense are
+    simply not given. A layer call with its own attention mask is refused; frames of one block each are
+    warned about once per grid."""
+
+    kinds = (SELF, JOINT)
 
     def __init__(self, layers: Iterable[str], sparsity: float = 0.75, pool: tuple[int, int] = (8, 16),
                  dense_steps: int = 0, backend: str = "auto", source: MaskSource | None = None):
@@ -387,8 +407,13 @@ class DraftAttention:
         check_backend(backend)
         self.layers, self.pool, self.dense_steps, self.backend = frozenset(layers), tuple(pool), dense_steps, backend
         self.source = source if source is not None else DraftMask(sparsity)
-        self.step, self._timestep = -1, _NO_CALL
         self._resolved: dict[torch.device, str] = {}  # the backend per device, resolved on its first call
+        self._grids: set[tuple[int, ...]] = set()  # the grids checked for one block a frame
+        self.reset()
+
+    def reset(self) -> None:
+        """A new generation: the dense warm-up starts again."""
+        self.step, self._timestep = -1, _NO_CALL
 
     def attention(self, call: AttentionCall, q, k, v, mask, next: Next) -> torch.Tensor:
         if call.timestep != self._timestep:
@@ -398,6 +423,12 @@ class DraftAttention:
         if mask is not None:
             raise RuntimeError(f"layer {call.name!r} passes its own attention mask, which block-sparse attention "
                                "does not combine with; leave this layer dense")
+        grid = tuple(call.layout.grid or ())
+        if grid and grid not in self._grids:
+            self._grids.add(grid)
+            if frame_blocks(grid, self.pool) == 1:
+                warnings.warn(f"block-sparse attention on {call.name!r}: {one_block_a_frame(grid, self.pool)}",
+                              stacklevel=2)
         if q.device not in self._resolved:
             self._resolved[q.device] = resolve_backend(self.backend, q.device, self.pool)
         return blocked_attention(q, k, v, call.layout, self.source, self.pool, call.scale(q.shape[-1]),

@@ -28,7 +28,8 @@ from diffusers import FluxPipeline, StableDiffusion3Pipeline, WanPipeline
 from attnsteer.attention_processors import JOINT, SELF, list_layers
 from attnsteer.attention_processors.heads import layer_name
 from attnsteer.attention_processors.sparse import (DraftAttention, DraftMask, RadialMask, TileMask, check_backend,
-                                                   check_sparsity, resolve_backend, tiling_pool)
+                                                   check_sparsity, frame_blocks, one_block_a_frame, resolve_backend,
+                                                   tiling_pool)
 
 from .astar import denoiser, latent_size
 
@@ -80,6 +81,8 @@ def sparse_steer(pipe, arguments: dict, options: dict) -> DraftAttention | None:
             or pool[0] > grid[0] or pool[1] > grid[1]):
         raise ValueError(f"sparse_pool {pool!r} must be (rows, columns) of tokens that fit in the call's "
                          f"{grid[0]} x {grid[1]} tokens per frame")
+    if not isinstance(pipe, WanPipeline) and frame_blocks(grid, pool) == 1:
+        raise ValueError(f"sparse_pool: {one_block_a_frame(grid, pool)}")
     resolve_backend(o["sparse_backend"], model.device, tuple(pool))
     steps = o["sparse_dense_steps"]
     if steps is None:

@@ -222,6 +222,38 @@ def test_on_wan_keep_all_is_the_model_and_dense_steps_count_timesteps():
     assert (second - plain[1]).abs().max() > 1e-4
 
 
+def test_a_second_steering_block_runs_the_dense_warm_up_again():
+    model = wan_transformer()
+    layers = list(list_layers(model, (SELF,)))
+    steer = DraftAttention(layers, sparsity=0.8, pool=(2, 2), backend="gather", dense_steps=1)
+    with torch.no_grad():
+        plain = model(**wan_inputs(900))[0]
+        for _ in range(2):  # two generations with the same steer
+            with steering(model, [steer]):
+                first = model(**wan_inputs(900))[0]
+                assert (model(**wan_inputs(800))[0] - first).abs().max() > 0
+            assert torch.equal(first, plain)
+
+
+def test_cross_attention_layers_are_refused_by_name():
+    model = wan_transformer()
+    with pytest.raises(ValueError, match="layer 'blocks.0.attn2' is cross-attention; DraftAttention acts on "
+                                         "self or joint-attention layers"):
+        with steering(model, [DraftAttention(["blocks.0.attn1", "blocks.0.attn2"], pool=(2, 2))]):
+            pass
+    assert not any(type(p).__name__.startswith("Steered") for p in model.attn_processors.values())
+
+
+def test_frames_of_one_block_are_warned_about_once():
+    model = wan_transformer()
+    layers = list(list_layers(model, (SELF,)))
+    with torch.no_grad(), steering(model, [DraftAttention(layers, sparsity=0.5, backend="gather")]):
+        with pytest.warns(UserWarning, match=r"a frame of 4 x 4 tokens is one block at pool \(8, 16\), so blocks "
+                                             r"can only skip whole frames; a smaller pool, e.g. \(2, 2\)") as seen:
+            model(**wan_inputs(900))
+    assert len(seen) == 1  # one grid, several layers
+
+
 def test_a_layer_mask_is_refused():
     layout, seq_len = layouts()["self"]
     call = AttentionCall(LayerInfo("blocks.0.attn1", SELF, 3, None), layout)

@@ -110,6 +110,12 @@ def test_bad_options_are_refused_before_compute(options, message):
         pipe.check_call(**call_of("wan", **options))
 
 
+def test_an_image_of_one_block_is_refused_before_compute():
+    with pytest.raises(ValueError, match=r"sparse_pool: a frame of 16 x 16 tokens is one block at pool \(16, 16\), so "
+                                         r"it has nothing to skip; a smaller pool, e.g. \(8, 8\)"):
+        pipe_of("sd3").check_call(**call_of("sd3", sparsity=0.5, sparse_pool=(16, 16)))
+
+
 def test_other_pipelines_are_refused():
     with pytest.raises(ValueError, match="runs on the Wan, SD3 and FLUX steer pipelines, not StableDiffusionSteerPipeline"):
         pipe_of("sd").check_call(**call_of("sd", sparsity=0.5, height=32, width=32))
