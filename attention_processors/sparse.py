@@ -44,6 +44,7 @@ BACKENDS = ("auto", "flex", "gather", "dense")
 _NO_CALL = object()  # the timestep before the first call
 CUDA_FLEX_BLOCK = 128  # flex's Triton kernels tile queries and keys by up to 128 and need blocks a multiple of the tile
 GATHER_ELEMENTS = 2**25  # gathered key elements per SDPA call of the gather backend (128 MiB in float32)
+FLEX_SHAPES = 64  # compiled flex graphs per process (torch's own recompile limit, 8, is soon reached)
 
 
 @dataclass(frozen=True)
@@ -298,7 +299,13 @@ def flex_available(device: torch.device, pool: tuple[int, int] | None = None) ->
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention, dynamic=False)  # dynamic shapes fail to build on the CPU (torch 2.13)
+
+
+@functools.cache
+def _warn_flex_limit(limit: int) -> None:
+    warnings.warn(f"flex_attention has compiled {limit} shapes in this process (FLEX_SHAPES); new shapes use the "
+                  "gather backend instead of running flex uncompiled, which is many times slower", stacklevel=3)
 
 
 def flex_blocks(q, k, v, mask, blocks: BlockLayout, scale: float) -> torch.Tensor:
@@ -326,7 +333,12 @@ def flex_blocks(q, k, v, mask, blocks: BlockLayout, scale: float) -> torch.Tenso
     full_num, full_index = indices(full)
     block_mask = BlockMask.from_kv_blocks(kv_num, kv_index, full_num, full_index, BLOCK_SIZE=size,
                                           mask_mod=mask_mod, seq_lengths=(n * size, n * size))
-    return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale)
+    try:  # each shape (dtype, batch, heads, tokens) compiles once; past FLEX_SHAPES, the gather, said once
+        with torch._dynamo.config.patch(recompile_limit=FLEX_SHAPES, fail_on_recompile_limit_hit=True):
+            return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale)
+    except torch._dynamo.exc.FailOnRecompileLimitHit:
+        _warn_flex_limit(FLEX_SHAPES)
+        return gather_blocks(q, k, v, mask, blocks, scale)
 
 
 KERNELS = {"dense": dense_blocks, "gather": gather_blocks, "flex": flex_blocks}

@@ -1,6 +1,7 @@
 """Block-sparse attention: layouts, mask sources and backends against explicit masked softmax."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -262,9 +263,12 @@ def test_a_layer_mask_is_refused():
         DraftAttention(["blocks.0.attn1"], pool=POOL).attention(call, q, k, v, torch.ones(seq_len, seq_len, dtype=torch.bool), None)
 
 
-def test_compiled_flex_matches_the_reference_and_compiles_once_per_shape():
-    """The one compiled backend (a compile costs seconds): a hand-made pattern and keep-all on the joint
-    layout, then a second pattern of the same shape without recompiling."""
+def test_compiled_flex_matches_the_reference_compiles_once_per_shape_and_past_its_limit_says_so(monkeypatch):
+    """The one compiled backend; two compiles of about 5 s each on this CPU, the least that shows both
+    a second shape past torch's own recompile limit and our limit's loud fallback. A hand-made pattern
+    on the joint layout, a second pattern of the same shape without recompiling; with torch's limit
+    at 1 and FLEX_SHAPES at 2, a second shape compiles and a third runs the gather, with a warning
+    (past torch's limit flex would run uncompiled: 80x slower, silently)."""
     import torch._dynamo
 
     layout, seq_len = layouts()["text after"]
@@ -272,13 +276,26 @@ def test_compiled_flex_matches_the_reference_and_compiles_once_per_shape():
     blocks = block_layout(layout, seq_len, POOL)
     n = blocks.image_blocks
     torch._dynamo.reset()
-    frames_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    graphs = lambda: torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    before = graphs()
     for seed in (5, 6):
         pattern = torch.rand(2, 3, n, n, generator=torch.Generator().manual_seed(seed)) < 0.3
         out = sparse_attention(q, k, v, layout, Fixed(pattern), POOL, q.shape[-1] ** -0.5, "flex")
         full = block_mask(Fixed(pattern), None, None, blocks, 1.0)
         torch.testing.assert_close(out, reference(q, k, v, full, layout, seq_len), atol=1e-5, rtol=1e-5)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames_before == 1
+    assert graphs() - before == 1
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    monkeypatch.setattr(sparse, "FLEX_SHAPES", 2)
+    sparse._warn_flex_limit.cache_clear()
+    for heads, compiled in ((1, True), (4, False)):
+        q, k, v = qkv(seq_len, heads=heads, seed=heads)
+        source = DraftMask(0.5)
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            out = sparse_attention(q, k, v, layout, source, POOL, 0.3, "flex")
+        torch.testing.assert_close(out, sparse_attention(q, k, v, layout, source, POOL, 0.3, "dense"), atol=1e-5, rtol=1e-5)
+        limit = [w for w in said if "flex_attention has compiled 2 shapes in this process" in str(w.message)]
+        assert (graphs() - before, len(limit)) == ((2, 0) if compiled else (2, 1))
 
 
 def test_gather_split_into_many_calls_gives_the_same_output(monkeypatch):
