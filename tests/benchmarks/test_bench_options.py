@@ -1,8 +1,5 @@
 """The benchmark scripts refuse bad options with a message naming the value, before any image is made."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,12 +7,13 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
-def refused(script, *options):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    run = subprocess.run([sys.executable, str(BENCHMARKS / script), *options, "--threads", "1"],
-                         capture_output=True, text=True, timeout=300, env=env)
-    assert run.returncode != 0 and "image-step" not in run.stdout and "methods x" not in run.stdout
-    return run.stderr
+@pytest.fixture
+def refused(run_script):
+    def run(script, *options):
+        code, stdout, stderr = run_script(BENCHMARKS / script, *options, "--threads", "1")
+        assert code != 0 and "image-step" not in stdout and "methods x" not in stdout
+        return stderr
+    return run
 
 
 @pytest.mark.parametrize("options,message", [
@@ -26,11 +24,11 @@ def refused(script, *options):
     (["--u", "2"], "softpag_u 2.0 must be in [0, 1]"),
     (["--scales", "nan"], "perturbation_scale nan must be a finite number"),
 ])
-def test_layer_scale_options(options, message):
+def test_layer_scale_options(options, message, refused):
     assert message in refused("bench_layer_scale.py", *options)
 
 
-def test_head_search_u_is_refused_before_the_search(tmp_path):
+def test_head_search_u_is_refused_before_the_search(tmp_path, refused):
     stderr = refused("bench_head_search.py", "--model", "shapes-sd3", "--u", "1.5", "--out", str(tmp_path))
     assert "softpag_u 1.5 must be in [0, 1]" in stderr
     assert not any(tmp_path.iterdir())  # no journal was started
@@ -45,5 +43,5 @@ def test_head_search_u_is_refused_before_the_search(tmp_path):
     ("bench_astar_quality.py", ["--scale", "-1"], "--scale [-1.0]: alpha must be >= 0"),
     ("bench_story_quality.py", ["--dropout", "1"], "--dropout 1.0: must be in [0, 1)"),
 ])
-def test_astar_benchmark_options(script, options, message):
+def test_astar_benchmark_options(script, options, message, refused):
     assert message in refused(script, *options)
