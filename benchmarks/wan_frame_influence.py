@@ -27,15 +27,17 @@ import train_shapes_wan as wan  # noqa: E402
 @torch.no_grad()
 def frame_influence(pipe, call: dict, clips: int, sigmas: list[float], seed: int = 77) -> dict[float, list[float]]:
     """{sigma: [mean squared change of the x0 prediction in each latent frame when frame 0 is swapped]}, on
-    ``clips`` clips of the trained size (``call``: attnsteer.json's call defaults)."""
+    ``clips`` clips of the trained size (``call``: attnsteer.json's call defaults; the clips have the frames
+    WanPipeline makes for its num_frames), encoded with the model's per-frame VAE."""
     vae, transformer = pipe.vae, pipe.transformer
-    frames, size = str(call["num_frames"]), str(call["height"])
-    args = wan.parse_args(["--n-clips", str(clips), "--seed", str(seed), "--frames", frames, "--size", size,
-                           "--vae-frames", frames, "--vae-crop", size])  # the training script's drawing options
+    frames = wan.output_frames(call["num_frames"], vae.config.scale_factor_temporal)  # as WanPipeline makes them
+    size = str(call["height"])
+    args = wan.parse_args(["--n-clips", str(clips), "--seed", str(seed), "--frames", str(frames), "--size", size,
+                           "--vae-crop", size, "--short-frames", str(frames)])  # the training script's drawing options
     video, captions = wan.draw_clips(args)
     shape = (1, -1, 1, 1, 1)
     mean, std = (torch.tensor(getattr(vae.config, k)).view(shape) for k in ("latents_mean", "latents_std"))
-    z0 = (vae.encode(wan.to_video(video)).latent_dist.mean - mean) / std
+    z0 = (wan.encode_clips(vae, wan.to_video(video))[0] - mean) / std
     text, _ = pipe.encode_prompt(captions, do_classifier_free_guidance=False,
                                  max_sequence_length=call["max_sequence_length"], device="cpu")
     generator = torch.Generator().manual_seed(seed)

@@ -1,61 +1,50 @@
-"""Train "shapes-wan": a small, real WanPipeline on procedural moving-shapes clips.
+"""Train "shapes-wan": a small, real WanPipeline on procedural moving-shapes clips (second design, issue 27).
 
 The model is Wan 2.1's text-to-video layout, only tiny: a WanTransformer3DModel (self-attention over
-all video tokens, cross-attention to the text), an AutoencoderKLWan with Wan's own causal 4x temporal
-compression (1 + 4k frames -> 1 + k latent frames) and 4x spatial compression to 16 channels, and a
+all video tokens, cross-attention to the text), an AutoencoderKLWan that is exactly a per-frame image
+VAE (no temporal compression: one latent frame per frame, 4x spatial to 4 channels), and a
 UMT5EncoderModel trained from scratch, with the real CLIP BPE tokenizer saved as the pipeline's
-tokenizer (as attnsteer.pipelines.tiny pairs them). It is trained as text-to-video models are: one
-noise level per clip, rectified flow (x_t = (1 - s) x0 + s n, target n - x0, s logit-normal, as
-shapes-sd3), 10% caption dropout to "" so that classifier-free guidance works, and an EMA, which is
-what gets saved. Text goes through the pipeline's own encode_prompt at the max_sequence_length that
-generation uses, so training and inference see the same text tokens.
+tokenizer (as attnsteer.pipelines.tiny pairs them). The first design (4x causal temporal compression
+to 16 channels) failed six runs: its VAE packed four moving frames into a latent frame at 24-25 dB,
+and its image steps trained only latent frame 0 (BENCHMARKS.md, "shapes-wan").
 
 1. Clips: --n-clips clips of --frames frames at --size px from guidance.shapes.draw_video (1 or 2
    objects moving, bouncing off the border; a motion named in the caption half the time).
-2. VAE: trained on random single frames (the spatial path, as Wan's VAE started from an image VAE),
-   then random clip crops (--vae-frames frames from any start, --vae-crop px squares), then whole clips
-   (a crop-trained VAE degrades in the frames after the crop's length), all in small batches: this VAE
-   learns per step far more than per sample. MSE + L1 with the pixels off the background grey weighted
-   --vae-object-weight (unweighted, 400 steps drew every object in one brown). latents_mean /
-   latents_std are set per channel from the encoded clips.
-3. Every clip encoded once (posterior mean and std kept, a latent sampled per step) and cached with its
-   caption: a resumed run neither redraws nor re-encodes (--vae-only stops here, to tune the VAE).
-4. Text encoder + transformer, jointly from scratch, on videos and images as Wan itself was trained:
-   --image-ratio of the steps are image steps, --image-batch single frames (each clip's first frame,
-   whose latent is the clip latent's first frame because the VAE is causal; captions without their
-   motion words). An image is 64 tokens against a clip's 320 and carries a new scene, so appearance and
-   text binding are learned at a fraction of a clip's cost; motion and consistency come from the clips.
-5. With --decoder-steps: a decoder (--decoder-dim base channels) trained on whole clips for the frozen
-   encoder, so the latent space the transformer learned stays; the VAE check runs again on it.
-Then a few tune-prompt videos are generated and scored with the video metrics (and a contact sheet of
-them written to --work).
+2. VAE: `temperal_downsample` all False and `scale_factor_temporal` 1; every causal past tap of its
+   3-D convolutions is set to zero and it trains on single frames only (random crops of any frame, small
+   batches: this VAE learns per step, not per sample), so those taps get exactly zero gradient and,
+   without weight decay, stay zero: encoding a clip is encoding its frames one by one. MSE + L1 with
+   the pixels off the background grey weighted --vae-object-weight. latents_mean / latents_std are set
+   per channel from the encoded clips.
+3. Every clip encoded once, frame by frame (posterior mean and std kept, a latent sampled per step) and
+   cached with its caption: a resumed run neither redraws nor re-encodes (--vae-only stops here).
+4. Text encoder + transformer, jointly from scratch, images first, as Make-A-Video, Wan and Open-Sora:
+   an image phase of single frames (any frame of any clip: every frame is an image latent; captions
+   without their motion words) that ends when --watch tune single objects drawn with one frame reach
+   binding --image-gate (checked at each checkpoint) or after --image-steps; then a joint phase, a
+   share --image-ratio of its steps images, the rest clips: the first --short-share of it windows of
+   --short-frames latent frames (cheaper, and a window of per-frame latents is the latent of that
+   window of frames), then whole clips, so every frame distance is seen. --first-frame: the share of
+   clips whose latent frame 0 is given clean, at per-token timestep 0 and out of the loss (Wan 2.2
+   TI2V's conditioning), which teaches carrying an object from one frame to the next.
+One noise level per sample, rectified flow (x_t = (1 - s) x0 + s n, target n - x0, s logit-normal, as
+shapes-sd3), 10% caption dropout to "" so that classifier-free guidance works, and an EMA, which is what
+gets saved. Text goes through the pipeline's own encode_prompt at the max_sequence_length that
+generation uses. At the end tune-prompt videos are generated and scored with the video metrics (a
+contact sheet of them written to --work).
 
-Why 17 frames at 64x64: 64 px is the size the shapes detector is built and tested for (objects 14-26
-px; at 32 px it already misreads 9% of clean drawn two-object scenes, at 48 px 1.5%), and 17 frames
-(5 latent frames, 5 x 8 x 8 = 320 video tokens with patch 1x2x2) is the shortest clip with several
-latent frames after the first, which is what frame-queue and sparse-attention video methods act on, and
-long enough for a named motion to travel 16-32 px. A step costs about linearly in tokens here, so twice
-the frames or pixels would halve the transformer steps two cores manage in two hours (see below).
+Frame counts: WanPipeline rounds num_frames to k * scale_factor_temporal + 1 frames, which with a
+factor of 1 always adds one, so 17-frame clips are generated with num_frames 16 (attnsteer.json's call
+default) and a single frame with num_frames 0: `pipeline_frames` gives the num_frames for a length.
 
-Sizing, measured on the idle 2-core AMD EPYC with 2 threads: drawing 1.4 min; the VAE stage 50 min
-(5800 steps: 0.19 s on 8 frames, 0.65 s on 2 clip crops, 1.8 s on a whole clip); encoding 5.3 min;
-the transformer + text encoder 0.37 s a step at batch 8 clips / 32 images, half and half (1.6-1.7 s at
-32 clips, 1.2 s at 128 images). The third run (BENCHMARKS.md, "shapes-wan"), 120 minutes in all; its
-videos lose their objects after the first frames, so no shapes-wan is shipped yet:
-
-    HF_HUB_OFFLINE=1 python samples/train_shapes_wan.py --output OUT --work /tmp/shapes-wan-work \
-        --threads 2 --batch 8 --image-ratio 0.5 --image-batch 32 --steps 12000 --max-minutes 63
-
-With --device cuda the models train on a GPU (clips are still drawn on the CPU). On one H200 a step costs
-about the same at any batch used here (0.025 s for 32 single frames, 0.2 s for 8 whole clips in the VAE,
-0.055 s for 64 clips in the transformer): the model is too small to fill it, so a GPU buys batch, not
-steps. The fourth run (BENCHMARKS.md), 7.6 H200 minutes with 5x the third run's clips, was no better;
-nor were the fifth (--train-shift 3) and the sixth (also --frame-noise 0.5). In all of them a latent
-frame is denoised almost from itself (benchmarks/wan_frame_influence.py measures how far the transformer
-looks across frames).
+Why 17 frames at 64x64: 64 px is the size the shapes detector is built and tested for, and 17 frames
+let a named motion travel 16-32 px. A clip is 17 x 8 x 8 = 1088 tokens (patch 1x2x2), an image 64.
 
 A state checkpoint is written under --work every --ckpt-every steps (and the pipeline saved to --output
-at the same time); rerunning the same command resumes from it.
+at the same time); rerunning the same command resumes from it. With --checkpoint DIR a compact copy
+(the VAE, fp16 weights and EMA, the step and random states, no optimizer moments) is written there too,
+and a run whose --work has no state starts from it (the clips drawn and encoded again, the optimizer
+fresh and its learning rate warmed up again): that is how a run moves between sessions and machines.
 """
 
 import argparse
@@ -63,6 +52,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -76,21 +66,23 @@ import torch
 import torch.nn.functional as F
 
 from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from transformers import UMT5Config, UMT5EncoderModel
 
-from attnsteer.guidance.shapes import draw_video, score_video, summarize_videos, video_prompt_set
+from attnsteer.guidance.shapes import (detect, draw_video, prompt_set, score, score_video, summarize_videos,
+                                       video_prompt_set)
 from attnsteer.guidance.shapes.scene import BACKGROUND
 from attnsteer.pipelines.tiny import clip_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_shapes_sd import (  # noqa: E402
-    cosine_lr, decayed, encode_dataset, end_step, fit_decoder, n_params, open_log, optimizer_step, positive_int,
-    weights_option,
+    cosine_lr, decayed, end_step, n_params, open_log, optimizer_step, positive_int, weights_option,
 )
 
 VOCAB_SIZE, EOS_ID = 49408, 49407
-SPATIAL, TEMPORAL = 4, 4  # the VAE's compression: two downsampling stages, both also temporal
+SPATIAL = 4  # the VAE's spatial compression: two downsampling stages, neither temporal
 PATCH = (1, 2, 2)
 BACKGROUND_TOL = 0.02  # a pixel this far (in [-1, 1]) from the scenes' grey on some channel is off the background
 MOTION = re.compile(r" moving \w+")
@@ -110,8 +102,8 @@ def _number(kind, text, test, what):
 
 
 def clip_frames(text):
-    """--frames, --vae-frames: 1 + 4k frames, as the VAE's 4x temporal compression needs."""
-    return _number(int, text, lambda v: v >= 1 and v % TEMPORAL == 1, "1 + 4k frames (1, 5, 9, 13, 17, ...)")
+    """--frames, --short-frames: at least 2 frames (a clip; one latent frame per frame)."""
+    return _number(int, text, lambda v: v >= 2, "a clip of at least 2 frames")
 
 
 def frame_side(text):
@@ -158,6 +150,13 @@ def non_negative(text):
     return _number(float, text, lambda v: v >= 0, "a number >= 0")
 
 
+def checkpoint_dir(text):
+    """--checkpoint: a folder (made if missing), not a file."""
+    if Path(text).exists() and not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a file, not a checkpoint folder")
+    return text
+
+
 object_weights = weights_option(2, "1- and 2-object clips", "1,1")  # --object-weights: P(1 object), P(2 objects)
 
 
@@ -165,31 +164,25 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output", default="samples/models/shapes-wan")
     p.add_argument("--work", default="/tmp/shapes-wan-work", help="checkpoints, VAE, cached latents, log")
+    p.add_argument("--checkpoint", type=checkpoint_dir, default=None,
+                   help="also write a compact resumable checkpoint here (VAE, fp16 weights, step); a run whose --work "
+                        "has no state starts from it")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=positive_int, default=1, help="torch threads, and processes drawing clips")
     p.add_argument("--device", type=torch_device, default="cpu",
                    help="where the models train and generate: cpu (default) or cuda (clips are drawn on the CPU)")
     # data
     p.add_argument("--n-clips", type=positive_int, default=6000, help="drawn training clips")
-    p.add_argument("--frames", type=clip_frames, default=17, help="frames per clip: 1 + 4k")
+    p.add_argument("--frames", type=clip_frames, default=17, help="frames per clip (one latent frame each)")
     p.add_argument("--size", type=frame_side, default=64, help="frame side in pixels")
     p.add_argument("--object-weights", type=object_weights, default="1,1", help="P(1, 2 objects) per clip")
     p.add_argument("--named", type=probability, default=0.5, help="chance a caption names an object's motion")
     # VAE
-    p.add_argument("--vae-dim", type=positive_int, default=12, help="encoder base channels")
-    p.add_argument("--vae-decoder-dim", type=positive_int, default=16, help="decoder base channels")
-    p.add_argument("--z-dim", type=positive_int, default=16, help="latent channels")
-    p.add_argument("--vae-image-steps", type=whole, default=3000,
-                   help="first, steps on single frames (crops of any frame): the spatial path, in many cheap steps")
-    p.add_argument("--vae-image-batch", type=positive_int, default=8)
-    p.add_argument("--vae-steps", type=positive_int, default=2500, help="then steps on clip crops")
-    p.add_argument("--vae-full-steps", type=whole, default=300,
-                   help="then steps on whole clips (crop-trained VAEs degrade after the crop's length)")
-    p.add_argument("--vae-batch", type=positive_int, default=2,
-                   help="clip crops a step (small: this VAE learns per step, not per sample)")
-    p.add_argument("--vae-full-batch", type=positive_int, default=1)
-    p.add_argument("--vae-frames", type=clip_frames, default=17,
-                   help="frames per crop: 1 + 4k (9-frame crops left the last latent chunks' colours drifting)")
+    p.add_argument("--vae-dim", type=positive_int, default=16, help="encoder base channels")
+    p.add_argument("--vae-decoder-dim", type=positive_int, default=24, help="decoder base channels")
+    p.add_argument("--z-dim", type=positive_int, default=4, help="latent channels")
+    p.add_argument("--vae-steps", type=whole, default=6000, help="steps on single frames (crops of any frame)")
+    p.add_argument("--vae-batch", type=positive_int, default=8, help="frames a step")
     p.add_argument("--vae-crop", type=crop_side, default=32, help="crop side in pixels")
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--kl-weight", type=non_negative, default=0.0,
@@ -199,12 +192,6 @@ def parse_args(argv=None):
                    help="VAE loss weight of pixels off the background grey (objects and their edges): with 1, "
                         "400 steps drew every object in one brown; with 5 they had their colours")
     p.add_argument("--vae-only", action="store_true", help="stop after the VAE stage and its check (to tune it)")
-    p.add_argument("--decoder-steps", type=whole, default=0,
-                   help="after the transformer: steps of a decoder trained on whole clips for the frozen encoder, whose "
-                        "latent space (the transformer's) stays as it is")
-    p.add_argument("--decoder-dim", type=positive_int, default=None,
-                   help="that decoder's base channels (default --vae-decoder-dim: it then starts from the trained one)")
-    p.add_argument("--decoder-lr", type=non_negative, default=1e-3)
     # transformer + text encoder
     p.add_argument("--layers", type=positive_int, default=4)
     p.add_argument("--heads", type=positive_int, default=4)
@@ -215,23 +202,31 @@ def parse_args(argv=None):
     p.add_argument("--max-seq", type=positive_int, default=16,
                    help="max_sequence_length in training and generation (the longest caption is 13 tokens)")
     # training
-    p.add_argument("--steps", type=positive_int, default=11000)
-    p.add_argument("--batch", type=positive_int, default=8)
-    p.add_argument("--image-ratio", type=probability, default=0.0, help="fraction of steps that train on images")
-    p.add_argument("--image-batch", type=positive_int, default=128, help="images in an image step")
+    p.add_argument("--steps", type=positive_int, default=20000, help="all steps, both phases (the cosine schedule's)")
+    p.add_argument("--image-steps", type=whole, default=10000,
+                   help="the image phase's longest: single frames only (it ends earlier at --image-gate)")
+    p.add_argument("--image-gate", type=probability, default=0.85,
+                   help="the image phase ends at a checkpoint where the --watch images reach this binding")
+    p.add_argument("--watch", type=whole, default=30,
+                   help="tune single-object images (num_frames 1) generated and scored at each checkpoint (0: none)")
+    p.add_argument("--image-batch", type=positive_int, default=32, help="images in an image step")
+    p.add_argument("--batch", type=positive_int, default=4, help="clips in a clip step")
+    p.add_argument("--image-ratio", type=probability, default=0.5, help="share of the joint phase's steps on images")
+    p.add_argument("--short-frames", type=clip_frames, default=9,
+                   help="latent frames of the clip windows the joint phase starts on")
+    p.add_argument("--short-share", type=probability, default=0.5,
+                   help="share of the joint phase on --short-frames windows, before whole clips")
+    p.add_argument("--first-frame", type=probability, default=0.0,
+                   help="share of clips whose latent frame 0 is given clean (per-token timestep 0, out of the loss)")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=positive_int, default=100)
+    p.add_argument("--warmup", type=positive_int, default=100, help="steps of warm-up, also after a checkpoint resume")
     p.add_argument("--min-lr-frac", type=float, default=0.1, help="cosine decay floor, fraction of --lr")
     p.add_argument("--ema", type=float, default=0.995)
     p.add_argument("--drop", type=probability, default=0.1, help="caption dropout to the empty prompt")
     p.add_argument("--shift", type=float, default=3.0,
                    help="sampling shift of the saved FlowMatchEulerDiscreteScheduler")
-    p.add_argument("--frame-noise", type=probability, default=0.0,
-                   help="fraction of clip steps whose latent frames each get their own noise level (as diffusion "
-                        "forcing; a frame must then be read from its less noisy neighbours), default 0: one per clip")
     p.add_argument("--train-shift", type=positive_number, default=1.0,
-                   help="the sampling shift on the training noise levels (default 1: logit-normal(0, 1) as it is; 3: as "
-                        "sampled, more steps at the high noise where a clip's objects are decided)")
+                   help="the sampling shift on the training noise levels (default 1: logit-normal(0, 1) as it is)")
     p.add_argument("--default-cfg", type=float, default=5.0, help="guidance_scale written to attnsteer.json")
     p.add_argument("--default-steps", type=positive_int, default=30,
                    help="num_inference_steps written to attnsteer.json")
@@ -242,28 +237,37 @@ def parse_args(argv=None):
     p.add_argument("--max-minutes", type=non_negative, default=0,
                    help="if > 0, stop early (saving) once the transformer stage has run this long")
     args = p.parse_args(argv)
-    if args.vae_crop > args.size or args.vae_frames > args.frames:
-        p.error(f"a VAE crop ({args.vae_frames} frames of {args.vae_crop} px) must fit in a clip "
-                f"({args.frames} frames of {args.size} px)")
+    if args.vae_crop > args.size:
+        p.error(f"--vae-crop {args.vae_crop} must fit in a frame of --size {args.size}")
+    if args.short_frames > args.frames:
+        p.error(f"--short-frames {args.short_frames} must fit in a clip of --frames {args.frames}")
     return args
 
 
 # ----------------------------------------------------------------------------- models
 
 def make_vae(args):
-    """Wan's VAE with one downsampling stage fewer than Wan 2.1's (4x spatial instead of 8x), both stages
-    also temporal; the decoder wider than the encoder (it has the harder job). The posterior starts
-    nearly deterministic (std ``exp(LOGVAR_INIT / 2)``): from the default std 1 the decoder sees as much
-    noise as signal (after 330 steps it was still 0.89)."""
+    """Wan's VAE with one downsampling stage fewer than Wan 2.1's (4x spatial instead of 8x) and no temporal
+    compression, its causal past taps zero (``zero_past_taps``): a per-frame image VAE in Wan's format. The
+    decoder is wider than the encoder (it has the harder job). The posterior starts nearly deterministic
+    (std ``exp(LOGVAR_INIT / 2)``): from the default std 1 the decoder sees as much noise as signal."""
     z = args.z_dim
     vae = AutoencoderKLWan(
         base_dim=args.vae_dim, decoder_base_dim=args.vae_decoder_dim, z_dim=z, dim_mult=[1, 2, 2], num_res_blocks=1,
-        temperal_downsample=[True, True], scale_factor_spatial=SPATIAL, scale_factor_temporal=TEMPORAL,
+        temperal_downsample=[False, False], scale_factor_spatial=SPATIAL, scale_factor_temporal=1,
         latents_mean=[0.0] * z, latents_std=[1.0] * z,
     )
     with torch.no_grad():
         vae.quant_conv.bias[z:] = LOGVAR_INIT  # quant_conv gives (mean, logvar) channels
+        for weight in past_taps(vae):
+            weight[:, :, :-1] = 0
     return vae
+
+
+def past_taps(vae):
+    """The weights of ``vae``'s 3-D convolutions that see past frames (kernel longer than 1 in time); their
+    taps ``[:, :, :-1]`` act on the past frames, the last on the frame itself."""
+    return [m.weight for m in vae.modules() if isinstance(m, WanCausalConv3d) and m.kernel_size[0] > 1]
 
 
 def make_text_encoder(args):
@@ -297,6 +301,19 @@ def build_pipeline(vae, text_encoder, transformer, tokenizer, shift):
     """A WanPipeline of these parts and a flow-matching Euler scheduler with sampling ``shift``."""
     return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=shift))
+
+
+def output_frames(num_frames, factor):
+    """The frames WanPipeline makes for ``num_frames`` with a VAE of temporal ``factor``: it rounds to
+    k * factor + 1, which with factor 1 adds a frame."""
+    if num_frames % factor != 1:
+        num_frames = num_frames // factor * factor + 1
+    return max(num_frames, 1)
+
+
+def pipeline_frames(frames):
+    """The num_frames that makes WanPipeline generate ``frames`` frames with this per-frame VAE."""
+    return frames - 1
 
 
 # ----------------------------------------------------------------------------- data
@@ -338,7 +355,31 @@ def to_frames(video):
     return ((video.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 4, 1).cpu().numpy()
 
 
-# ----------------------------------------------------------------------------- stages
+def as_frames(video):
+    """(B, C, F, H, W) -> (B * F, C, 1, H, W): each frame a one-frame clip."""
+    b, c, f, h, w = video.shape
+    return video.transpose(1, 2).reshape(b * f, c, 1, h, w)
+
+
+def as_clips(frames, count):
+    """``as_frames`` undone for ``count`` clips."""
+    bf, c, _, h, w = frames.shape
+    return frames.reshape(count, bf // count, c, h, w).transpose(1, 2)
+
+
+def encode_clips(vae, video):
+    """Posterior (mean, std) of clips (B, 3, F, H, W): frame by frame, batched, with the per-frame VAE (the
+    same as encoding each clip, and ``vae.encode`` keeps only 1 + 4k frames of a clip)."""
+    post = vae.encode(as_frames(video)).latent_dist
+    return as_clips(post.mean, len(video)), as_clips(post.std, len(video))
+
+
+def decode_clips(vae, latents):
+    """Frames (B, 3, F, H, W) of latents (B, C, F, h, w), frame by frame."""
+    return as_clips(vae.decode(as_frames(latents)).sample, len(latents))
+
+
+# ----------------------------------------------------------------------------- VAE
 
 def reconstruction_loss(rec, x, args):
     """MSE + L1, the pixels off the background grey weighted --vae-object-weight."""
@@ -348,52 +389,24 @@ def reconstruction_loss(rec, x, args):
     return ((rec - x).square() + (rec - x).abs()).mul(weight).mean()
 
 
-def train_decoder(args, vae, log):
-    """A decoder (of --decoder-dim base channels) for ``vae``'s frozen encoder, --decoder-steps steps on
-    whole training clips (drawn again from their seeds), encoder latents sampled as in training."""
-    dim = args.decoder_dim or args.vae_decoder_dim
-    new = AutoencoderKLWan.from_config({**vae.config, "decoder_base_dim": dim})
-    same = dim == vae.config.decoder_base_dim
-    new.load_state_dict({k: v for k, v in vae.state_dict().items()
-                         if same or not k.startswith(("decoder.", "post_quant_conv."))}, strict=same)
-    new.to(args.device)
-    log(f"decoder: base {dim}, {n_params(new.decoder) + n_params(new.post_quant_conv)} params, "
-        f"{'from the trained one' if same else 'new'}")
-    clips, _ = draw_clips(args)
-    rng = np.random.default_rng(args.seed + 5)
-    torch.manual_seed(args.seed + 5)
-    return fit_decoder(args, new, lambda: to_video(clips[rng.integers(0, len(clips), args.vae_full_batch)], args.device),
-                       lambda rec, x: reconstruction_loss(rec, x, args), log)
-
-
 def train_vae(args, clips, log):
-    """Random single frames, then random clip crops (any start frame, which the causal VAE then treats as a
-    clip's first), both 4-pixel aligned squares, then --vae-full-steps on whole clips so the cache across
-    every chunk is trained. Small batches: in five minutes, 1000 steps of 8 frames and 2 clips gave the
-    first frame 24.7 dB where 170 steps of 8 clips gave 19.7 (BENCHMARKS.md)."""
+    """--vae-steps steps of --vae-batch random single frames (4-pixel aligned --vae-crop squares of any frame
+    of any clip), lr decayed, no weight decay: the past taps, zero from the start, get no gradient from
+    one-frame inputs and so stay zero. Small batches: this VAE learns per step, not per sample."""
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed + 1)
     vae = make_vae(args).to(args.device)
     log(f"vae params: encoder {n_params(vae.encoder)}, decoder {n_params(vae.decoder)}")
     opt = torch.optim.AdamW(vae.parameters(), args.vae_lr, weight_decay=0.0)
-    images, crops = args.vae_image_steps, args.vae_image_steps + args.vae_steps
-    total = crops + args.vae_full_steps
     n, frames, size = clips.shape[:3]
     t0 = time.time()
-    for step in range(total):
-        if step < crops:
-            oy, ox = (int(v) * SPATIAL for v in rng.integers(0, (size - args.vae_crop) // SPATIAL + 1, 2))
-            idx = rng.integers(0, n, args.vae_image_batch if step < images else args.vae_batch)
-            if step < images:
-                part = clips[idx, rng.integers(0, frames, len(idx))][:, None]
-            else:
-                t = int(rng.integers(0, frames - args.vae_frames + 1))
-                part = clips[idx, t:t + args.vae_frames]
-            x = to_video(part[:, :, oy:oy + args.vae_crop, ox:ox + args.vae_crop], args.device)
-        else:
-            x = to_video(clips[rng.integers(0, n, args.vae_full_batch)], args.device)
+    for step in range(args.vae_steps):
+        oy, ox = (int(v) * SPATIAL for v in rng.integers(0, (size - args.vae_crop) // SPATIAL + 1, 2))
+        idx = rng.integers(0, n, args.vae_batch)
+        part = clips[idx, rng.integers(0, frames, len(idx))][:, None]
+        x = to_video(part[:, :, oy:oy + args.vae_crop, ox:ox + args.vae_crop], args.device)
         for g in opt.param_groups:
-            g["lr"] = decayed(args.vae_lr, step, total)
+            g["lr"] = decayed(args.vae_lr, step, args.vae_steps)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
         mse = F.mse_loss(rec, x)
@@ -402,9 +415,9 @@ def train_vae(args, clips, log):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
-        if step % args.log_every == 0 or step == total - 1:
-            log(f"vae step {step + 1}/{total} mse {mse.item():.5f} psnr {10 * np.log10(4 / mse.item()):.1f} dB  "
-                f"{time.time() - t0:.0f}s")
+        if step % args.log_every == 0 or step == args.vae_steps - 1:
+            log(f"vae step {step + 1}/{args.vae_steps} mse {mse.item():.5f} psnr {10 * np.log10(4 / mse.item()):.1f} dB"
+                f"  {time.time() - t0:.0f}s")
     vae.requires_grad_(False)
     return vae.eval()
 
@@ -416,19 +429,23 @@ def headline(summary):
 
 @torch.no_grad()
 def check_vae(args, vae, log):
-    """The video metrics on VAE reconstructions of --check-clips fresh clips: the ceiling the transformer can
-    reach."""
+    """On VAE reconstructions of --check-clips fresh clips: the PSNR of each frame index (mean over the
+    clips) and of the worst single frame, and the video metrics: the ceiling the transformer can reach."""
     n = args.check_clips
     args_fresh = argparse.Namespace(**{**vars(args), "n_clips": n, "seed": args.seed + 1000, "threads": 1})
     clips, captions = draw_clips(args_fresh)
-    rec = to_frames(vae.decode(vae.encode(to_video(clips, args.device)).latent_dist.mean).sample)
-    line = headline(summarize_videos([score_video(list(r), c) for r, c in zip(rec, captions)]))
-    log(f"video metrics on {n} VAE reconstructions: {line}")
+    x = to_video(clips, args.device)
+    rec = decode_clips(vae, encode_clips(vae, x)[0]).clamp(-1, 1)
+    psnr = 10 * torch.log10(4 / (rec - x).square().mean((1, 3, 4)))  # (clip, frame)
+    line = {"psnr_per_frame": [round(v, 1) for v in psnr.mean(0).tolist()], "psnr_worst_frame": round(psnr.min().item(), 1),
+            **headline(summarize_videos([score_video(list(r), c) for r, c in zip(to_frames(rec), captions)]))}
+    log(f"VAE reconstructions of {n} fresh clips: {line}")
     return line
 
 
 def load_or_train_vae(args, work, log, timings):
-    """(vae, means, stds, captions): from --work when there, else drawn, trained and encoded here."""
+    """(vae, means, stds, captions): from --work when there, else drawn, trained (or taken from --checkpoint)
+    and encoded here."""
     cache = work / "latents.pt"
     if (work / "vae" / "config.json").exists() and cache.exists():
         vae = AutoencoderKLWan.from_pretrained(work / "vae").to(args.device).eval()
@@ -444,37 +461,26 @@ def load_or_train_vae(args, work, log, timings):
     clips, captions = draw_clips(args)
     timings["draw_s"] = time.time() - t
     log(f"drew {len(clips)} clips of {args.frames} frames at {args.size} px in {timings['draw_s']:.0f}s")
+    saved = Path(args.checkpoint or work) / "vae"
+    if not (work / "vae" / "config.json").exists() and (saved / "config.json").exists():
+        shutil.copytree(saved, work / "vae", dirs_exist_ok=True)
+        log(f"VAE from the checkpoint {saved}")
+    if (work / "vae" / "config.json").exists():
+        vae = AutoencoderKLWan.from_pretrained(work / "vae").to(args.device).eval()
+    else:
+        t = time.time()
+        vae = train_vae(args, clips, log)
+        vae.save_pretrained(work / "vae")
+        timings["vae_s"] = time.time() - t
     t = time.time()
-    vae = train_vae(args, clips, log)
-    vae.save_pretrained(work / "vae")
-    timings["vae_s"] = time.time() - t
-    t = time.time()
-    means, stds = encode_dataset(vae, clips, batch=16 if args.device == "cpu" else 256,
-                                 convert=lambda c: to_video(c, args.device))
-    means, stds = means.cpu(), stds.cpu()
+    batch = 16 if args.device == "cpu" else 256
+    parts = [encode_clips(vae, to_video(clips[i:i + batch], args.device)) for i in range(0, len(clips), batch)]
+    means, stds = (torch.cat([p[k] for p in parts]).cpu() for k in (0, 1))
     timings["encode_s"] = time.time() - t
     torch.save({"means": means, "stds": stds, "captions": captions, "timings": dict(timings),
                 "key": {"n_clips": args.n_clips, "frames": args.frames, "size": args.size, "seed": args.seed}}, cache)
     log(f"encoded latents {tuple(means.shape)} in {timings['encode_s']:.0f}s")
     return vae, means, stds, captions
-
-
-def still(caption):
-    """A clip's caption for its first frame alone: 'a red circle moving left' -> 'a red circle'."""
-    return MOTION.sub("", caption)
-
-
-def noise_levels(z0, per_frame: bool, generator, shift: float):
-    """Training noise levels of latents ``z0`` [n, c, f, h, w]: logit-normal(0, 1), shifted as the scheduler
-    shifts its sigmas (s -> shift s / (1 + (shift - 1) s)); one per clip, or with ``per_frame`` one per latent
-    frame. Returns (sigma broadcastable to z0, the transformer's timestep: [n], or per token [n, f h w / 4])."""
-    n, f, h, w = z0.shape[0], *z0.shape[2:]
-    sigma = torch.sigmoid(torch.randn((n, f) if per_frame else (n,), generator=generator, device=z0.device))
-    sigma = shift * sigma / (1 + (shift - 1) * sigma)
-    if not per_frame:
-        return sigma.view(n, 1, 1, 1, 1), sigma * 1000
-    tokens = (h // PATCH[1]) * (w // PATCH[2])
-    return sigma.view(n, 1, f, 1, 1), (sigma * 1000).repeat_interleave(tokens, dim=1)
 
 
 def set_latent_stats(vae, means, stds):
@@ -485,6 +491,84 @@ def set_latent_stats(vae, means, stds):
     vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
     shape = (1, -1) + (1,) * (means.ndim - 2)
     return mean.view(shape), std.view(shape)
+
+
+# ----------------------------------------------------------------------------- transformer steps
+
+def still(caption):
+    """A clip's caption for one of its frames alone: 'a red circle moving left' -> 'a red circle'."""
+    return MOTION.sub("", caption)
+
+
+def phase_of(step, args, joint_from):
+    """What ``step`` trains: "image" (the image phase), or in the joint phase "short" (windows of
+    --short-frames), then "clip" (whole clips)."""
+    if joint_from is None:
+        return "image"
+    joint = max(1, args.steps - joint_from)
+    return "short" if step - joint_from < args.short_share * joint else "clip"
+
+
+def noise_levels(n, generator, shift, device="cpu"):
+    """``n`` training noise levels: logit-normal(0, 1), shifted as the scheduler shifts its sigmas
+    (s -> shift s / (1 + (shift - 1) s))."""
+    sigma = torch.sigmoid(torch.randn(n, generator=generator, device=device))
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def noised(z0, sigma, noise, clean_first):
+    """(x_t, the transformer's timestep, the loss weight per latent frame) of latents ``z0`` [n, c, f, h, w]
+    at ``sigma`` [n]. A sample with ``clean_first`` keeps latent frame 0 clean, at timestep 0 on its tokens
+    (Wan 2.2 TI2V's per-token timestep) and out of the loss; the timestep is per token when any does."""
+    n, f, h, w = z0.shape[0], *z0.shape[2:]
+    s = sigma.view(n, 1, 1, 1, 1)
+    xt = (1 - s) * z0 + s * noise
+    weight = torch.ones(n, f, device=z0.device)
+    if not clean_first.any():
+        return xt, sigma * 1000, weight
+    xt[clean_first, :, 0] = z0[clean_first, :, 0]
+    weight[clean_first, 0] = 0
+    tokens = (h // PATCH[1]) * (w // PATCH[2])
+    timestep = (sigma.view(n, 1) * 1000 * weight).repeat_interleave(tokens, dim=1)
+    return xt, timestep, weight
+
+
+def flow_loss(pred, target, weight):
+    """Mean squared error over the latent frames with ``weight`` 1 ([n, f])."""
+    per_frame = (pred - target).square().mean((1, 3, 4))
+    return (per_frame * weight).sum() / weight.sum()
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def call_defaults(args):
+    """The call arguments generation needs as trained (WanPipeline's own defaults are 81 frames at 480x832):
+    attnsteer.json's "call". num_frames is one less than the clip (``pipeline_frames``)."""
+    return {"num_frames": pipeline_frames(args.frames), "height": args.size, "width": args.size,
+            "num_inference_steps": args.default_steps, "guidance_scale": args.default_cfg,
+            "max_sequence_length": args.max_seq}
+
+
+@torch.no_grad()
+def single_frame_binding(args, pipe, prompts, steps=20, batch=16):
+    """The share of ``prompts`` (single objects) drawn right as one frame (num_frames 1's pipeline value),
+    one seed each, ``steps`` steps at the call defaults' guidance."""
+    call = {**call_defaults(args), "num_frames": pipeline_frames(1), "num_inference_steps": steps}
+    pipe.set_progress_bar_config(disable=True)
+    right = 0
+    for i in range(0, len(prompts), batch):
+        part = prompts[i:i + batch]
+        frames = pipe(part, generator=[torch.Generator().manual_seed(k) for k in range(i, i + len(part))], **call,
+                      output_type="np").frames
+        right += sum(score(detect(Image.fromarray((v[0] * 255).round().astype(np.uint8))), p)["binding"]
+                     for v, p in zip(frames, part))
+    return right / len(prompts)
+
+
+def watch_prompts(count):
+    """``count`` tune single-object prompts, the 15 in turn (seeds differ by position)."""
+    tune = prompt_set("one", "tune")
+    return [tune[i % len(tune)] for i in range(count)]
 
 
 @torch.no_grad()
@@ -507,12 +591,32 @@ def evaluate(args, pipe, work, log):
     return {"prompts": prompts, "metrics": line, "per_video": [{m: r[m] for m in line} for r in results]}
 
 
-def call_defaults(args):
-    """The call arguments generation needs as trained (WanPipeline's own defaults are 81 frames at 480x832):
-    attnsteer.json's "call"."""
-    return {"num_frames": args.frames, "height": args.size, "width": args.size,
-            "num_inference_steps": args.default_steps, "guidance_scale": args.default_cfg,
-            "max_sequence_length": args.max_seq}
+# ----------------------------------------------------------------------------- checkpoints
+
+MODELS = ("te", "transformer", "ema_te", "ema_transformer")
+
+
+def write_checkpoint(folder, vae, models, progress):
+    """The compact checkpoint: the VAE (fp32, as trained), the four models' weights in fp16 and
+    ``progress`` (step, phase start, random states, timings) as JSON; no optimizer moments."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "vae" / "config.json").exists():
+        vae.save_pretrained(folder / "vae")
+    weights = {f"{key}.{name}": value.detach().to("cpu", torch.float16).contiguous()
+               for key, model in zip(MODELS, models) for name, value in model.state_dict().items()}
+    save_file(weights, str(folder / "weights.safetensors.tmp"))
+    os.replace(folder / "weights.safetensors.tmp", folder / "weights.safetensors")
+    (folder / "progress.json").write_text(json.dumps(progress, indent=1) + "\n")
+
+
+def read_checkpoint(folder, models):
+    """Load a ``write_checkpoint`` folder's weights into ``models`` (as fp32); returns its progress."""
+    weights = load_file(str(Path(folder) / "weights.safetensors"))
+    for key, model in zip(MODELS, models):
+        own = model.state_dict()
+        model.load_state_dict({name: weights[f"{key}.{name}"].to(own[name].dtype) for name in own})
+    return json.loads((Path(folder) / "progress.json").read_text())
 
 
 # ----------------------------------------------------------------------------- main
@@ -547,6 +651,7 @@ def main(argv=None):
     for model, ema in ((text_encoder, ema_te), (transformer, ema_tr)):
         ema.load_state_dict(model.state_dict())
         ema.requires_grad_(False).eval()
+    models = (text_encoder, transformer, ema_te, ema_tr)
     log(f"params: text_encoder {n_params(text_encoder)}, transformer {n_params(transformer)}")
     params = list(text_encoder.parameters()) + list(transformer.parameters())
     ema_params = list(ema_te.parameters()) + list(ema_tr.parameters())
@@ -554,26 +659,39 @@ def main(argv=None):
     train_pipe = build_pipeline(vae, text_encoder, transformer, tokenizer, args.shift)  # for its encode_prompt
     rng = np.random.default_rng(args.seed + 3)
     gen = torch.Generator(args.device).manual_seed(args.seed + 4)
-    start = 0
+    start, joint_from, warm_from, watched = 0, (0 if args.image_steps == 0 else None), 0, []
     if state_path.exists():
         st = torch.load(state_path, weights_only=False, map_location="cpu")
-        for model, key in ((text_encoder, "te"), (transformer, "transformer"), (ema_te, "ema_te"),
-                           (ema_tr, "ema_transformer")):
+        for model, key in zip(models, MODELS):
             model.load_state_dict(st[key])
         opt.load_state_dict(st["opt"]); rng.bit_generator.state = st["rng"]; gen.set_state(st["gen"])
-        start = st["step"]
+        start, joint_from, watched = st["step"], st["joint_from"], st["watched"]
         log(f"resumed at step {start}")
+    elif args.checkpoint and (Path(args.checkpoint) / "weights.safetensors").exists():
+        progress = read_checkpoint(args.checkpoint, models)
+        rng.bit_generator.state = progress["rng"]
+        gen.set_state(torch.tensor(progress["gen"], dtype=torch.uint8))
+        start, joint_from, watched = progress["step"], progress["joint_from"], progress["watched"]
+        timings.update(progress["timings"])
+        warm_from = start
+        log(f"resumed at step {start} from the checkpoint {args.checkpoint} (fp16 weights, a fresh optimizer)")
+
+    def ema_pipe():
+        return build_pipeline(vae, ema_te, ema_tr, tokenizer, args.shift)
 
     def save(step):
-        pipe = build_pipeline(vae, ema_te, ema_tr, tokenizer, args.shift)
+        pipe = ema_pipe()
         pipe.save_pretrained(out, safe_serialization=True)
         (out / "attnsteer.json").write_text(json.dumps({"call": call_defaults(args)}) + "\n")
-        torch.save({"te": text_encoder.state_dict(), "transformer": transformer.state_dict(),
-                    "ema_te": ema_te.state_dict(), "ema_transformer": ema_tr.state_dict(), "opt": opt.state_dict(),
-                    "rng": rng.bit_generator.state, "gen": gen.get_state(), "step": step, "timings": timings},
-                   str(state_path) + ".tmp")
+        torch.save({**{key: model.state_dict() for key, model in zip(MODELS, models)}, "opt": opt.state_dict(),
+                    "rng": rng.bit_generator.state, "gen": gen.get_state(), "step": step, "joint_from": joint_from,
+                    "watched": watched, "timings": timings}, str(state_path) + ".tmp")
         os.replace(str(state_path) + ".tmp", state_path)
-        log(f"saved pipeline to {out} and state at step {step}")
+        if args.checkpoint:
+            write_checkpoint(args.checkpoint, vae, models, {
+                "step": step, "joint_from": joint_from, "watched": watched, "rng": rng.bit_generator.state,
+                "gen": gen.get_state().tolist(), "timings": timings})
+        log(f"saved pipeline to {out} and state at step {step}" + (f" (and {args.checkpoint})" if args.checkpoint else ""))
         return pipe
 
     text_encoder.train(); transformer.train()
@@ -581,29 +699,49 @@ def main(argv=None):
     tr_s0 = timings.get("transformer_s", 0.0)
     trained, pipe = start, None
     for step in range(start, args.steps):
-        lr = cosine_lr(args, step)
+        if joint_from is None and step >= args.image_steps:
+            joint_from = step
+            log(f"joint phase from step {step}: --image-steps {args.image_steps} reached")
+        lr = cosine_lr(args, step) * min(1.0, (step - warm_from + 1) / args.warmup)
         for g in opt.param_groups:
             g["lr"] = lr
-        image = rng.random() < args.image_ratio
+        phase = phase_of(step, args, joint_from)
+        image = phase == "image" or rng.random() < args.image_ratio
         n = args.image_batch if image else args.batch
-        idx = torch.from_numpy(rng.integers(0, len(captions), n)).to(args.device)
-        mean, std = (means[idx, :, :1], stds[idx, :, :1]) if image else (means[idx], stds[idx])
+        idx = rng.integers(0, len(captions), n)
+        frames = means.shape[2]
+        if image:  # any frame of any clip
+            t = torch.from_numpy(rng.integers(0, frames, n)).to(args.device)
+            rows = torch.from_numpy(idx).to(args.device)
+            mean, std = means[rows, :, t][:, :, None], stds[rows, :, t][:, :, None]
+        else:
+            length = args.short_frames if phase == "short" else frames
+            t = int(rng.integers(0, frames - length + 1))
+            rows = torch.from_numpy(idx).to(args.device)
+            mean, std = means[rows, :, t:t + length], stds[rows, :, t:t + length]
         z0 = (mean + std * torch.randn(mean.shape, generator=gen, device=args.device) - lmean) / lstd
         drop = rng.random(n) < args.drop
         caps = ["" if d else still(captions[i]) if image else captions[i] for d, i in zip(drop, idx.tolist())]
         text, _ = train_pipe.encode_prompt(caps, do_classifier_free_guidance=False, max_sequence_length=args.max_seq,
                                            device=args.device)
-        per_frame = not image and args.frame_noise > 0 and rng.random() < args.frame_noise
-        s, timestep = noise_levels(z0, per_frame, gen, args.train_shift)
+        clean_first = torch.from_numpy(np.zeros(n, bool) if image else rng.random(n) < args.first_frame).to(args.device)
+        sigma = noise_levels(n, gen, args.train_shift, args.device)
         noise = torch.randn(z0.shape, generator=gen, device=args.device)
-        pred = transformer(hidden_states=(1 - s) * z0 + s * noise, timestep=timestep, encoder_hidden_states=text,
-                           return_dict=False)[0]
-        loss = F.mse_loss(pred, noise - z0)
+        xt, timestep, weight = noised(z0, sigma, noise, clean_first)
+        pred = transformer(hidden_states=xt, timestep=timestep, encoder_hidden_states=text, return_dict=False)[0]
+        loss = flow_loss(pred, noise - z0, weight)
         optimizer_step(opt, loss, params, ema_params, args.ema, step)
         running.append(loss.item())
         trained = step + 1
         stop = end_step(args, step, start, t0, running, lr, timings, "transformer_s", tr_s0, log)
         if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps or stop:
+            if joint_from is None and args.watch:
+                binding = single_frame_binding(args, ema_pipe(), watch_prompts(args.watch))
+                watched.append([step + 1, binding])
+                log(f"single-frame binding on {args.watch} tune images at step {step + 1}: {binding:.3f}")
+                if binding >= args.image_gate:
+                    joint_from = step + 1
+                    log(f"joint phase from step {step + 1}: --image-gate {args.image_gate} reached")
             pipe = save(step + 1)
         if stop:
             log(f"stopping at step {step + 1}: --max-minutes {args.max_minutes} reached")
@@ -611,27 +749,12 @@ def main(argv=None):
     if pipe is None:  # nothing left to train: a finished run rerun
         pipe = save(trained)
 
-    # ---- a decoder for the frozen encoder (the transformer's latent space is unchanged)
-    if args.decoder_steps > 0:
-        dec_path = work / "vae_decoder"
-        if (dec_path / "config.json").exists():
-            decoded = AutoencoderKLWan.from_pretrained(dec_path).to(args.device).eval()
-            log(f"decoder from {dec_path}")
-        else:
-            t = time.time()
-            decoded = train_decoder(args, pipe.vae, log)
-            decoded.save_pretrained(dec_path)
-            timings["decoder_s"] = time.time() - t
-        vae_check = {"before": vae_check, "decoder": check_vae(args, decoded, log)}
-        pipe = build_pipeline(decoded, ema_te, ema_tr, tokenizer, args.shift)
-        pipe.save_pretrained(out, safe_serialization=True)
-
     # ---- evaluation and record
     pipe.set_progress_bar_config(disable=True)
     t = time.time()
     evaluation = evaluate(args, pipe, work, log) if args.eval_videos > 0 else None
     eval_s = time.time() - t
-    write_record(args, out, trained, timings, eval_s, vae_check, evaluation, pipe, log)
+    write_record(args, out, trained, joint_from, watched, timings, eval_s, vae_check, evaluation, pipe, log)
 
 
 def command_line(args):
@@ -646,16 +769,17 @@ def command_line(args):
     return " ".join(parts)
 
 
-def write_record(args, out, trained, timings, eval_s, vae_check, evaluation, pipe, log):
+def write_record(args, out, trained, joint_from, watched, timings, eval_s, vae_check, evaluation, pipe, log):
     total = sum(v for k, v in timings.items() if k.endswith("_s"))
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and f.suffix == ".safetensors")
     hardware = subprocess.run("lscpu | grep 'Model name' | sed 's/.*: *//'", shell=True, capture_output=True,
-                         text=True).stdout.strip()
+                              text=True).stdout.strip()
     if args.device.startswith("cuda"):
         hardware = f"{torch.cuda.get_device_name(args.device)} (CPU: {hardware})"
     params = {name: n_params(getattr(pipe, name)) for name in ("vae", "text_encoder", "transformer")}
     record = {
-        "seed": args.seed, "args": vars(args), "steps_trained": trained,
+        "seed": args.seed, "args": vars(args), "steps_trained": trained, "joint_from": joint_from,
+        "single_frame_binding": watched,
         "timings_s": {k: round(v, 1) for k, v in {**timings, "eval_s": eval_s}.items()},
         "wall_time_min": round(total / 60, 1), "torch_threads": args.threads, "hardware": hardware,
         "machine": platform.platform(), "torch": torch.__version__, "weights_bytes": size, "params": params,
@@ -664,6 +788,7 @@ def write_record(args, out, trained, timings, eval_s, vae_check, evaluation, pip
     }
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     command = command_line(args)
+    latent = args.size // SPATIAL
     (out / "TRAINING.md").write_text(
         f"# shapes-wan training record\n\n"
         f"Trained by `samples/train_shapes_wan.py`:\n\n"
@@ -672,24 +797,26 @@ def write_record(args, out, trained, timings, eval_s, vae_check, evaluation, pip
         f"- seed: {args.seed}\n"
         f"- clips: {args.n_clips} drawn clips of {args.frames} frames at {args.size}x{args.size} (object weights "
         f"{args.object_weights}, motion named with probability {args.named}); latents "
-        f"{1 + (args.frames - 1) // TEMPORAL} x {args.size // SPATIAL} x {args.size // SPATIAL} x {args.z_dim}\n"
-        f"- transformer + text encoder steps: {trained} of {args.steps} scheduled, batch {args.batch} clips"
-        + (f" ({args.image_ratio:.0%} of the steps: {args.image_batch} first frames as images)" if args.image_ratio else "")
-        + f", lr {args.lr} "
-        f"(warmup {args.warmup}, cosine to {args.min_lr_frac}x), AdamW wd 0.01, grad clip 1\n"
-        f"- objective: rectified flow, one sigma per clip, logit-normal(0, 1), target noise - x0; caption dropout "
-        f"{args.drop}; sampling: FlowMatchEulerDiscreteScheduler shift {args.shift}\n"
-        f"- text conditioning: the pipeline's own encode_prompt at max_sequence_length {args.max_seq}: generate "
-        f"with the same (attnsteer.json holds the call defaults)\n"
-        f"- VAE: AutoencoderKLWan, 4x spatial and 4x temporal, {args.z_dim} channels; {args.vae_steps} steps on "
-        f"{args.vae_frames}-frame {args.vae_crop} px crops (batch {args.vae_batch}) + {args.vae_full_steps} on whole "
-        f"clips (batch {args.vae_full_batch}), lr {args.vae_lr}, MSE + L1 with object pixels weighted "
-        f"{args.vae_object_weight}, KL weight {args.kl_weight}; video metrics on its reconstructions of "
-        f"{args.check_clips} fresh clips: {vae_check}\n"
-        + (f"- decoder: {args.decoder_steps} steps on whole clips (batch {args.vae_full_batch}), base "
-           f"{args.decoder_dim or args.vae_decoder_dim} channels, lr {args.decoder_lr}, encoder frozen\n"
-           if args.decoder_steps else "")
-        + f"- transformer: {args.layers} layers x {args.heads} heads of {args.head_dim}, ffn {args.ffn}, patch "
+        f"{args.frames} x {latent} x {latent} x {args.z_dim} (one latent frame per frame)\n"
+        f"- generate with num_frames {pipeline_frames(args.frames)} for {args.frames} frames (WanPipeline adds one "
+        f"with this VAE's temporal factor 1; attnsteer.json holds the call defaults)\n"
+        f"- image phase: steps 0-{joint_from if joint_from is not None else trained} of batch {args.image_batch} "
+        f"single frames (captions without motion words); single-frame binding of {args.watch} tune images at its "
+        f"checkpoints: {watched}\n"
+        f"- joint phase: from step {joint_from} to {trained} of {args.steps} scheduled, {args.image_ratio:.0%} image "
+        f"steps, clip steps of batch {args.batch}, the first {args.short_share:.0%} on {args.short_frames}-frame "
+        f"windows, then whole clips"
+        + (f"; in {args.first_frame:.0%} of the clips latent frame 0 given clean (per-token timestep 0, out of the "
+           f"loss: Wan 2.2 TI2V's conditioning; generation does not use it)" if args.first_frame else "")
+        + f"\n- lr {args.lr} (warmup {args.warmup}, cosine to {args.min_lr_frac}x), AdamW wd 0.01, grad clip 1\n"
+        f"- objective: rectified flow, one sigma per sample, logit-normal(0, 1) shifted {args.train_shift}, target "
+        f"noise - x0; caption dropout {args.drop}; sampling: FlowMatchEulerDiscreteScheduler shift {args.shift}\n"
+        f"- text conditioning: the pipeline's own encode_prompt at max_sequence_length {args.max_seq}\n"
+        f"- VAE: AutoencoderKLWan, 4x spatial, no temporal compression, {args.z_dim} channels, its causal past taps "
+        f"zero; {args.vae_steps} steps of {args.vae_batch} single {args.vae_crop} px frame crops, lr {args.vae_lr}, "
+        f"MSE + L1 with object pixels weighted {args.vae_object_weight}, KL weight {args.kl_weight}; on its "
+        f"reconstructions of {args.check_clips} fresh clips: {vae_check}\n"
+        f"- transformer: {args.layers} layers x {args.heads} heads of {args.head_dim}, ffn {args.ffn}, patch "
         f"{'x'.join(map(str, PATCH))}, adaLN-zero initialisation; text encoder: UMT5 d_model {args.te_dim}, "
         f"{args.te_layers} layers, the CLIP BPE tokenizer\n"
         f"- parameters: {', '.join(f'{k} {v}' for k, v in params.items())}; saved EMA weights (decay {args.ema}), "
