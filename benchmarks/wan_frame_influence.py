@@ -7,7 +7,10 @@ prediction per latent frame says how much each frame's prediction depends on fra
 (its own input changed) against the frames after it. A model that holds its objects through a clip has to
 carry them from frame to frame, so the later frames must depend on the earlier ones.
 
-    python benchmarks/wan_frame_influence.py --model OUT --clips 16 --sigmas 0.5 0.8 0.95
+With --images N it also draws N held-out single-object prompts as one frame each and scores them
+(binding: the share drawn right), the image half of what the model must do.
+
+    python benchmarks/wan_frame_influence.py --model OUT --clips 16 --sigmas 0.5 0.8 0.95 [--images 60]
 """
 
 from __future__ import annotations
@@ -71,21 +74,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sigmas", type=noise_level, nargs="+", default=[0.5, 0.8, 0.95],
                    help="noise levels (default 0.5 0.8 0.95)")
     p.add_argument("--threads", type=wan.positive_int, default=2, help="torch threads (default 2)")
+    p.add_argument("--images", type=wan.whole, default=0,
+                   help="also held-out single-object prompts drawn as one frame and scored (default 0: none)")
     p.add_argument("--json", default=None, help="also write the results here (default: none)")
     return p.parse_args(argv)
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv=None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     call = json.loads((Path(args.model) / "attnsteer.json").read_text())["call"]
-    result = frame_influence(WanPipeline.from_pretrained(args.model), call, args.clips, args.sigmas)
+    pipe = WanPipeline.from_pretrained(args.model)
+    result = frame_influence(pipe, call, args.clips, args.sigmas)
     print("sigma   change of x0 per latent frame when frame 0 is swapped   (frame k / frame 0)")
     for sigma, change in result.items():
         print(f"{sigma:5.2f}   " + " ".join(f"{c:7.4f}" for c in change)
               + "   (" + " ".join(f"{c / change[0]:.3f}" for c in change[1:]) + ")")
+    binding = None
+    if args.images:
+        binding = wan.single_frame_binding(pipe, call, wan.single_prompts(args.images, "heldout"))
+        print(f"single-frame binding on {args.images} held-out single-object prompts: {binding:.3f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": args.model, "clips": args.clips, "result": result}, indent=1))
+        Path(args.json).write_text(json.dumps({"model": args.model, "clips": args.clips, "result": result,
+                                               "single_frame_binding": binding}, indent=1))
 
 
 if __name__ == "__main__":

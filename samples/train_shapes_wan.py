@@ -550,10 +550,10 @@ def call_defaults(args):
 
 
 @torch.no_grad()
-def single_frame_binding(args, pipe, prompts, steps=20, batch=16):
-    """The share of ``prompts`` (single objects) drawn right as one frame (num_frames 1's pipeline value),
-    one seed each, ``steps`` steps at the call defaults' guidance."""
-    call = {**call_defaults(args), "num_frames": pipeline_frames(1), "num_inference_steps": steps}
+def single_frame_binding(pipe, call, prompts, steps=20, batch=16):
+    """The share of ``prompts`` (single objects) drawn right as one frame, one seed each (the prompt's
+    position), ``steps`` steps at ``call``'s size and guidance (attnsteer.json's call defaults)."""
+    call = {**call, "num_frames": pipeline_frames(1), "num_inference_steps": steps}
     pipe.set_progress_bar_config(disable=True)
     right = 0
     for i in range(0, len(prompts), batch):
@@ -565,10 +565,10 @@ def single_frame_binding(args, pipe, prompts, steps=20, batch=16):
     return right / len(prompts)
 
 
-def watch_prompts(count):
-    """``count`` tune single-object prompts, the 15 in turn (seeds differ by position)."""
-    tune = prompt_set("one", "tune")
-    return [tune[i % len(tune)] for i in range(count)]
+def single_prompts(count, split="tune"):
+    """``count`` single-object prompts of ``split``, its 15 in turn (seeds differ by position)."""
+    some = prompt_set("one", split)
+    return [some[i % len(some)] for i in range(count)]
 
 
 @torch.no_grad()
@@ -736,7 +736,7 @@ def main(argv=None):
         stop = end_step(args, step, start, t0, running, lr, timings, "transformer_s", tr_s0, log)
         if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps or stop:
             if joint_from is None and args.watch:
-                binding = single_frame_binding(args, ema_pipe(), watch_prompts(args.watch))
+                binding = single_frame_binding(ema_pipe(), call_defaults(args), single_prompts(args.watch))
                 watched.append([step + 1, binding])
                 log(f"single-frame binding on {args.watch} tune images at step {step + 1}: {binding:.3f}")
                 if binding >= args.image_gate:

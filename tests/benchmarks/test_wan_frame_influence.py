@@ -1,4 +1,5 @@
-"""wan_frame_influence: the swap of latent frame 0 moves the other frames only through the transformer."""
+"""wan_frame_influence: the swap of latent frame 0 moves the other frames only through the transformer; the
+command prints that reach and, with --images, held-out single-frame binding."""
 
 import sys
 from pathlib import Path
@@ -49,8 +50,23 @@ def test_later_frames_move_only_when_the_transformer_reads_across_frames(monkeyp
     ("--sigmas", "0", "argument --sigmas: '0' is not a noise level in (0, 1]"),
     ("--sigmas", "1.5", "argument --sigmas: '1.5' is not a noise level in (0, 1]"),
     ("--threads", "0", "argument --threads: '0' is not a whole number >= 1"),
+    ("--images", "-1", "argument --images: '-1' is not a whole number >= 0"),
 ])
 def test_bad_options_are_named(option, value, message, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--model", "m", option, value])
     assert message in capsys.readouterr().err
+
+
+def test_the_command_reports_the_reach_and_single_frame_binding(tmp_path, capsys):
+    import json
+
+    from wan_frame_influence import main
+
+    tiny_pipe().save_pretrained(tmp_path)
+    (tmp_path / "attnsteer.json").write_text(json.dumps({"call": {**CALL, "width": 32, "guidance_scale": 5.0}}))
+    main(["--model", str(tmp_path), "--clips", "2", "--sigmas", "0.8", "--images", "2", "--threads", "1",
+          "--json", str(tmp_path / "out.json")])
+    assert "single-frame binding on 2 held-out single-object prompts: 0.000" in capsys.readouterr().out
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert len(result["result"]["0.8"]) == 5 and result["single_frame_binding"] == 0

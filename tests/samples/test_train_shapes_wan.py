@@ -108,10 +108,10 @@ def test_encoding_a_clip_is_encoding_its_frames_one_by_one():
         whole = vae.encode(clips).latent_dist.mean
         alone = torch.cat([vae.encode(clips[:, :, i:i + 1]).latent_dist.mean for i in range(9)], dim=2)
         batched, _ = wan.encode_clips(vae, clips)
-        torch.testing.assert_close(whole, alone, rtol=0, atol=1e-5)
-        torch.testing.assert_close(batched, alone, rtol=0, atol=1e-5)
+        torch.testing.assert_close(whole, alone, rtol=0, atol=1e-4)
+        torch.testing.assert_close(batched, alone, rtol=0, atol=1e-4)
         decoded = vae.decode(whole).sample
-        torch.testing.assert_close(decoded, wan.decode_clips(vae, whole), rtol=0, atol=1e-5)
+        torch.testing.assert_close(decoded, wan.decode_clips(vae, whole), rtol=0, atol=1e-4)
     assert whole.shape == (2, 4, 9, 4, 4) and decoded.shape == clips.shape
 
 
