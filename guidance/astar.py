@@ -1,4 +1,4 @@
-"""A-STAR: attention segregation and retention losses that move the latent (METHODS.md section 2).
+"""A-STAR: attention segregation and retention losses that move the latent (docs/methods.md, section 2).
 
 Per concept m (a group of text tokens), A^m is its map at the map grid, averaged over the chosen
 layers and heads (``AttentionMapCapture``), then normalised (below). Per image:

@@ -1,4 +1,4 @@
-"""HeadHunter head selection (METHODS.md section 1, Algorithm 1): greedy rounds over a pool of heads.
+"""HeadHunter head selection (docs/methods.md, section 1; the paper's Algorithm 1): greedy rounds over a pool of heads.
 
 Round r scores every candidate S + {h}, h in the pool and not yet in S, on the same prompt-seed
 items, and adds the k best heads to S; each round also records its best candidate's gain over no

@@ -1,4 +1,4 @@
-"""Perturbed-attention guidance on chosen heads (HeadHunter / SoftPAG, METHODS.md section 1).
+"""Perturbed-attention guidance on chosen heads (HeadHunter / SoftPAG, docs/methods.md, section 1).
 
     eps = eps_u + g (eps_c - eps_u) + w (eps_c - eps_p)        (CFG on)
     eps = eps_c + w (eps_c - eps_p)                            (CFG off)

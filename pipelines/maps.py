@@ -9,6 +9,8 @@ Keyword arguments (defaults in ``MAPS_DEFAULTS``):
         (``AttentionMaps``; appended to the tuple when ``return_dict=False``).
     attention_maps_steps: (start, stop) fractions of the steps averaged; all by default.
     attention_maps_layers, attention_maps_grid: as ``astar_layers`` and ``astar_grid``.
+
+How the maps are computed, with A-STAR's: docs/methods.md, section 2.
 """
 
 from __future__ import annotations

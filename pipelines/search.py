@@ -4,6 +4,8 @@ Candidates are scored with classifier-free guidance off by default (as HeadHunte
 image is eps_c + w (eps_c - eps_perturbed) with its candidate's heads perturbed at SoftPAG weight u.
 Several candidates share one batched pipeline call (``perturbed_heads_per_prompt``), and every
 candidate sees the same prompts and seeds, so their scores differ only by the heads.
+
+Formulas, defaults and sources: docs/methods.md, section 1.
 """
 
 from __future__ import annotations

@@ -17,6 +17,8 @@ Keyword arguments (``SPARSE_DEFAULTS``):
         (the authors keep Wan's block 0 dense).
     sparse_dense_steps: the first steps kept dense; default 30% of the steps, rounded up (the authors'
         Wan warm-up: dense while t > 925 of 1000).
+
+Formulas, defaults and sources: docs/methods.md, section 4.
 """
 
 from __future__ import annotations

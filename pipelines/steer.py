@@ -6,6 +6,8 @@ also when the call raises.
 
     pipe = StableDiffusion3SteerPipeline.from_pretrained("stabilityai/stable-diffusion-3-medium-diffusers")
     image = pipe("a corgi", perturbed_heads="heads.json", perturbation_scale=3.0, softpag_u=0.5).images[0]
+
+Formulas, defaults and sources: docs/methods.md, section 1.
 """
 
 from __future__ import annotations
