@@ -115,6 +115,23 @@ def test_encoding_a_clip_is_encoding_its_frames_one_by_one():
     assert whole.shape == (2, 4, 9, 4, 4) and decoded.shape == clips.shape
 
 
+def test_frame_convolutions_are_the_same_vae_on_frames_at_a_third_of_the_kernel():
+    vae = tiny_vae()
+    frames = torch.rand(3, 3, 1, 16, 16) * 2 - 1
+    weights = [id(w) for w in wan.past_taps(vae)]
+    with torch.no_grad():
+        full = vae.encode(frames).latent_dist.mean
+        with wan.frame_convolutions(vae):
+            assert all(w.shape[2] == 1 for w in wan.past_taps(vae))
+            torch.testing.assert_close(vae.encode(frames).latent_dist.mean, full, rtol=0, atol=1e-5)
+            for w in wan.past_taps(vae):
+                w.add_(1)  # as training would change them
+    assert [id(w) for w in wan.past_taps(vae)] == weights  # the full kernels are back, with the new last taps
+    assert all(w.shape[2] == 3 and not w[:, :, :-1].any() for w in wan.past_taps(vae))
+    with torch.no_grad():
+        assert not torch.allclose(vae.encode(frames).latent_dist.mean, full)
+
+
 def test_the_vae_trains_on_single_frames_and_its_past_taps_stay_zero():
     args = wan.parse_args(TINY + ["--vae-steps", "3"])
     clips = wan.draw_clips(args)[0]
