@@ -21,6 +21,8 @@ Keyword arguments (defaults in ``ASTAR_DEFAULTS``):
     astar_checkpointing: gradient checkpointing in the gradient pass (less memory, about one more
         forward of the blocks up to the last map layer); also used when the denoiser has diffusers'
         gradient checkpointing enabled.
+
+Formulas, defaults and sources: docs/methods.md, section 2.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import math
 
 import numpy as np
 import torch
-from diffusers import FluxPipeline
+from diffusers import FluxPipeline, WanPipeline
 
 from attnsteer.attention_processors import map_layers
 from attnsteer.guidance.astar import NORMALIZE, SCHEDULES, AStarGuidance
@@ -45,6 +47,13 @@ ASTAR_DEFAULTS = dict(
 
 def denoiser(pipe) -> torch.nn.Module:
     return pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+
+
+def check_image_pipeline(pipe, name: str) -> None:
+    """ValueError naming ``name`` on a video pipeline, whose maps have frames (not supported yet)."""
+    if isinstance(pipe, WanPipeline):
+        raise ValueError(f"{name}: A-STAR and attention maps run on the image pipelines (SD, SDXL, SD3, FLUX); "
+                         f"{type(pipe).__name__} is a video pipeline, not supported yet")
 
 
 def latent_size(pipe, arguments: dict) -> tuple[int, int]:
@@ -134,6 +143,10 @@ def resolve_concepts(pipe, arguments: dict, tokens, name: str = "astar_tokens") 
                 if not 0 <= i < length:
                     raise ValueError(f"{name}: token index {i} is past the text sequence of {length} tokens (0-{length - 1})")
             resolved.append(list(indices))
+        for i, concept in enumerate(resolved):
+            if concept in resolved[:i]:
+                raise ValueError(f"{name}: {row[i]!r} names the same tokens as {row[resolved.index(concept)]!r} "
+                                 f"(prompt {p}): give each concept once")
         concepts.append(resolved)
         context.append(content_indices(pipe, arguments, p) if texts is not None else [])
     return concepts, context
@@ -171,6 +184,7 @@ def astar_guidance(pipe, arguments: dict, options: dict) -> AStarGuidance | None
     check_options(o)
     if o["astar_tokens"] is None:
         return None
+    check_image_pipeline(pipe, "astar_tokens")
     concepts, context = resolve_concepts(pipe, arguments, o["astar_tokens"])
     w_seg, w_ret = o["astar_weights"]
     if w_seg > 0:

@@ -12,6 +12,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 TINY_PREFIX = "tiny-"
@@ -34,7 +35,19 @@ FLAGS = {"perturbed_heads": "--heads", "perturbation_scale": "--scale", "softpag
          "sparsity": "--sparsity", "sparse_mask": "--sparse-mask", "sparse_pool": "--sparse-pool",
          "sparse_backend": "--sparse-backend", "sparse_dense_steps": "--sparse-dense-steps",
          "fifo_partitions": "--fifo-partitions", "num_frames": "--frames", "ouroboros_subjects": "--ouroboros-subjects",
-         "ouroboros_guidance": "--ouroboros-guidance"}
+         "ouroboros_guidance": "--ouroboros-guidance", "height": "--height", "width": "--width"}
+
+
+# Options that act only with a method: option -> (the option that turns the method on, how to name it); checked
+# on the commands that have that option (search-heads' own --scale and --u need no --heads)
+NEEDS = {
+    **dict.fromkeys(("scale", "u", "mode", "window", "batching"), ("heads", "--heads")),
+    **dict.fromkeys(("astar_scale", "astar_steps", "astar_weights", "astar_checkpointing"), ("astar", "--astar")),
+    **dict.fromkeys(("sparse_pool", "sparse_backend", "sparse_dense_steps"),
+                    ("sparsity", "--sparsity or --sparse-mask radial|tile")),
+    **dict.fromkeys(("ouroboros_guidance", "no_cross_frame"), ("ouroboros_subjects", "--ouroboros-subjects")),
+}
+FIFO_OPTIONS = ("fifo_partitions", "no_lookahead", "ouroboros_tail", "ouroboros_subjects")  # act only when FIFO runs
 
 
 class UsageError(ValueError):
@@ -114,7 +127,7 @@ def _save(result, is_video: bool, out: Path, stem: str) -> list[Path]:
     from .evaluate import enlarged
 
     out.mkdir(parents=True, exist_ok=True)
-    named = [(f"{stem}_{v}_frame{f:03d}", frame) for v, video in enumerate(result.frames) for f, frame in enumerate(video)] \
+    named = [(_frame(f"{stem}_{v}", f), frame) for v, video in enumerate(result.frames) for f, frame in enumerate(video)] \
         if is_video else [(f"{stem}_{i}", image) for i, image in enumerate(result.images)]
     for name, picture in named:
         picture.save(out / f"{name}.png")
@@ -126,11 +139,16 @@ def _save(result, is_video: bool, out: Path, stem: str) -> list[Path]:
     return paths
 
 
+def _frame(stem: str, index: int) -> str:
+    """A video frame's file stem: one scheme for every video command (FIFO's long videos included)."""
+    return f"{stem}_frame{index:04d}"
+
+
 def _steering(args) -> dict:
     """The head perturbation keyword arguments of the command line."""
     return dict(perturbed_heads=args.heads, perturbation_scale=args.scale, softpag_u=args.u,
-                perturbation_mode=args.mode, perturbation_window=tuple(args.window),
-                perturbation_batching=args.batching)
+                perturbation_mode=args.mode, perturbation_window=tuple(args.window or (0.0, 1.0)),
+                perturbation_batching=args.batching or "batched")
 
 
 def _astar(args):
@@ -160,7 +178,7 @@ def _sparse(args) -> dict:
     mask = getattr(args, "sparse_mask", "draft")
     if getattr(args, "sparsity", None) is None and mask == "draft":
         return {}
-    options = dict(sparsity=args.sparsity, sparse_mask=mask, sparse_backend=args.sparse_backend)
+    options = dict(sparsity=args.sparsity, sparse_mask=mask, sparse_backend=args.sparse_backend or "auto")
     if args.sparse_pool is not None:
         options["sparse_pool"] = tuple(args.sparse_pool)
     if args.sparse_dense_steps is not None:
@@ -226,9 +244,14 @@ def generate(args) -> None:
     from .fifo import trained_frames
 
     long = is_video and call.get("num_frames", 0) > trained_frames(pipe.call_defaults)
-    if args.command == "video" and not long and (args.ouroboros_tail or args.ouroboros_subjects):
-        raise UsageError(f"Ouroboros acts on FIFO-Diffusion, which runs for --frames longer than the model's clip of "
+    given = [_flag(name) for name in FIFO_OPTIONS if args.command == "video" and _given(args, name)]
+    if given and not long:
+        raise UsageError(f"{given[0]} acts on FIFO-Diffusion, which runs for --frames longer than the model's clip of "
                          f"{trained_frames(pipe.call_defaults)}")
+    if args.baseline and method is None and not long:
+        raise UsageError("--baseline draws the unsteered output beside a steered one: give a method too (--heads, "
+                         "--astar, --sparsity or --sparse-mask), or --frames beyond the model's clip (FIFO)")
+    _check_negative_prompt(args, pipe, call)
     if long:
         if method is not None:
             raise UsageError(f"--frames {call['num_frames']} is longer than the model's clip, which runs FIFO-Diffusion; "
@@ -264,18 +287,19 @@ def long_video(args, pipe, call: dict) -> None:
     from PIL import Image
 
     from .evaluate import enlarged
-    from .fifo import fifo_pipeline
+    from .fifo import FIFO_PARTITIONS, OUROBOROS_GUIDANCE, fifo_pipeline
 
     fifo = fifo_pipeline(pipe)
     fifo.set_progress_bar_config(disable=False)
-    options = dict(fifo_partitions=args.fifo_partitions, fifo_lookahead=not args.no_lookahead,
-                   ouroboros_tail=args.ouroboros_tail)
-    fifo.check_fifo(call["num_frames"], args.fifo_partitions, fifo.trained_frames(), False, None, 0, call["prompt"])
+    partitions = args.fifo_partitions or FIFO_PARTITIONS
+    options = dict(fifo_partitions=partitions, fifo_lookahead=not args.no_lookahead, ouroboros_tail=args.ouroboros_tail)
+    fifo.check_fifo(call["num_frames"], partitions, fifo.trained_frames(), False, None, 0, call["prompt"])
     if args.ouroboros_subjects:
-        options.update(ouroboros_subjects=args.ouroboros_subjects, ouroboros_guidance=args.ouroboros_guidance,
+        guidance = OUROBOROS_GUIDANCE if args.ouroboros_guidance is None else args.ouroboros_guidance
+        options.update(ouroboros_subjects=args.ouroboros_subjects, ouroboros_guidance=guidance,
                        ouroboros_cross_frame=not args.no_cross_frame)
-        fifo.check_ouroboros(args.ouroboros_subjects, args.ouroboros_guidance, [call["prompt"]],
-                             call.get("max_sequence_length"))
+        fifo.check_ouroboros(args.ouroboros_subjects, guidance, [call["prompt"]], call.get("max_sequence_length"),
+                             partitions=partitions)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = (["baseline"] if args.baseline else []) + ["fifo"]
@@ -285,7 +309,7 @@ def long_video(args, pipe, call: dict) -> None:
 
         def write(_, first, frames):
             for k, frame in enumerate(frames[0]):
-                paths.append(out / f"{stem}_frame{first + k:04d}.png")
+                paths.append(out / f"{_frame(stem, first + k)}.png")
                 Image.fromarray(np.uint8(np.round(frame * 255))).save(paths[-1])
                 print(paths[-1])
 
@@ -318,6 +342,7 @@ def story(args) -> None:
     if is_video:
         raise UsageError(f"--model {args.model} is a video model; `attnsteer story` draws images (SD, SDXL, SD3)")
     call = dict(_call(args, pipe, 28), prompt=args.scene, negative_prompt=args.negative_prompt, output_type="pil")
+    _check_negative_prompt(args, pipe, call)
     segmenter = keeping_images(segment_subjects) if args.masks == "detector" else None
     options = dict(story_subjects=args.subject, story_isolation=not args.no_isolation,
                    story_reposition=not args.no_reposition, story_read=not args.no_read,
@@ -353,6 +378,7 @@ def evaluate(args) -> None:
     from attnsteer.guidance.shapes import VIDEO_METRICS
 
     prompts = _prompts(args)
+    _check_captions(prompts, "eval scores pictures against shapes captions")
     pipe, is_video = load_pipeline(args.model, args.device, args.dtype)
     if is_video != args.video:
         raise UsageError(f"--model {args.model} is {'a video' if is_video else 'an image'} model: "
@@ -372,8 +398,22 @@ def evaluate(args) -> None:
         if result["paired"]:
             print(paired_table(result["paired"], "baseline", **metrics))
         config = {k: v for k, v in vars(args).items() if k != "run"}
-        for path in write(result, args.out, {**config, "prompts": len(prompts), "processes": state.num_processes}):
+        for path in write(result, args.out, {**config, **_used(args, pipe, call), "prompts": len(prompts),
+                                             "processes": state.num_processes}):
             print(path)
+
+
+def _used(args, pipe, call: dict) -> dict:
+    """The values a run used where the command line left the default: steps, CFG scale, and the head
+    perturbation's w, u and mode (None where no heads were given: nothing used them)."""
+    from .steer import parent_call
+
+    used = {"steps": call["num_inference_steps"],
+            "guidance_scale": call.get("guidance_scale", parent_call(type(pipe)).parameters["guidance_scale"].default)}
+    if args.heads:
+        guidance = pipe.perturbation_guidance(**_steering(args))
+        used.update(scale=guidance.scale, u=guidance.u, mode=guidance.mode)
+    return used
 
 
 def _prompts(args) -> list[str]:
@@ -388,13 +428,42 @@ def _prompts(args) -> list[str]:
     return prompts[:args.limit] if args.limit else prompts
 
 
+def _check_captions(prompts: list[str], why: str) -> None:
+    """UsageError naming the first prompt that names no shapes object (colour and shape)."""
+    from attnsteer.guidance.shapes import parse_caption
+
+    bad = next((p for p in prompts if not parse_caption(p)), None)
+    if bad is not None:
+        raise UsageError(f"prompt {bad!r} names no shapes object (a colour and a shape, e.g. 'a red circle'): {why}")
+
+
+def _check_negative_prompt(args, pipe, call: dict) -> None:
+    """UsageError for a negative prompt that the call's guidance would ignore."""
+    if not args.negative_prompt:
+        return
+    from diffusers import FluxPipeline
+
+    if isinstance(pipe, FluxPipeline):
+        raise UsageError("--negative-prompt needs true CFG on FLUX (true_cfg_scale > 1, not on the command line); "
+                         "FLUX's --guidance-scale is distilled guidance, which reads no negative prompt")
+    from .steer import parent_call
+
+    scale = call.get("guidance_scale", parent_call(type(pipe)).parameters["guidance_scale"].default)
+    if scale <= 1:
+        raise UsageError(f"--negative-prompt acts through CFG, which is off at --guidance-scale {scale:g}; "
+                         "give a scale above 1")
+
+
 def search(args) -> None:
     from attnsteer.guidance.distributed import process_state
     from attnsteer.guidance.objectives import load_objective
 
     from .search import read_items, run_search
 
-    items = read_items(_prompts(args), args.seeds)
+    prompts = _prompts(args)
+    if args.objective.startswith("shapes"):
+        _check_captions(prompts, "the shapes objective scores pictures against shapes captions")
+    items = read_items(prompts, args.seeds)
     objective = load_objective(args.objective, args.device)
     pipe, is_video = load_pipeline(args.model, args.device, args.dtype)
     if is_video:
@@ -487,6 +556,25 @@ def _number(kind, low=None, high=None, high_open=False, what=""):
     return parse
 
 
+def _heads(text: str) -> str:
+    """An argparse type: a head spec or head-set file, not empty."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty head spec; give 'LAYER:HEADS ...' (see `attnsteer layers`) or a "
+                                         "head-set JSON file")
+    return text
+
+
+def _words(text: str) -> str:
+    """An argparse type: a comma list of words, none empty and none twice."""
+    words = [word.strip() for word in text.split(",")]
+    if not all(words):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of words (an empty word), e.g. 'circle,square'")
+    twice = next((w for i, w in enumerate(words) if w in words[:i]), None)
+    if twice is not None:
+        raise argparse.ArgumentTypeError(f"{text!r} gives {twice!r} twice; give each word once")
+    return text
+
+
 POSITIVE = _number(int, 1, what="a whole number >= 1")
 NON_NEGATIVE = _number(int, 0, what="a whole number >= 0")
 FINITE = _number(float, what="a finite number")
@@ -516,22 +604,22 @@ def parser() -> argparse.ArgumentParser:
         return commands.add_parser(name, formatter_class=_HelpFormatter, **kwargs)
 
     def steering_options(p):
-        p.add_argument("--heads", default=None, help="'LAYER:HEADS ...' spec or head-set JSON (see `attnsteer layers`); "
+        p.add_argument("--heads", type=_heads, default=None, help="'LAYER:HEADS ...' spec or head-set JSON (see `attnsteer layers`); "
                                                      "default: none (no perturbation)")
         p.add_argument("--scale", type=FINITE, default=None, help="perturbation scale w (default 5, or the head-set file's)")
         p.add_argument("--u", type=FRACTION, default=None, help="SoftPAG u in [0, 1]: 0 no perturbation, 1 PAG identity "
                                                                "(default 1, or the head-set file's)")
         p.add_argument("--mode", default=None, choices=["joint", "image"],
                        help="identity on the whole joint map or on the image block (default joint, or the head-set file's)")
-        p.add_argument("--window", type=FRACTION, nargs=2, default=(0.0, 1.0), metavar=("START", "STOP"),
-                       help="fractions of the steps where the perturbation acts")
-        p.add_argument("--batching", default="batched", choices=["batched", "sequential"],
-                       help="perturbed branch in the same forward (batched) or a second one (less memory)")
+        p.add_argument("--window", type=FRACTION, nargs=2, default=None, metavar=("START", "STOP"),
+                       help="fractions of the steps where the perturbation acts (default 0 1: all)")
+        p.add_argument("--batching", default=None, choices=["batched", "sequential"],
+                       help="perturbed branch in the same forward (batched, the default) or a second one (less memory)")
         p.add_argument("--guidance-scale", type=FINITE, default=None,
                        help="CFG scale (default: the model folder's, else the pipeline's)")
 
     def astar_options(p):
-        p.add_argument("--astar", default=None, metavar="CONCEPTS",
+        p.add_argument("--astar", type=_words, default=None, metavar="CONCEPTS",
                        help="A-STAR on these concepts: 'nouns' or 'objects' (each shapes prompt's object nouns, or "
                             "colour and noun) or a comma list of words of the prompt, e.g. 'cat,dog' (default: off)")
         p.add_argument("--astar-scale", type=NON_NEGATIVE_FLOAT, default=None,
@@ -551,7 +639,7 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--limit", type=POSITIVE, default=None, help="use the first N prompts (default: all)")
         p.add_argument("--seeds", type=POSITIVE, default=seeds, help="seeds 0..N-1 per prompt")
 
-    def model_options(p, default=DEFAULT_MODEL):
+    def model_options(p, default=DEFAULT_MODEL, video=True):
         p.add_argument("--model", default=default,
                        help=f"model id, local diffusers folder, a shipped shapes model ({', '.join(SHIPPED)}) or "
                             f"tiny-sd|tiny-sdxl|tiny-sd3|tiny-flux|tiny-wan (random weights)"
@@ -561,8 +649,9 @@ def parser() -> argparse.ArgumentParser:
                        help="weights and compute precision (use float32 on a CPU)")
         p.add_argument("--height", type=POSITIVE, default=None, help="pixels (default: the model's)")
         p.add_argument("--width", type=POSITIVE, default=None, help="pixels (default: the model's)")
-        p.add_argument("--frames", type=POSITIVE, default=None,
-                       help="video frames, 1 + 4k for Wan (default: the model folder's, else the pipeline's)")
+        if video:
+            p.add_argument("--frames", type=POSITIVE, default=None,
+                           help="video frames, 1 + 4k for Wan (default: the model folder's, else the pipeline's)")
 
     def sparse_options(p):
         p.add_argument("--sparsity", type=SPARSITY, default=None,
@@ -572,8 +661,8 @@ def parser() -> argparse.ArgumentParser:
                        help="block mask: the draft map (with --sparsity), or the static radial or sliding-tile mask")
         p.add_argument("--sparse-pool", type=POSITIVE, nargs=2, default=None, metavar=("ROWS", "COLUMNS"),
                        help="latent tokens per block in each frame (default: about 128 that tile the frame, e.g. 10 13 on Wan 480p)")
-        p.add_argument("--sparse-backend", default="auto", choices=["auto", "flex", "gather", "dense"],
-                       help="auto: compiled flex_attention where it can run, else gather")
+        p.add_argument("--sparse-backend", default=None, choices=["auto", "flex", "gather", "dense"],
+                       help="auto (the default): compiled flex_attention where it can run, else gather")
         p.add_argument("--sparse-dense-steps", type=NON_NEGATIVE, default=None,
                        help="first steps kept dense (default: 30%% of the steps)")
 
@@ -598,16 +687,18 @@ def parser() -> argparse.ArgumentParser:
                               "beyond the model's clip runs FIFO-Diffusion")
     model_options(v, DEFAULT_VIDEO_MODEL)
     generate_options(v, "video")
-    v.add_argument("--fifo-partitions", type=POSITIVE, default=4,
-                   help="FIFO queue of n windows (--frames beyond the model's clip): each frame passes n x window levels")
+    v.add_argument("--fifo-partitions", type=POSITIVE, default=None,
+                   help="FIFO queue of n windows (--frames beyond the model's clip): each frame passes n x window levels "
+                        "(default 4)")
     v.add_argument("--no-lookahead", action="store_true", help="FIFO without overlapping windows (half the model calls)")
     v.add_argument("--ouroboros-tail", action="store_true",
                    help="FIFO with Ouroboros' coherent tail: new tail frames keep the low frequencies of the queue's last")
     v.add_argument("--ouroboros-subjects", nargs="+", default=None, metavar="WORD",
                    help="FIFO with Ouroboros' subject parts for these words of the prompt: later windows read the head "
                         "window's subject keys and values, and self-recurrent guidance (default: none, the parts off)")
-    v.add_argument("--ouroboros-guidance", type=NON_NEGATIVE_FLOAT, default=0.1,
-                   help="self-recurrent guidance step relative to the velocity (0: off; with --ouroboros-subjects)")
+    v.add_argument("--ouroboros-guidance", type=NON_NEGATIVE_FLOAT, default=None,
+                   help="self-recurrent guidance step relative to the velocity (0: off; with --ouroboros-subjects; "
+                        "default 0.1)")
     v.add_argument("--no-cross-frame", action="store_true",
                    help="with --ouroboros-subjects: no subject-aware cross-frame attention")
 
@@ -626,7 +717,7 @@ def parser() -> argparse.ArgumentParser:
 
     s = command("search-heads", help="HeadHunter: greedily select the heads whose perturbation best raises an "
                                       "objective; writes heads.json for --heads / perturbed_heads")
-    model_options(s)
+    model_options(s, video=False)
     s.add_argument("--revision", default=None, help="model revision, recorded in heads.json (default: none)")
     prompt_options(s, split="tune", seeds=2,
                    prompts_help="a file of prompts, one per line, instead of --set; a 'prompt<TAB>seed' line fixes "
@@ -652,9 +743,9 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(run=search)
 
     m = command("maps", help="the attention map of each chosen word over one generated picture")
-    model_options(m)
+    model_options(m, video=False)
     m.add_argument("--prompt", required=True, help="what to draw")
-    m.add_argument("--words", required=True, help="comma list of words of the prompt to map, e.g. 'red,circle,blue square'")
+    m.add_argument("--words", type=_words, required=True, help="comma list of words of the prompt to map, e.g. 'red,circle,blue square'")
     steering_options(m)
     astar_options(m)
     m.add_argument("--maps-steps", type=FRACTION, nargs=2, default=(0.0, 1.0), metavar=("START", "STOP"),
@@ -667,11 +758,11 @@ def parser() -> argparse.ArgumentParser:
     m.set_defaults(run=maps)
 
     st = command("story", help="IR-Diffusion: the same subjects in several scenes, drawn alone as references first")
-    model_options(st)
+    model_options(st, video=False)
     st.add_argument("--subject", action="append", required=True, help="a subject prompt, e.g. 'a red circle'; repeat "
                                                                         "for each subject")
     st.add_argument("--scene", action="append", required=True, help="a scene holding every subject; repeat for more")
-    st.add_argument("--words", default=None, help="comma list, one per subject, of the words naming it in its prompt "
+    st.add_argument("--words", type=_words, default=None, help="comma list, one per subject, of the words naming it in its prompt "
                                                   "and every scene (default: each subject without its article)")
     st.add_argument("--masks", default="maps", choices=["maps", "detector"],
                     help="where the subjects are: their cross-attention maps (default), or the shapes detector on the "
@@ -706,10 +797,19 @@ def check(args) -> None:
         allowed = "one, two, one-moving, two-moving" if video else "one, two, three"
         raise UsageError(f"--set {args.set} is not a{' video' if video else 'n image'} prompt set; "
                          f"allowed: {allowed}" + ("" if video else " (the moving sets need --video)"))
+    for name, (method, named) in NEEDS.items():
+        on = _given(args, method) or (method == "sparsity" and getattr(args, "sparse_mask", "draft") != "draft")
+        if hasattr(args, method) and _given(args, name) and not on:
+            raise UsageError(f"{_flag(name)} acts only with {named}, which is not given")
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device}: no CUDA GPU is visible to torch here; use --device cpu")
+    else:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise UsageError(f"--device {args.device!r} is not a torch device: use cpu, cuda or cuda:N") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device}: no CUDA GPU is visible to torch here; use --device cpu")
     if not args.model.startswith(TINY_PREFIX):
         model_path(args.model)
     if getattr(args, "prompts", None) and not Path(args.prompts).is_file():
@@ -724,11 +824,25 @@ def check(args) -> None:
             raise UsageError(f"--out {args.out}: {existing} is a file, not a folder")
         if not os.access(existing, os.W_OK | os.X_OK):
             raise UsageError(f"--out {args.out}: the folder {existing} is not writable")
+        try:  # what a user with the rights still cannot create (a read-only or virtual file system)
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=args.out).close()
+        except OSError as error:
+            raise UsageError(f"--out {args.out}: cannot be created or written ({error})") from None
+
+
+def _given(args, name: str) -> bool:
+    """Whether the command line gave option ``name`` (every checked option defaults to None or False)."""
+    return getattr(args, name, None) not in (None, False)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def _flag_names(message: str) -> str:
     """``message`` with the Python API's keyword names replaced by the command line's flags."""
-    return re.sub(r"\b(" + "|".join(FLAGS) + r")\b", lambda m: FLAGS[m.group(1)], message)
+    return re.sub(r"(?<![\w-])(" + "|".join(FLAGS) + r")\b", lambda m: FLAGS[m.group(1)], message)
 
 
 def main(argv: list[str] | None = None) -> None:

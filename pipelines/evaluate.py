@@ -12,6 +12,7 @@ another order can move a pixel by one level, and rarely a detection. Only the ma
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +103,9 @@ def _cell(s: dict | None, sign: str = "") -> str:
     if s is None:
         return "-"
     value = s["rate"] if "rate" in s else s["mean"] if "mean" in s else s["diff"]
+    if not math.isfinite(s["low"]):  # one item, or one prompt whose seeds are not independent
+        one = "n = 1" if s["n"] == 1 else "1 prompt"
+        return f"{value:{sign}.3f} ({one}: no interval)"
     return f"{value:{sign}.3f} [{s['low']:{sign}.3f}, {s['high']:{sign}.3f}]"
 
 

@@ -1,6 +1,6 @@
 """Long video in constant memory: FIFO-Diffusion on Wan, as a WanPipeline subclass.
 
-    pipe = WanFIFOPipeline.from_pretrained("samples/models/shapes-wan")
+    pipe = WanFIFOPipeline.from_pretrained("shapes-wan")
     video = pipe("a red circle moving left", num_frames=129, generator=torch.Generator().manual_seed(0)).frames[0]
 
 The model's own clip (``fifo_window_frames`` video frames, by default the length it was trained on:
@@ -12,6 +12,8 @@ decoded at once through Wan's causal VAE with its cache kept (``StreamingDecoder
 callback the frames are not kept, so memory does not grow with the length, and the output's
 ``frames`` is None. ``fifo_prompt_schedule`` [(start, stop, prompt)] gives frame ranges their own
 prompts, ``fifo_prompt_blend`` frames of linear change between them.
+
+Formulas, defaults and sources: docs/methods.md, section 5.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from .steer import CallDefaultsMixin
 from .tokens import word_indices
 
 WAN_TRAINED_FRAMES = 81  # Wan 2.1's clip length, for a model without a recorded one
+FIFO_PARTITIONS = 4  # windows in the queue
 OUROBOROS_MOMENTUM = 0.9  # of the subject bank's moving average
 OUROBOROS_GUIDANCE = 0.1  # self-recurrent guidance step, relative to the velocity (not tuned)
 PARENT_DEFAULTS = {name: p.default for name, p in inspect.signature(WanPipeline.__call__).parameters.items()}
@@ -144,17 +147,23 @@ class WanFIFOPipeline(CallDefaultsMixin, WanPipeline):
         return PromptSchedule(schedule, num_frames, blend)
 
     def check_ouroboros(self, subjects, guidance, prompts: list[str], max_sequence_length=None,
-                        momentum=OUROBOROS_MOMENTUM, layers=None):
+                        momentum=OUROBOROS_MOMENTUM, layers=None, partitions=FIFO_PARTITIONS):
         """The subjects' text-key indices per prompt ([prompt][subject]) and the memory layers, or a
         ValueError naming a bad Ouroboros option, before any compute (max_sequence_length None: the
-        pipeline's default)."""
+        pipeline's default; ``partitions``: the run's fifo_partitions)."""
         if (not isinstance(subjects, (list, tuple)) or not subjects
                 or not all(isinstance(w, str) and w.strip() for w in subjects)):
             raise ValueError(f"ouroboros_subjects {subjects!r} must be a list of words of the prompt, e.g. ['circle']")
+        twice = next((w for i, w in enumerate(subjects) if w in subjects[:i]), None)
+        if twice is not None:
+            raise ValueError(f"ouroboros_subjects {list(subjects)!r} gives {twice!r} twice; give each subject once")
         if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 <= guidance < float("inf"):
             raise ValueError(f"ouroboros_guidance {guidance!r} must be a number >= 0 (0: off)")
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
             raise ValueError(f"ouroboros_momentum {momentum!r} must be a number in [0, 1)")
+        if partitions < 2:
+            raise ValueError(f"ouroboros_subjects needs fifo_partitions >= 2, got {partitions}: its parts act on the "
+                             "windows after the head window, and one partition is one window")
         own = [n for n, info in list_layers(self.transformer).items() if info.kind == SELF]
         chosen = own if layers is None else [layers] if isinstance(layers, str) else list(layers)
         unknown = [n for n in chosen if n not in own]
@@ -171,7 +180,7 @@ class WanFIFOPipeline(CallDefaultsMixin, WanPipeline):
     def __call__(self, prompt=None, negative_prompt=None, height=None, width=None, num_frames=None,
                  num_inference_steps=None, guidance_scale=None, generator=None, output_type="np", return_dict=True,
                  callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",), max_sequence_length=None,
-                 fifo_partitions=4, fifo_lookahead=True, fifo_window_frames=None, fifo_beyond_training=False,
+                 fifo_partitions=FIFO_PARTITIONS, fifo_lookahead=True, fifo_window_frames=None, fifo_beyond_training=False,
                  fifo_prompt_schedule=None, fifo_prompt_blend=0, frame_callback=None, ouroboros_tail=False,
                  ouroboros_subjects=None, ouroboros_cross_frame=True, ouroboros_guidance=OUROBOROS_GUIDANCE,
                  ouroboros_momentum=OUROBOROS_MOMENTUM,
@@ -197,10 +206,8 @@ class WanFIFOPipeline(CallDefaultsMixin, WanPipeline):
         subjects = None
         if ouroboros_subjects is not None:
             groups, memory_layers = self.check_ouroboros(ouroboros_subjects, ouroboros_guidance, prompts,
-                                                         max_sequence_length, ouroboros_momentum, ouroboros_layers)
-            if fifo_partitions < 2:
-                raise ValueError(f"ouroboros_subjects needs fifo_partitions >= 2, got {fifo_partitions}: its parts act "
-                                 "on the windows after the head window, and one partition is one window")
+                                                         max_sequence_length, ouroboros_momentum, ouroboros_layers,
+                                                         fifo_partitions)
             if schedule is not None:
                 if any(g != groups[0] for g in groups):
                     raise ValueError(f"ouroboros_subjects {list(ouroboros_subjects)} sit at different tokens in the "

@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw
 from attnsteer.attention_processors import map_layers
 from attnsteer.guidance.maps import MapRecorder
 
-from .astar import check_window, denoiser, latent_size, per_prompt, resolve_concepts
+from .astar import check_image_pipeline, check_window, denoiser, latent_size, per_prompt, resolve_concepts
 
 MAPS_DEFAULTS = dict(return_attention_maps=None, attention_maps_steps=(0.0, 1.0), attention_maps_layers=None,
                      attention_maps_grid=None)
@@ -51,6 +51,7 @@ def map_recorder(pipe, arguments: dict, options: dict) -> tuple[MapRecorder, lis
     check_window("attention_maps_steps", o["attention_maps_steps"])
     if o["return_attention_maps"] is None:
         return None
+    check_image_pipeline(pipe, "return_attention_maps")
     groups, _ = resolve_concepts(pipe, arguments, o["return_attention_maps"], "return_attention_maps")
     try:
         layers, grid = map_layers(denoiser(pipe), latent_size(pipe, arguments), o["attention_maps_layers"], o["attention_maps_grid"])

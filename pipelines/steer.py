@@ -12,6 +12,7 @@ Formulas, defaults and sources: docs/methods.md, section 1.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import json
 import numbers
@@ -24,7 +25,7 @@ from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPip
 from attnsteer.attention_processors import HeadSetFile, LayoutRecorder, list_layers, resolve_heads, steering
 from attnsteer.guidance.perturbation import BranchInfo, HeadPerturbationGuidance
 
-from .methods import AttentionMethods, pop_arguments
+from .methods import OPTIONS, AttentionMethods, pop_arguments
 from .story import expand_story
 
 DEFAULT_SCALE = 5.0  # HeadHunter paper, SD3-medium
@@ -33,6 +34,72 @@ DEFAULT_MODE = "joint"  # HeadHunter's definition of identity on joint attention
 PERTURBATION_ARGUMENTS = ("perturbed_heads", "perturbation_scale", "softpag_u", "perturbation_mode",
                           "perturbation_window", "perturbation_batching", "perturbed_heads_per_prompt")
 CALL_DEFAULTS = "attnsteer.json"  # in a model folder: {"call": {parent call keyword arguments the model needs}}
+OURS = (*PERTURBATION_ARGUMENTS, *OPTIONS)
+PREFIXES = ("perturb", "softpag", "astar", "story", "sparse", "fifo", "ouroboros", "attention_maps")
+
+
+def parent_call(cls) -> inspect.Signature:
+    """The signature of the diffusers pipeline's ``__call__`` that ``cls`` extends."""
+    parent = next(c for c in cls.__mro__ if c.__module__.startswith("diffusers.") and "__call__" in c.__dict__)
+    return inspect.signature(parent.__call__)
+
+
+def check_call_defaults(cls, defaults, path) -> dict:
+    """A model folder's "call" entry, or a ValueError naming what is wrong in it."""
+    parameters = parent_call(cls).parameters
+    if not isinstance(defaults, dict):
+        raise ValueError(f"{path}: \"call\" must be an object of {cls.__name__} call arguments, got {defaults!r}")
+    unknown = [name for name in defaults if name not in parameters or name in ("self", "kwargs")]
+    if unknown:
+        raise ValueError(f"{path}: \"call\" names {unknown[0]!r}, which is not a call argument of {cls.__name__}"
+                         + _nearest(unknown[0], [n for n in parameters if n not in ("self", "kwargs")]))
+    return defaults
+
+
+def _nearest(name: str, names) -> str:
+    close = difflib.get_close_matches(name, list(names), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def check_keywords(kwargs: dict, signature: inspect.Signature) -> None:
+    """ValueError for a keyword that looks like one of attnsteer's but is none: a parent pipeline that
+    takes ``**kwargs`` would swallow the misspelt name silently."""
+    for name in kwargs:
+        if name in signature.parameters:
+            continue
+        close = difflib.get_close_matches(name, OURS, n=1, cutoff=0.75)
+        prefix = next((p for p in PREFIXES if name.startswith(p)), None)
+        if close:
+            raise ValueError(f"unknown keyword argument {name!r}; did you mean {close[0]!r}?")
+        if prefix in ("fifo", "ouroboros"):
+            raise ValueError(f"unknown keyword argument {name!r}: FIFO and Ouroboros arguments are WanFIFOPipeline's")
+        if prefix is not None:
+            raise ValueError(f"unknown keyword argument {name!r}; attnsteer's starting with {prefix!r} are "
+                             + ", ".join(n for n in OURS if n.startswith(prefix)))
+
+
+def check_size(pipe, arguments: dict) -> None:
+    """ValueError, in pixels, for a height or width the denoiser cannot take: a UNet's sizes are
+    multiples of its whole downsampling, an SD3 transformer's are also at most its position grid."""
+    unet, transformer = getattr(pipe, "unet", None), getattr(pipe, "transformer", None)
+    if unet is not None:
+        down = 2 ** (len(unet.config.block_out_channels) - 1)
+        step, largest, why = pipe.vae_scale_factor * down, None, f"VAE {pipe.vae_scale_factor}x and UNet {down}x downsampling"
+    elif isinstance(pipe, StableDiffusion3Pipeline) and transformer.config.pos_embed_max_size is not None:
+        step = pipe.vae_scale_factor * transformer.config.patch_size
+        largest = transformer.config.pos_embed_max_size * step
+        why = f"VAE {pipe.vae_scale_factor}x, patches of {transformer.config.patch_size}, {transformer.config.pos_embed_max_size} positions"
+    else:
+        return
+    default = (unet or transformer).config.sample_size * pipe.vae_scale_factor
+    for name in ("height", "width"):
+        size = arguments.get(name)
+        if size is None:
+            continue
+        if size % step or size < step or (largest is not None and size > largest):
+            allowed = f"multiples of {step} px" + (f" up to {largest} px" if largest is not None else "")
+            raise ValueError(f"{name} {size} px: {type(pipe).__name__} takes {allowed} ({why}); "
+                             f"its default is {default} px")
 
 
 class CallDefaultsMixin:
@@ -43,9 +110,15 @@ class CallDefaultsMixin:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """The parent's; a shipped model's name (``"shapes-sd3"``) loads it from samples/models."""
+        from .cli import SHIPPED, model_path
+
+        if pretrained_model_name_or_path in SHIPPED and not Path(pretrained_model_name_or_path).exists():
+            pretrained_model_name_or_path = model_path(pretrained_model_name_or_path)
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         path = Path(pretrained_model_name_or_path) / CALL_DEFAULTS
-        pipe.call_defaults = json.loads(path.read_text()).get("call", {}) if path.is_file() else {}
+        pipe.call_defaults = check_call_defaults(cls, json.loads(path.read_text()).get("call", {}), path) \
+            if path.is_file() else {}
         return pipe
 
 
@@ -147,6 +220,7 @@ class SteerMixin(CallDefaultsMixin):
         perturbation; attention methods) of a call, every argument checked; ValueError before any compute."""
         methods = pop_arguments(kwargs)
         signature = inspect.signature(super().__call__)
+        check_keywords(kwargs, signature)
         named = signature.bind_partial(*args, **kwargs).arguments
         for name in [n for n in named if signature.parameters[n].kind is inspect.Parameter.VAR_KEYWORD]:
             named.update(named.pop(name))
@@ -155,6 +229,7 @@ class SteerMixin(CallDefaultsMixin):
         bound = signature.bind(**kwargs)
         bound.apply_defaults()
         check_steps(bound.arguments)
+        check_size(self, bound.arguments)
         guidance = self.perturbation_guidance(**perturbation, prompt=bound.arguments.get("prompt"))
         return kwargs, bound, guidance, AttentionMethods(self, bound.arguments, methods)
 

@@ -22,6 +22,8 @@ is the picture its subject prompt gives alone with that seed. Keyword arguments 
     story_isolate_layers, story_read_layers: self-attention layer names; default: every one for
         isolation, the decoder's for reading (UNet: the up blocks; SD3: the second half of the blocks).
     story_dropout: reference mask dropout (0.5).
+
+Formulas, defaults and sources: docs/methods.md, section 3.
 """
 
 from __future__ import annotations
@@ -76,6 +78,9 @@ def expand_story(kwargs: dict, options: dict) -> dict:
             or not all(isinstance(s, str) and s.strip() for s in subjects)):
         raise ValueError(f"story_subjects must be a non-empty list of subject prompts, e.g. ['a red circle', "
                          f"'a blue square'], got {subjects!r}")
+    twice = next((s for i, s in enumerate(subjects) if s in subjects[:i]), None)
+    if twice is not None:
+        raise ValueError(f"story_subjects gives {twice!r} twice; give each subject once")
     scenes = kwargs.get("prompt")
     scenes = [scenes] if isinstance(scenes, str) else scenes
     if not isinstance(scenes, (list, tuple)) or not scenes or not all(isinstance(s, str) for s in scenes):

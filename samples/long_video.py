@@ -31,7 +31,8 @@ def main(argv=None):
     frames = args.frames or 8 * (clip - 1) + 1
     subjects = args.subjects or caption_concepts(args.prompt)
     fifo.check_fifo(frames, args.partitions, clip, False, None, 0, args.prompt)
-    fifo.check_ouroboros(subjects, OUROBOROS_GUIDANCE, [args.prompt], pipe.call_defaults.get("max_sequence_length"))
+    fifo.check_ouroboros(subjects, OUROBOROS_GUIDANCE, [args.prompt], pipe.call_defaults.get("max_sequence_length"),
+                         partitions=args.partitions)
     runs = {"direct": lambda: pipe(args.prompt, num_frames=frames, **call(args), output_type="pil"),
             "FIFO": lambda: fifo(args.prompt, num_frames=frames, fifo_partitions=args.partitions, **call(args),
                                  output_type="pil"),

@@ -30,7 +30,7 @@ def test_generate_writes_baseline_and_steered_pngs(tmp_path, capsys):
 def test_video_writes_frames_and_an_animated_gif(tmp_path):
     main(["video", "--model", "tiny-wan", "--prompt", "a cat", "--steps", "2", "--heads", "blocks.1.attn1:*",
           "--height", "16", "--width", "16", "--frames", "5", "--out", str(tmp_path)])
-    frames = [f"seed0_steered_0_frame{f:03d}.png" for f in range(5)]
+    frames = [f"seed0_steered_0_frame{f:04d}.png" for f in range(5)]  # the scheme of FIFO's long videos too
     assert sorted(p.name for p in tmp_path.iterdir()) == ["seed0_steered_0.gif", *frames]
     gif = Image.open(tmp_path / "seed0_steered_0.gif")
     assert gif.n_frames == 5 and gif.size == (192, 192)  # 16 px enlarged 12x to be seen
@@ -179,16 +179,22 @@ def test_help_shows_every_default_and_starts_without_torch():
 
 
 def test_video_defaults_are_the_pipelines():
-    from attnsteer.pipelines.cli import parser
-    from attnsteer.pipelines.fifo import OUROBOROS_GUIDANCE
+    """FIFO's options default to None (so that giving one without FIFO can be refused); the help states
+    the pipeline's defaults, which the run uses."""
+    import argparse
 
-    args = parser().parse_args(["video", "--prompt", "a red circle"])
-    assert args.ouroboros_guidance == OUROBOROS_GUIDANCE
+    from attnsteer.pipelines.cli import parser
+    from attnsteer.pipelines.fifo import FIFO_PARTITIONS, OUROBOROS_GUIDANCE
+
+    commands = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    helps = {a.dest: a.help for a in commands["video"]._actions}
+    assert helps["ouroboros_guidance"].endswith(f"default {OUROBOROS_GUIDANCE:g})")
+    assert helps["fifo_partitions"].endswith(f"(default {FIFO_PARTITIONS})")
 
 
 def test_tiny_wan_runs_without_a_size(tmp_path, capsys):
     main(["generate", "--model", "tiny-wan", "--prompt", "a cat", "--steps", "1", "--frames", "5", "--out", str(tmp_path)])
-    assert Image.open(tmp_path / "seed0_output_0_frame000.png").size == (32, 32)
+    assert Image.open(tmp_path / "seed0_output_0_frame0000.png").size == (32, 32)
     main(["layers", "--model", "tiny-wan", "--layout"])
     assert "grid (3, 4, 4)" in capsys.readouterr().out  # 9 frames (the default) -> 3 latent frames
 
@@ -212,9 +218,13 @@ def test_generate_and_eval_with_astar(tmp_path, capsys):
     baseline, steered = (np.asarray(Image.open(tmp_path / f"seed0_{n}_0.png")) for n in ("baseline", "steered"))
     assert not np.array_equal(baseline, steered)
     main(["eval", "--model", "tiny-sd", "--set", "two", "--limit", "1", "--seeds", "1", "--steps", "2",
-          "--astar", "nouns", "--keep", "0", "--out", str(tmp_path / "eval")])
+          "--astar", "nouns", "--heads", "0:*", "--keep", "0", "--out", str(tmp_path / "eval")])
     out = capsys.readouterr().out
-    assert "| astar | 1 |" in out and "| method - baseline |" in out
+    assert "| heads+astar | 1 |" in out and "| method - baseline |" in out
+    assert "(n = 1: no interval)" in out and "nan" not in out
+    config = json.loads((tmp_path / "eval" / "eval.json").read_text())["config"]
+    assert {k: config[k] for k in ("steps", "guidance_scale", "scale", "u", "mode")} == dict(
+        steps=2, guidance_scale=7.5, scale=5.0, u=1.0, mode="joint")  # the values used, not the unset options
 
 
 def test_astar_words_are_checked_before_any_picture(tmp_path, capsys):
@@ -275,7 +285,7 @@ def test_video_with_block_sparse_attention(tmp_path, capsys):
     main(["video", "--model", "tiny-wan", "--prompt", "a cat", "--steps", "2", "--sparsity", "0.5",
           "--sparse-pool", "2", "2", "--sparse-backend", "gather", "--sparse-dense-steps", "0", "--baseline",
           "--height", "32", "--width", "32", "--frames", "5", "--out", str(tmp_path)])
-    baseline, sparse = (np.asarray(Image.open(tmp_path / f"seed0_{name}_0_frame004.png")) for name in ("baseline", "steered"))
+    baseline, sparse = (np.asarray(Image.open(tmp_path / f"seed0_{name}_0_frame0004.png")) for name in ("baseline", "steered"))
     assert not np.array_equal(baseline, sparse)
     message = refused(["video", "--model", "tiny-wan", "--prompt", "a cat", "--sparsity", "0.5", "--sparse-pool", "8", "16",
                        "--height", "32", "--width", "32", "--frames", "5", "--out", str(tmp_path / "o")], capsys)
@@ -305,5 +315,70 @@ def test_video_runs_ouroboros_on_fifo_and_refuses_its_options_without_fifo(tmp_p
            "--baseline", "--ouroboros-subjects", "dog", "--out", str(tmp_path / "bad")]
     assert "word 'dog' is not in the prompt 'a cat'" in refused(bad, capsys)
     assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())  # refused before the baseline ran
-    assert "Ouroboros acts on FIFO-Diffusion, which runs for --frames longer than the model's clip" in refused(
+    assert "--ouroboros-tail acts on FIFO-Diffusion, which runs for --frames longer than the model's clip of 9" in refused(
         ["video", "--model", "tiny-wan", "--prompt", "a cat", "--frames", "5", "--ouroboros-tail"], capsys)
+
+
+IMAGE = ["generate", "--model", "tiny-sd", "--prompt", "a red circle and a blue square"]
+VIDEO = ["video", "--model", "tiny-wan", "--prompt", "a red circle", "--frames", "5"]
+# What a new user tries: each refused before the model loads, naming the option and what it needs.
+BEFORE_LOADING = [
+    (IMAGE + ["--scale", "3"], "--scale acts only with --heads, which is not given"),
+    (IMAGE + ["--u", "0.5"], "--u acts only with --heads"),
+    (IMAGE + ["--window", "0", "0.5"], "--window acts only with --heads"),
+    (IMAGE + ["--batching", "sequential"], "--batching acts only with --heads"),
+    (IMAGE + ["--astar-scale", "5"], "--astar-scale acts only with --astar, which is not given"),
+    (IMAGE + ["--astar-checkpointing"], "--astar-checkpointing acts only with --astar"),
+    (VIDEO + ["--sparse-pool", "2", "2"], "--sparse-pool acts only with --sparsity or --sparse-mask radial|tile"),
+    (VIDEO + ["--sparse-dense-steps", "1"], "--sparse-dense-steps acts only with --sparsity"),
+    (VIDEO + ["--sparse-backend", "gather"], "--sparse-backend acts only with --sparsity"),
+    (VIDEO + ["--frames", "13", "--no-cross-frame"], "--no-cross-frame acts only with --ouroboros-subjects"),
+    (VIDEO + ["--frames", "13", "--ouroboros-guidance", "0.2"], "--ouroboros-guidance acts only with --ouroboros-subjects"),
+    (["story", "--model", "tiny-sd", "--subject", "a red circle", "--scene", "a red circle", "--u", "1"],
+     "--u acts only with --heads"),
+    (IMAGE + ["--heads", ""], "argument --heads: an empty head spec"),
+    (IMAGE + ["--astar", ""], "argument --astar: '' is not a comma list of words (an empty word)"),
+    (IMAGE + ["--astar", ","], "argument --astar: ',' is not a comma list of words (an empty word)"),
+    (IMAGE + ["--astar", "circle,circle"], "argument --astar: 'circle,circle' gives 'circle' twice"),
+    (["maps", "--model", "tiny-sd", "--prompt", "a red circle", "--words", ""], "argument --words: '' is not a comma list"),
+    (["maps", "--model", "tiny-sd", "--prompt", "a red circle", "--words", ","], "argument --words: ',' is not a comma list"),
+    (IMAGE + ["--device", "gpu"], "--device 'gpu' is not a torch device: use cpu, cuda or cuda:N"),
+    (IMAGE + ["--out", "/proc/attnsteer/out"], "--out /proc/attnsteer/out: cannot be created or written ("),
+    (["eval", "--model", "tiny-sd", "--prompts", "PROMPTS"], "prompt 'a photo of a cat' names no shapes object"),
+    (["search-heads", "--model", "tiny-sd", "--prompts", "PROMPTS"], "prompt 'a photo of a cat' names no shapes object"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BEFORE_LOADING, ids=[m.split(",")[0][:40] for _, m in BEFORE_LOADING])
+def test_options_that_cannot_act_and_degenerate_values_are_refused_before_loading(argv, message, tmp_path, capsys,
+                                                                                  monkeypatch):
+    import attnsteer.pipelines.cli as cli
+
+    monkeypatch.setattr(cli, "load_pipeline", lambda *a: pytest.fail("the model was loaded"))
+    (tmp_path / "prompts.txt").write_text("a red circle\na photo of a cat\n")
+    argv = [str(tmp_path / "prompts.txt") if a == "PROMPTS" else a for a in argv]
+    assert message in refused([*argv, "--out", str(tmp_path / "o")] if "--out" not in argv else argv, capsys)
+
+
+# Refused after the model loads (what they need depends on it), before any picture is made.
+AFTER_LOADING = [
+    (IMAGE + ["--baseline"], "--baseline draws the unsteered output beside a steered one: give a method too"),
+    (VIDEO + ["--fifo-partitions", "2"], "--fifo-partitions acts on FIFO-Diffusion, which runs for --frames longer "
+                                         "than the model's clip of 9"),
+    (VIDEO + ["--no-lookahead"], "--no-lookahead acts on FIFO-Diffusion"),
+    (VIDEO + ["--frames", "13", "--ouroboros-subjects", "circle", "--fifo-partitions", "1"],
+     "--ouroboros-subjects needs --fifo-partitions >= 2, got 1"),
+    (VIDEO + ["--frames", "13", "--ouroboros-subjects", "circle", "circle"], "gives 'circle' twice"),
+    (IMAGE + ["--negative-prompt", "blue", "--guidance-scale", "1"],
+     "--negative-prompt acts through CFG, which is off at --guidance-scale 1; give a scale above 1"),
+    (["generate", "--model", "tiny-flux", "--prompt", "a red circle", "--negative-prompt", "blue"],
+     "--negative-prompt needs true CFG on FLUX"),
+    (["story", "--model", "tiny-sd", "--subject", "a red circle", "--subject", "a red circle", "--scene", "a red circle"],
+     "--subject gives 'a red circle' twice"),
+]
+
+
+@pytest.mark.parametrize("argv,message", AFTER_LOADING, ids=[m.split(":")[0][:40] for _, m in AFTER_LOADING])
+def test_options_that_cannot_act_on_the_model_are_refused_before_compute(argv, message, tmp_path, capsys):
+    assert message in refused([*argv, "--out", str(tmp_path / "o")], capsys)
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())

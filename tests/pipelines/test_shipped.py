@@ -2,6 +2,7 @@
 draws single-object prompts right (the instrument's floor: issue 3 asks for >= 90% of seeds)."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -18,8 +19,16 @@ PARENTS = {
 }
 
 
+SIZES = {  # sizes each shipped model cannot draw, and what it says
+    "shapes-sd": [(8, "height 8 px: StableDiffusionSteerPipeline takes multiples of 16 px (VAE 4x and UNet 4x "
+                      "downsampling); its default is 64 px")],
+    "shapes-sd3": [(72, "height 72 px: StableDiffusion3SteerPipeline takes multiples of 8 px up to 64 px (VAE 4x, "
+                        "patches of 2, 8 positions); its default is 64 px"), (128, "height 128 px: ")],
+}
+
+
 @pytest.mark.parametrize("name", list(PARENTS))
-def test_shipped_model_loads_with_its_diffusers_class_and_draws_what_it_is_asked(name):
+def test_shipped_model_loads_with_its_diffusers_class_and_draws_what_it_is_asked(name, tmp_path, monkeypatch):
     parent, steer, extra = PARENTS[name]
     folder = SHIPPED_DIR / name
     pipe = parent.from_pretrained(folder, **extra)
@@ -30,8 +39,12 @@ def test_shipped_model_loads_with_its_diffusers_class_and_draws_what_it_is_asked
     assert images[0].size == (64, 64)
     right = sum(score(detect(im), p)["binding"] for im, p in zip(images, prompts))
     assert right >= 7, f"{name} drew {right}/10 single-object prompts right"
-    ours = steer.from_pretrained(folder)  # T5 optional: no extra arguments
+    monkeypatch.chdir(tmp_path)  # the shipped name loads from anywhere
+    ours = steer.from_pretrained(name)  # T5 optional: no extra arguments
     assert ours.call_defaults == json.loads((folder / "attnsteer.json").read_text())["call"]
+    for height, message in SIZES[name]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            ours.check_call(prompts[0], height=height)
     # the folder's call defaults apply without being passed
     again = ours(prompts[:2], generator=[torch.Generator().manual_seed(i) for i in range(2)], num_inference_steps=20).images
     np.testing.assert_array_equal(np.asarray(again[1]), np.asarray(images[1]))

@@ -1,6 +1,8 @@
 """Head-level perturbation guidance through the pipeline subclasses, on tiny random pipelines."""
 
 import inspect
+import json
+import re
 
 import numpy as np
 import pytest
@@ -325,3 +327,36 @@ def test_bad_input_is_refused_before_any_denoising(bad, message):
 def test_cross_attention_heads_are_refused():
     with pytest.raises(ValueError, match=r"is cross-attention; only self- or joint-attention layers are allowed"):
         generate("sd", perturbed_heads="mid_block.attentions.0.transformer_blocks.0.attn2:0")
+
+
+@pytest.mark.parametrize("kind,bad,message", [
+    ("sd", dict(perturbed_head="0:*"), r"unknown keyword argument 'perturbed_head'; did you mean 'perturbed_heads'\?"),
+    ("sd", dict(astar_token=["circle"]), r"unknown keyword argument 'astar_token'; did you mean 'astar_tokens'\?"),
+    ("sd", dict(sparse_poool=(2, 2)), r"unknown keyword argument 'sparse_poool'; did you mean 'sparse_pool'\?"),
+    ("sd", dict(story_lambda=0.9), r"unknown keyword argument 'story_lambda'; attnsteer's starting with 'story' are "
+                                   r"story_subjects, story_words"),
+    ("sd", dict(fifo_partitions=2), r"unknown keyword argument 'fifo_partitions': FIFO and Ouroboros arguments are "
+                                    r"WanFIFOPipeline's"),
+    ("sd", dict(astar_tokens=["circle", "circle"]), r"astar_tokens: 'circle' names the same tokens as 'circle' "
+                                                    r"\(prompt 0\): give each concept once"),
+    ("wan", dict(astar_tokens=["circle", "square"]), r"astar_tokens: A-STAR and attention maps run on the image "
+                                                     r"pipelines .* WanSteerPipeline is a video pipeline"),
+    ("wan", dict(return_attention_maps=["circle"]), r"return_attention_maps: A-STAR and attention maps run on"),
+])
+def test_misspelt_and_unusable_method_arguments_are_refused_before_any_denoising(kind, bad, message):
+    assert_refused_before_denoising(kind, message, **bad)
+
+
+def test_the_parents_own_keywords_pass_as_before():
+    """SD's ``**kwargs`` takes its deprecated ``callback_steps``; ours only refuses names that look like ours."""
+    generate("sd", callback_steps=1)
+
+
+def test_a_bad_call_entry_of_a_model_folder_is_named(tmp_path):
+    tiny_pipeline("sd").save_pretrained(tmp_path)
+    for call, message in [({"guidance": 3.0}, r"\"call\" names 'guidance', which is not a call argument of "
+                                               r"StableDiffusionSteerPipeline; did you mean 'guidance_scale'\?"),
+                          (3, r"\"call\" must be an object of StableDiffusionSteerPipeline call arguments, got 3")]:
+        (tmp_path / "attnsteer.json").write_text(json.dumps({"call": call}))
+        with pytest.raises(ValueError, match=re.escape(str(tmp_path / "attnsteer.json")) + ": " + message):
+            StableDiffusionSteerPipeline.from_pretrained(tmp_path)

@@ -71,7 +71,7 @@ def test_sparse_attention_script_writes_one_gif_with_each_configuration_side_by_
 
 
 def test_long_video_script_runs_direct_fifo_and_ouroboros(tmp_path, capsys):
-    gifs = long_video.main(["--model", "tiny-wan", "--steps", "2", "--frames", "17", "--partitions", "1",
+    gifs = long_video.main(["--model", "tiny-wan", "--steps", "2", "--frames", "17", "--partitions", "2",
                             "--prompt", "a red circle moving left", "--out", str(tmp_path)])
     assert gifs == [tmp_path / "seed0.gif"] and Image.open(gifs[0]).n_frames == 17
     assert "17 frames" in capsys.readouterr().out
@@ -85,6 +85,7 @@ def test_long_video_script_runs_direct_fifo_and_ouroboros(tmp_path, capsys):
     (sparse_attention, ["--model", "tiny-wan", "--steps", "-1"], "num_inference_steps -1 must be a positive integer"),
     (long_video, ["--model", "tiny-wan", "--frames", "6"], "num_frames 6 must be 1 \\+ 4k frames"),
     (long_video, ["--model", "tiny-wan", "--partitions", "0"], "fifo_partitions 0 must be a whole number"),
+    (long_video, ["--model", "tiny-wan", "--partitions", "1"], "ouroboros_subjects needs fifo_partitions >= 2, got 1"),
 ])
 def test_bad_input_is_refused_before_any_picture(script, argv, message, tmp_path):
     with pytest.raises(ValueError, match=message):
