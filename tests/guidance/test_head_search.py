@@ -2,10 +2,9 @@
 
 import json
 import math
+import multiprocessing
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -175,35 +174,31 @@ def test_journal_skips_a_damaged_middle_line_and_keeps_the_lines_after_it(tmp_pa
         Journal(tmp_path / "k.jsonl", {"w": 3.0})
 
 
-SCRIPT = """
-import sys, time
-sys.path.insert(0, {tests!r})
-from test_head_search import Objective, POOL, ITEMS
-from attnsteer.guidance.head_search import Fidelity, Journal, search_heads
-objective = Objective(7)
-def slow(candidates, items, steps):
-    time.sleep(0.02)
-    return objective(candidates, items, steps)
-result = search_heads(slow, POOL, 3, 2, Fidelity("full", ITEMS, 3), Journal({path!r}, {{"s": 1}}), chunk=1,
-                      screen=Fidelity("screen", ITEMS[:1], 3), keep=0.5, progress=False)
-print(" ".join(f"{{l}}:{{h}}" for l, h in result.heads), result.computed_image_steps)
-"""
+def slow_search(path):
+    """The search of the kill test: slow enough per chunk to be killed between journal lines."""
+    objective = Objective(7)
+
+    def slow(candidates, items, steps):
+        time.sleep(0.02)
+        return objective(candidates, items, steps)
+
+    return search_heads(slow, POOL, 3, 2, Fidelity("full", ITEMS, 3), Journal(path, {"s": 1}), chunk=1,
+                        screen=Fidelity("screen", ITEMS[:1], 3), keep=0.5, progress=False)
 
 
 def test_sigkill_at_any_point_then_rerun_gives_the_same_heads(tmp_path):
-    def run(path):
-        code = SCRIPT.format(tests=os.path.dirname(__file__), path=str(path))
-        return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-
-    clean_out = run(tmp_path / "clean.jsonl").communicate()[0].split()
+    """Killed in forked processes (no torch import each: the search itself is plain Python), the clean
+    and resumed runs in this one."""
+    clean = slow_search(tmp_path / "clean.jsonl")
     killed = tmp_path / "killed.jsonl"
     for lines_before_kill in (3, 11, 17):
-        proc = run(killed)
+        proc = multiprocessing.get_context("fork").Process(target=slow_search, args=(killed,))
+        proc.start()
         while not killed.exists() or len(killed.read_text().splitlines()) < lines_before_kill:
-            assert proc.poll() is None, "the search ended before it could be killed"
+            assert proc.is_alive(), "the search ended before it could be killed"
             time.sleep(0.005)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    resumed_out = run(killed).communicate()[0].split()
-    assert resumed_out[:-1] == clean_out[:-1]
-    assert 0 < int(resumed_out[-1]) < int(clean_out[-1])
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join()
+    resumed = slow_search(killed)
+    assert resumed.heads == clean.heads
+    assert 0 < resumed.computed_image_steps < clean.computed_image_steps

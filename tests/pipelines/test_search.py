@@ -58,8 +58,22 @@ SEARCH = ["search-heads", "--model", "tiny-sd3", "--device", "cpu", "--set", "tw
           "--rounds", "2", "--top-k", "2", "--steps", "2", "--batch-size", "4", "--objective", OBJECTIVE]
 
 
-def test_search_writes_a_head_set_the_pipeline_takes_as_it_is(sd3, tmp_path, capsys):
-    main([*SEARCH, "--out", str(tmp_path)])
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    """The folder of one SEARCH run in this process, on one thread as the killed run's subprocess, so
+    that every test compares with the same scores; shared by the tests that need a clean run."""
+    out, threads = tmp_path_factory.mktemp("search"), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        main([*SEARCH, "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def test_search_writes_a_head_set_the_pipeline_takes_as_it_is(sd3, searched, tmp_path, capsys):
+    for name in ("journal.jsonl", "heads.json", "contact_sheet.png"):
+        (tmp_path / name).write_bytes((searched / name).read_bytes())
     saved = json.loads((tmp_path / "heads.json").read_text())
     assert len(saved["heads"]) == 4 and saved["w"] == 3.0 and saved["u"] == 1.0 and saved["mode"] == "joint"
     assert saved["model"] == "tiny-sd3" and saved["objective"] == OBJECTIVE
@@ -93,8 +107,8 @@ def cli(args, **kwargs):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kwargs)
 
 
-def test_sigkilled_search_rerun_ends_with_the_same_head_set(tmp_path):
-    assert cli([*SEARCH, "--out", str(tmp_path / "clean")]).wait() == 0
+def test_sigkilled_search_rerun_ends_with_the_same_head_set(searched, tmp_path):
+    """Killed in a subprocess; resumed in this one, on one thread as the subprocess."""
     journal = tmp_path / "killed" / "journal.jsonl"
     proc = cli([*SEARCH, "--out", str(tmp_path / "killed")])
     while not journal.exists() or len(journal.read_text().splitlines()) < 6:
@@ -102,16 +116,20 @@ def test_sigkilled_search_rerun_ends_with_the_same_head_set(tmp_path):
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert cli([*SEARCH, "--out", str(tmp_path / "killed")]).wait() == 0
-    clean, resumed = (json.loads((tmp_path / d / "heads.json").read_text()) for d in ("clean", "killed"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        main([*SEARCH, "--out", str(tmp_path / "killed")])
+    finally:
+        torch.set_num_threads(threads)
+    clean, resumed = (json.loads((d / "heads.json").read_text()) for d in (searched, tmp_path / "killed"))
     assert resumed["heads"] == clean["heads"] and resumed["rounds"] == clean["rounds"]
     assert 0 < resumed["search"]["computed_image_steps"] < clean["search"]["computed_image_steps"]
 
 
-def test_two_accelerate_processes_find_the_same_heads(tmp_path):
-    main([*SEARCH, "--out", str(tmp_path / "one")])
+def test_two_accelerate_processes_find_the_same_heads(searched, tmp_path):
     accelerate_cli([*SEARCH, "--out", str(tmp_path / "two")])
-    one, two = (json.loads((tmp_path / d / "heads.json").read_text()) for d in ("one", "two"))
+    one, two = (json.loads((d / "heads.json").read_text()) for d in (searched, tmp_path / "two"))
     assert one["heads"] == two["heads"] and two["search"]["processes"] == 2
     for r1, r2 in zip(one["rounds"], two["rounds"]):
         assert r1["selected"] == r2["selected"]
