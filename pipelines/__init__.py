@@ -16,6 +16,17 @@ class _NoTorchvisionNotice(logging.Filter):
 
 logging.getLogger("transformers.utils.import_utils").addFilter(_NoTorchvisionNotice())
 
+
+class _OneTruncationNotice(logging.Filter):
+    """A prompt longer than the tokenizer holds is announced twice: by transformers' tokenizer, and by
+    diffusers, which also names the part cut off. Keep diffusers'."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Token indices sequence length is longer than the specified maximum" not in record.getMessage()
+
+
+logging.getLogger("transformers.tokenization_utils_base").addFilter(_OneTruncationNotice())
+
 __all__ = [
     "STEER_PIPELINES", "FluxSteerPipeline", "StableDiffusion3SteerPipeline", "StableDiffusionSteerPipeline",
     "StableDiffusionXLSteerPipeline", "SteerMixin", "WanSteerPipeline",

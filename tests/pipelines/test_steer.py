@@ -360,3 +360,26 @@ def test_a_bad_call_entry_of_a_model_folder_is_named(tmp_path):
         (tmp_path / "attnsteer.json").write_text(json.dumps({"call": call}))
         with pytest.raises(ValueError, match=re.escape(str(tmp_path / "attnsteer.json")) + ": " + message):
             StableDiffusionSteerPipeline.from_pretrained(tmp_path)
+
+
+def test_a_prompt_longer_than_the_tokenizer_is_said_to_be_cut_once():
+    """transformers' tokenizer and diffusers both announce it; only diffusers' (which names the cut part) is kept."""
+    import logging
+
+    said = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            said.append(record.getMessage())
+
+    loggers = [logging.getLogger(name) for name in ("transformers.tokenization_utils_base",
+                                                    "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion")]
+    handler = Keep()
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        generate("sd", prompt=" ".join(["a red circle"] * 40), num_inference_steps=1)
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+    assert len(said) == 1 and "The following part of your input was truncated" in said[0]
