@@ -627,15 +627,26 @@ def evaluate(args, pipe, work, log):
 MODELS = ("te", "transformer", "ema_te", "ema_transformer")
 
 
+def unique_state(model):
+    """``model``'s state dict without the second name of a tied tensor (UMT5's embedding is both
+    ``shared.weight`` and ``encoder.embed_tokens.weight``): loading the first sets both."""
+    seen, out = set(), {}
+    for name, value in model.state_dict().items():
+        if value.data_ptr() not in seen:
+            seen.add(value.data_ptr())
+            out[name] = value
+    return out
+
+
 def write_checkpoint(folder, vae, models, progress):
-    """The compact checkpoint: the VAE (fp32, as trained), the four models' weights in fp16 and
-    ``progress`` (step, phase start, random states, timings) as JSON; no optimizer moments."""
+    """The compact checkpoint: the VAE (fp32, as trained), the four models' weights in fp16 (tied tensors
+    once) and ``progress`` (step, phase start, random states, timings) as JSON; no optimizer moments."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "vae" / "config.json").exists():
         vae.save_pretrained(folder / "vae")
     weights = {f"{key}.{name}": value.detach().to("cpu", torch.float16).contiguous()
-               for key, model in zip(MODELS, models) for name, value in model.state_dict().items()}
+               for key, model in zip(MODELS, models) for name, value in unique_state(model).items()}
     save_file(weights, str(folder / "weights.safetensors.tmp"))
     os.replace(folder / "weights.safetensors.tmp", folder / "weights.safetensors")
     (folder / "progress.json").write_text(json.dumps(progress, indent=1) + "\n")
@@ -645,8 +656,11 @@ def read_checkpoint(folder, models):
     """Load a ``write_checkpoint`` folder's weights into ``models`` (as fp32); returns its progress."""
     weights = load_file(str(Path(folder) / "weights.safetensors"))
     for key, model in zip(MODELS, models):
-        own = model.state_dict()
-        model.load_state_dict({name: weights[f"{key}.{name}"].to(own[name].dtype) for name in own})
+        own = unique_state(model)
+        stored = {name.removeprefix(key + "."): value for name, value in weights.items() if name.startswith(key + ".")}
+        if stored.keys() != own.keys() or any(stored[n].shape != own[n].shape for n in own):
+            raise SystemExit(f"the checkpoint {folder} does not fit this model's {key}: give the options it was made with")
+        model.load_state_dict({name: value.to(own[name].dtype) for name, value in stored.items()}, strict=False)
     return json.loads((Path(folder) / "progress.json").read_text())
 
 
@@ -733,7 +747,7 @@ def main(argv=None):
         if joint_from is None and step >= args.image_steps:
             joint_from = step
             log(f"joint phase from step {step}: --image-steps {args.image_steps} reached")
-        lr = cosine_lr(args, step) * min(1.0, (step - warm_from + 1) / args.warmup)
+        lr = cosine_lr(args, step) * (min(1.0, (step - warm_from + 1) / args.warmup) if warm_from else 1.0)
         for g in opt.param_groups:
             g["lr"] = lr
         phase = phase_of(step, args, joint_from)

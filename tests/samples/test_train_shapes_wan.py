@@ -205,6 +205,26 @@ def test_the_image_phase_ends_at_its_gate(tmp_path):
     assert json.loads((tmp_path / "out" / "training.json").read_text())["joint_from"] == 2
 
 
+def test_a_checkpoint_holds_each_tensor_once_in_fp16_and_loads_back(tmp_path):
+    args = wan.parse_args(TINY)
+    torch.manual_seed(0)
+    models = [wan.make_text_encoder(args), wan.make_transformer(args), wan.make_text_encoder(args),
+              wan.make_transformer(args)]
+    wan.write_checkpoint(tmp_path, wan.make_vae(args), models, {"step": 7})
+    saved = wan.load_file(str(tmp_path / "weights.safetensors"))
+    assert "te.shared.weight" in saved and "te.encoder.embed_tokens.weight" not in saved  # tied: stored once
+    assert {v.dtype for v in saved.values()} == {torch.float16}
+    torch.manual_seed(1)
+    fresh = [wan.make_text_encoder(args), wan.make_transformer(args), wan.make_text_encoder(args),
+             wan.make_transformer(args)]
+    assert wan.read_checkpoint(tmp_path, fresh) == {"step": 7}
+    for old, new in zip(models, fresh):
+        for (name, a), b in zip(old.state_dict().items(), new.state_dict().values()):
+            assert torch.equal(a.half().float(), b), name
+    with pytest.raises(SystemExit, match="does not fit this model's te"):
+        wan.read_checkpoint(tmp_path, [wan.make_text_encoder(wan.parse_args(TINY + ["--te-layers", "2"]))] + fresh[1:])
+
+
 def test_tiny_run_saves_a_wan_pipeline_that_loads_offline_and_resumes(tmp_path):
     work, out, ckpt = tmp_path / "work", tmp_path / "out", tmp_path / "ckpt"
     argv = TINY + ["--work", str(work), "--output", str(out), "--checkpoint", str(ckpt), "--image-steps", "1"]
