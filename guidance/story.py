@@ -4,15 +4,18 @@ Each reference row draws one subject alone; each target row draws a scene holdin
 Per step, on ``SubjectAttention`` (floor 1):
 - isolation on every self-attention layer given: a target's subjects do not attend to each other;
 - reposition on the reading layers (the decoder by default): a target's subject i also reads
-  reference i's subject-i features, moved onto where subject i sits in the target.
+  reference i's subject-i features, moved onto where subject i sits in the target;
+- mutual cross-attention on the cross-attention layers given: a target's subject i also attends to
+  reference i's prompt, mixed in with weight ``mutual`` (the authors' 0.9).
 
 Subject masks come from the user (per row, fixed) or from the subjects' cross-attention maps: the
 first denoiser call of each step records, on the conditional rows, the head-mean map of each
 subject's tokens (``AttentionMapCapture``, no gradients), normalised to a maximum of 1 and
 binarised by Otsu's threshold; those masks act from the next step on (step 0 runs without IR).
-Reference masks then lose each token with probability ``dropout`` (ConsiStory's mask dropout, 0.5),
-drawn from a generator seeded by ``seed`` and the step, so that a target does not copy a
-reference's whole layout and the same seed gives the same output.
+Mask dropout (ConsiStory's, 0.5, as the authors run it): at each attention grid a target's reading
+queries are dropped per token with probability ``dropout`` (``Subjects.dropout``), drawn from a
+generator seeded by ``seed``, the step and the grid, so that a target does not copy a reference's
+whole layout and the same seed gives the same output; the boxes and the isolation keep the whole masks.
 """
 
 from __future__ import annotations
@@ -38,22 +41,23 @@ class SubjectConsistency:
     prompt ([] where the row does not hold the subject); sources: per row, per subject, the row it
     reads the subject from (-1: none); isolate / read: layer names; map_layers: the
     cross-attention layers the masks come from (all at one grid); masks: None, or per row a [S, H, W]
-    tensor of fixed masks (any resolution) replacing the maps; dropout: reference mask dropout;
-    seed: of the dropout; binarization: "otsu" or a threshold in (0, 1]; isolation, reposition:
-    the two mechanisms (``Subjects``).
+    tensor of fixed masks (any resolution) replacing the maps; dropout: mask dropout of the reading
+    queries; seed: of the dropout; binarization: "otsu" or a threshold in (0, 1]; isolation,
+    reposition: the two mechanisms; mutual_layers: cross-attention layer names; mutual: the mutual
+    cross-attention lambda (``Subjects``).
     """
 
     def __init__(self, groups: list[list[list[int]]], sources: list[list[int]], isolate, read, map_layers,
                  masks: torch.Tensor | None = None, dropout: float = 0.5, seed: int = 0,
-                 binarization: str | float = "otsu", isolation: bool = True, reposition: bool = True):
+                 binarization: str | float = "otsu", isolation: bool = True, reposition: bool = True,
+                 mutual_layers=(), mutual: float = 0.9):
         self.groups, self.sources = groups, torch.tensor(sources, dtype=torch.long)
-        self.references = [all(s < 0 for s in row) and sum(map(bool, g)) == 1 for row, g in zip(sources, groups)]
         self.present = torch.tensor([[bool(g) for g in row] for row in groups])  # [rows, S]: the row holds the subject
-        self.steer = SubjectAttention(isolate, read)
+        self.steer = SubjectAttention(isolate, read, mutual_layers)
         self.map_layers = list(map_layers)
         self.dropout, self.seed, self.binarization = float(dropout), int(seed), binarization
         self.fix_masks(masks)
-        self.isolation, self.reposition = isolation, reposition
+        self.isolation, self.reposition, self.mutual = isolation, reposition, float(mutual)
         self.step, self.masks = 0, None
 
     def fix_masks(self, masks: torch.Tensor | None) -> None:
@@ -66,19 +70,11 @@ class SubjectConsistency:
         maps = maps / maps.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-8)
         return binarize(maps, self.binarization).bool() & self.present.to(maps.device)[:, :, None, None]
 
-    def dropped(self, masks: torch.Tensor) -> torch.Tensor:
-        """``masks`` with each reference-row token dropped with probability ``dropout``."""
-        if not self.dropout:
-            return masks
-        generator = torch.Generator().manual_seed((self.seed * 100003 + self.step) % 2 ** 63)
-        keep = torch.rand(masks.shape, generator=generator) >= self.dropout
-        references = torch.tensor(self.references)[:, None, None, None]
-        return masks & (keep.to(masks.device) | ~references.to(masks.device))
-
     def _set_subjects(self) -> None:
         masks = self.fixed if self.fixed is not None else self.masks
-        self.steer.subjects = None if masks is None else Subjects(self.dropped(masks.bool()), self.sources,
-                                                                  self.isolation, self.reposition)
+        seed = (self.seed * 100003 + self.step) % 2 ** 63  # a new dropout draw each step
+        self.steer.subjects = None if masks is None else Subjects(masks.bool(), self.sources, self.isolation,
+                                                                  self.reposition, self.dropout, seed, self.mutual)
 
     @contextmanager
     def attached(self, model: torch.nn.Module, scheduler, branch_info: Callable[[torch.nn.Module], BranchInfo]):

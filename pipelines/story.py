@@ -6,7 +6,10 @@
 
 The call draws each subject alone (a reference) and every scene (``prompt``: one or a list) in one
 batch, [references..., scenes...]; row k gets the seed of the given generator plus k, so a reference
-is the picture its subject prompt gives alone with that seed. Keyword arguments (``STORY_DEFAULTS``):
+is the picture its subject prompt gives alone with that seed and a scene the picture its prompt gives
+alone with its own (the rows an independent generation is paired with). The authors start every
+reference from one noise: pass a list of generators, one per row, to do so. Keyword arguments
+(``STORY_DEFAULTS``):
     story_subjects: the subject prompts ("a red circle"); None: no IR (the parent pipeline).
     story_words: per subject, the words naming it in its prompt and in every scene; default: the
         subject prompt without a leading article ("red circle").
@@ -17,11 +20,17 @@ is the picture its subject prompt gives alone with that seed. Keyword arguments 
         parent pipeline at the same seeds) and returns their ``story_masks``; the IR pass follows,
         so the call costs two. ``attnsteer.guidance.shapes.segment_subjects`` serves the shapes models.
     story_isolation, story_reposition: the two mechanisms (True); story_read: targets read the
-        references (True; False: isolation only). story_reposition=False reads the references'
-        tokens where they sit (shared attention, as ConsiStory).
+        references, on self-attention and by mutual cross-attention (True; False: isolation only).
+        story_reposition=False reads the references' tokens where they sit (shared attention, as ConsiStory).
     story_isolate_layers, story_read_layers: self-attention layer names; default: every one for
-        isolation, the decoder's for reading (UNet: the up blocks; SD3: the second half of the blocks).
-    story_dropout: reference mask dropout (0.5).
+        isolation, the decoder's for reading (UNet: the up blocks, on SDXL's layout from the authors'
+        layer 36 of 70; SD3: the second half of the blocks).
+    story_dropout: mask dropout (0.5): each query of a scene's subject is barred from reading its
+        reference with this probability, drawn per token of each layer's grid at every step (the
+        authors' way; ConsiStory's value); the reference boxes stay whole.
+    story_mutual: mutual cross-attention lambda (0.9, the authors'; 0: off): on every cross-attention
+        layer, a scene's subject i also attends to reference i's prompt, weighted lambda against its
+        own. SD3 has no cross-attention layers (its text joins the self-attention), so it does not act there.
 
 Formulas, defaults and sources: docs/methods.md, section 3.
 """
@@ -32,7 +41,7 @@ import numpy as np
 import torch
 from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from attnsteer.attention_processors import JOINT, SELF, list_layers, map_layers
+from attnsteer.attention_processors import CROSS, JOINT, SELF, list_layers, map_layers
 from attnsteer.attention_processors.subjects import check_subject_layers
 from attnsteer.guidance.story import SubjectConsistency
 
@@ -42,6 +51,7 @@ from .tokens import word_indices
 STORY_DEFAULTS = dict(
     story_subjects=None, story_words=None, story_masks=None, story_isolation=True, story_reposition=True,
     story_read=True, story_isolate_layers=None, story_read_layers=None, story_dropout=0.5, story_segmenter=None,
+    story_mutual=0.9,
 )
 ARTICLES = ("a ", "an ", "the ")
 SUPPORTED = (StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline)
@@ -60,12 +70,22 @@ def self_layers(model: torch.nn.Module) -> list[str]:
     return [n for n, info in list_layers(model).items() if info.kind in (SELF, JOINT)]
 
 
+# The authors read from self-attention layer 36 on, of the 70 of the SDXL UNet they run (call order:
+# 24 down, 10 mid, 36 up): the up blocks without their first two layers.
+SDXL_LAYOUT, AUTHORS_FIRST_READ = (70, 36), 36  # (self-attention layers, of them in the up blocks); first read
+
+
 def decoder_layers(model: torch.nn.Module) -> list[str]:
-    """Self-attention layers of the decoder half: a UNet's up blocks, else the second half of the blocks."""
+    """Self-attention layers of the decoder half: a UNet's up blocks (on SDXL's layout the authors'
+    layers 36-69 in call order), else the second half of the blocks."""
     own = self_layers(model)
-    if any(n.startswith("up_blocks.") for n in own):
-        return [n for n in own if n.startswith("up_blocks.")]
-    return own[len(own) // 2:]
+    up = [n for n in own if n.startswith("up_blocks.")]
+    if not up:
+        return own[len(own) // 2:]
+    order = [n for n in own if n.startswith("down_blocks.")] + [n for n in own if n.startswith("mid_block.")] + up
+    if (len(order), len(up)) == SDXL_LAYOUT:
+        return order[AUTHORS_FIRST_READ:]
+    return up
 
 
 def expand_story(kwargs: dict, options: dict) -> dict:
@@ -111,9 +131,12 @@ def story_guidance(pipe, arguments: dict, options: dict) -> SubjectConsistency |
     o = {**STORY_DEFAULTS, **options}
     for name in ("story_isolation", "story_reposition", "story_read"):
         check_flag(name, o[name])
-    dropout = o["story_dropout"]
+    dropout, mutual = o["story_dropout"], o["story_mutual"]
     if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
         raise ValueError(f"story_dropout {dropout!r} must be a number in [0, 1)")
+    if not isinstance(mutual, (int, float)) or isinstance(mutual, bool) or not 0 <= mutual <= 1:
+        raise ValueError(f"story_mutual {mutual!r} must be a number in [0, 1] (the mutual cross-attention "
+                         "lambda; 0: off)")
     subjects = o["story_subjects"]
     if subjects is None:
         return None
@@ -143,7 +166,8 @@ def story_guidance(pipe, arguments: dict, options: dict) -> SubjectConsistency |
     model = denoiser(pipe)
     isolate = o["story_isolate_layers"] or self_layers(model)
     read = (o["story_read_layers"] or decoder_layers(model)) if o["story_read"] else []
-    check_subject_layers(model, isolate, read)
+    crossed = [n for n, info in list_layers(model).items() if info.kind == CROSS] if o["story_read"] and mutual else []
+    check_subject_layers(model, isolate, read, crossed)
     masks, segmenter = o["story_masks"], o["story_segmenter"]
     if segmenter is not None and not callable(segmenter):
         raise ValueError(f"story_segmenter must be a function segmenter(images, subjects) -> masks, got {segmenter!r}")
@@ -154,7 +178,8 @@ def story_guidance(pipe, arguments: dict, options: dict) -> SubjectConsistency |
     sources = [[-1] * count if row < count else list(range(count)) for row in range(rows)]
     seed = arguments["generator"][0].initial_seed() if isinstance(arguments.get("generator"), list) else 0
     return SubjectConsistency(groups, sources, isolate, read, layers, masks=masks, dropout=float(dropout),
-                              seed=seed, isolation=o["story_isolation"], reposition=o["story_reposition"])
+                              seed=seed, isolation=o["story_isolation"], reposition=o["story_reposition"],
+                              mutual_layers=crossed, mutual=float(mutual))
 
 
 def checked_masks(masks, rows: int, count: int, name: str) -> torch.Tensor:

@@ -63,8 +63,12 @@ def test_empty_masks_without_reading_are_the_parent_pipeline():
 def test_each_mechanism_acts_and_composes_with_head_perturbation():
     masks = corner_masks()
     full = generate("sd", story_subjects=SUBJECTS, story_masks=masks)
-    for option in (dict(story_reposition=False), dict(story_isolation=False), dict(story_read=False)):
-        assert np.abs(generate("sd", story_subjects=SUBJECTS, story_masks=masks, **option)[2] - full[2]).max() > 1e-5, option
+    without = {}
+    for option, off in dict(story_reposition=False, story_isolation=False, story_read=False, story_mutual=0.0).items():
+        without[option] = generate("sd", story_subjects=SUBJECTS, story_masks=masks, **{option: off})
+        assert np.abs(without[option][2] - full[2]).max() > 1e-5, option
+    np.testing.assert_array_equal(  # no reading: no mutual cross-attention either
+        without["story_read"], generate("sd", story_subjects=SUBJECTS, story_masks=masks, story_read=False, story_mutual=0.0))
     perturbed = generate("sd", story_subjects=SUBJECTS, story_masks=masks, perturbed_heads="0:*")
     assert perturbed.shape == full.shape and np.abs(perturbed - full).max() > 1e-4
 
@@ -126,6 +130,9 @@ BAD = [
      r"is cross-attention: isolation and reposition act on self-attention"),
     (dict(story_subjects=SUBJECTS, story_words=["circle"]), r"story_words must be one word \(or phrase\) per subject \(2\)"),
     (dict(story_subjects=SUBJECTS, story_dropout=1.0), r"story_dropout 1.0 must be a number in \[0, 1\)"),
+    (dict(story_subjects=SUBJECTS, story_mutual=1.5), r"story_mutual 1.5 must be a number in \[0, 1\] \(the mutual "
+                                                      r"cross-attention lambda; 0: off\)"),
+    (dict(story_subjects=SUBJECTS, story_mutual=True), r"story_mutual True must be a number in \[0, 1\]"),
     (dict(story_subjects=SUBJECTS, story_reposition="yes"), r"story_reposition 'yes' must be True or False"),
     (dict(story_subjects=SUBJECTS, num_images_per_prompt=2), r"with story_subjects, num_images_per_prompt must be 1"),
 ]
@@ -150,3 +157,24 @@ def test_flux_is_refused_and_generator_lists_must_cover_every_row():
         generate("flux", story_subjects=SUBJECTS)
     with pytest.raises(ValueError, match=r"generator must be one generator or a list of 3 \(2 references \+ 1 scenes\), got 2"):
         pipe_of("sd")(SCENE, story_subjects=SUBJECTS, generator=[torch.Generator()] * 2, num_inference_steps=1)
+
+
+def test_reading_layers_are_the_authors_on_sdxls_layout_and_the_up_blocks_elsewhere():
+    from diffusers import UNet2DConditionModel
+
+    from attnsteer.pipelines.story import decoder_layers
+
+    unet = UNet2DConditionModel(  # SDXL's blocks and transformer depths at a tiny width
+        sample_size=8, layers_per_block=2, block_out_channels=(8, 16, 16), norm_num_groups=4, cross_attention_dim=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(2, 4, 4))
+    layer = "{}.attentions.{}.transformer_blocks.{}.attn1".format
+    calls = ([layer("down_blocks.1", a, t) for a in range(2) for t in range(2)]
+             + [layer("down_blocks.2", a, t) for a in range(2) for t in range(10)]
+             + [layer("mid_block", 0, t) for t in range(10)]
+             + [layer("up_blocks.0", a, t) for a in range(3) for t in range(10)]
+             + [layer("up_blocks.1", a, t) for a in range(3) for t in range(2)])  # SDXL's 70, in call order
+    assert len(calls) == 70 and decoder_layers(unet) == calls[36:]  # the authors' start_layer 36: 34 layers
+    sd = model_of(pipe_of("sd"))
+    assert decoder_layers(sd) == [n for n, m in sd.named_modules() if n.startswith("up_blocks.") and n.endswith("attn1")]
