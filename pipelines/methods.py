@@ -15,9 +15,22 @@ from .story import STORY_DEFAULTS, segmented_masks, story_guidance
 OPTIONS = {**ASTAR_DEFAULTS, **MAPS_DEFAULTS, **STORY_DEFAULTS, **SPARSE_DEFAULTS}
 
 
+SWITCHES = {"astar_tokens": ASTAR_DEFAULTS, "return_attention_maps": MAPS_DEFAULTS, "story_subjects": STORY_DEFAULTS}
+
+
 def pop_arguments(kwargs: dict) -> dict:
-    """Remove and return the attention-method keyword arguments from a call's ``kwargs``."""
-    return {name: kwargs.pop(name) for name in list(kwargs) if name in OPTIONS}
+    """Remove and return the attention-method keyword arguments from a call's ``kwargs``; ValueError for
+    an option given without the argument that turns its method on (it would silently do nothing)."""
+    methods = {name: kwargs.pop(name) for name in list(kwargs) if name in OPTIONS}
+    for switch, group in SWITCHES.items():
+        given = [name for name in methods if name in group and name != switch]
+        if methods.get(switch) is None and given:
+            raise ValueError(f"{given[0]} acts only with {switch}, which is not given")
+    sparse = methods.get("sparsity") is not None or methods.get("sparse_mask", "draft") != "draft"
+    given = [name for name in methods if name in SPARSE_DEFAULTS and name != "sparsity"]
+    if not sparse and given:
+        raise ValueError(f"{given[0]} acts only with sparsity (or sparse_mask 'radial' or 'tile'), which is not given")
+    return methods
 
 
 class AttentionMethods:

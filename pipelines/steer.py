@@ -221,6 +221,10 @@ class SteerMixin(CallDefaultsMixin):
         methods = pop_arguments(kwargs)
         signature = inspect.signature(super().__call__)
         check_keywords(kwargs, signature)
+        perturbation = {k: v for k, v in perturbation.items() if v is not None}
+        if "perturbed_heads" not in perturbation and "perturbed_heads_per_prompt" not in perturbation and perturbation:
+            raise ValueError(f"{next(iter(perturbation))} acts only with perturbed_heads (or perturbed_heads_per_prompt), "
+                             "which is not given")
         named = signature.bind_partial(*args, **kwargs).arguments
         for name in [n for n in named if signature.parameters[n].kind is inspect.Parameter.VAR_KEYWORD]:
             named.update(named.pop(name))
@@ -240,7 +244,7 @@ class SteerMixin(CallDefaultsMixin):
         self._prepare(args, kwargs, perturbation)
 
     def __call__(self, *args, perturbed_heads=None, perturbation_scale=None, softpag_u=None,
-                 perturbation_mode=None, perturbation_window=(0.0, 1.0), perturbation_batching="batched",
+                 perturbation_mode=None, perturbation_window=None, perturbation_batching=None,
                  perturbed_heads_per_prompt=None, **kwargs):
         perturbation = dict(perturbed_heads=perturbed_heads, perturbation_scale=perturbation_scale,
                             softpag_u=softpag_u, perturbation_mode=perturbation_mode,

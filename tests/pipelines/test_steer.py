@@ -342,6 +342,13 @@ def test_cross_attention_heads_are_refused():
     ("wan", dict(astar_tokens=["circle", "square"]), r"astar_tokens: A-STAR and attention maps run on the image "
                                                      r"pipelines .* WanSteerPipeline is a video pipeline"),
     ("wan", dict(return_attention_maps=["circle"]), r"return_attention_maps: A-STAR and attention maps run on"),
+    ("sd", dict(perturbation_scale=3.0), r"perturbation_scale acts only with perturbed_heads \(or "
+                                         r"perturbed_heads_per_prompt\), which is not given"),
+    ("sd", dict(perturbation_window=(0.0, 0.5)), r"perturbation_window acts only with perturbed_heads"),
+    ("sd", dict(astar_scale=5.0), r"astar_scale acts only with astar_tokens, which is not given"),
+    ("sd", dict(attention_maps_steps=(0.0, 0.5)), r"attention_maps_steps acts only with return_attention_maps"),
+    ("sd", dict(story_dropout=0.0), r"story_dropout acts only with story_subjects"),
+    ("wan", dict(sparse_pool=(2, 2)), r"sparse_pool acts only with sparsity \(or sparse_mask 'radial' or 'tile'\)"),
 ])
 def test_misspelt_and_unusable_method_arguments_are_refused_before_any_denoising(kind, bad, message):
     assert_refused_before_denoising(kind, message, **bad)
