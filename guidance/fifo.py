@@ -7,10 +7,13 @@ slot one level down with the Euler update x + (s_next - s) v, v the model's velo
 windows of f consecutive slots, each frame at its own timestep; then the head, now at sigma 0, leaves
 the queue and fresh noise enters at the tail.
 
-Without lookahead the windows tile the queue (n model calls a step). With lookahead they overlap by
-half a window (stride ceil(f / 2)): each slot is written by the first window that holds it in its
-later, noisier part, so that it is denoised with f // 2 cleaner frames before it (at most 2n calls a
-step).
+Without lookahead the n windows tile the queue (n model calls a step), so the first frames of the
+head window have no cleaner frames before them. With lookahead (the paper's lookahead denoising)
+c = f // 2 context slots sit before the head: they hold the last c frames that left the queue, shown
+to the model at the head's sigma s_{L-1}, and are read, never written. Windows of f slots run over
+context + queue at stride f - c, each writing only its later f - c slots, so every queue slot, the
+head included, is denoised with at least c cleaner frames before it: 2n model calls a step for an
+even f (for an odd f, ceil(L / (f - c)) <= 2n, the last window moved back to end at the tail).
 All windows of a step read the queue as it was before the step.
 """
 
@@ -20,50 +23,57 @@ from typing import Callable
 
 import torch
 
-Velocity = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+Velocity = Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]
+
+
+def context_slots(window: int, lookahead: bool) -> int:
+    """The slots lookahead keeps before the head: f // 2 for a window of f latent frames, else none."""
+    return window // 2 if lookahead else 0
 
 
 def windows(length: int, window: int, lookahead: bool) -> list[tuple[int, int, int]]:
-    """(start, first written slot, stop) of each model call of one step over ``length`` slots."""
-    if window > length:
+    """(start, first written slot, stop) of each model call of one step, over the context slots and then
+    the ``length`` queue slots (indices count the context slots first)."""
+    context = context_slots(window, lookahead)
+    if window > context + length:
         raise ValueError(f"a window of {window} latent frames does not fit a queue of {length}")
-    stride = max(1, -(-window // 2)) if lookahead else window
-    starts = list(range(0, length - window + 1, stride))
-    if starts[-1] != length - window:
-        starts.append(length - window)
-    calls, written = [], 0
-    for start in starts:
-        stop = start + window
-        if stop > written:
-            calls.append((start, written, stop))
-            written = stop
+    stride = window - context
+    calls = []
+    for write in range(context, context + length, stride):
+        stop = min(write + stride, context + length)
+        calls.append((stop - window, write, stop))
     return calls
 
 
-def initial_queue(clip: torch.Tensor, sigmas: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """The warm-up queue [B, C, L, H, W]: the clean ``clip`` [B, C, f, H, W] placed in the last f slots
-    and its first frame in every slot before them, each slot noised to its sigma ((1 - s) x + s noise).
-    The first L - f frames that leave the queue are warm-up and are discarded."""
-    length, f = noise.shape[2], clip.shape[2]
-    source = (torch.arange(length) - (length - f)).clamp_min(0)
-    s = slot_sigmas(sigmas, length).to(noise).view(1, 1, -1, 1, 1)
+def initial_queue(clip: torch.Tensor, sigmas: torch.Tensor, noise: torch.Tensor, context: int = 0) -> torch.Tensor:
+    """The warm-up queue [B, C, context + L, H, W] (``noise`` of that shape): the clean ``clip``
+    [B, C, f, H, W] placed in the last f slots and its first frame in every slot before them, the
+    context slots included, each slot noised to its sigma ((1 - s) x + s noise). The first L - f
+    frames that leave the queue are warm-up and are discarded."""
+    slots, f = noise.shape[2], clip.shape[2]
+    source = (torch.arange(slots) - (slots - f)).clamp_min(0)
+    s = slot_sigmas(sigmas, slots - context, context).to(noise).view(1, 1, -1, 1, 1)
     return (1 - s) * clip[:, :, source] + s * noise
 
 
-def slot_sigmas(sigmas: torch.Tensor, length: int) -> torch.Tensor:
-    """[L]: the sigma of each slot, head to tail (``sigmas``: the L + 1 values of the schedule)."""
-    return sigmas[:length].flip(0)
+def slot_sigmas(sigmas: torch.Tensor, length: int, context: int = 0) -> torch.Tensor:
+    """[context + L]: the sigma of each slot, head to tail, the context slots at the head's
+    (``sigmas``: the L + 1 values of the schedule)."""
+    queue = sigmas[:length].flip(0)
+    return torch.cat([queue[:1].expand(context), queue])
 
 
 def fifo_step(queue: torch.Tensor, sigmas: torch.Tensor, window: int, lookahead: bool, velocity: Velocity) -> torch.Tensor:
-    """The queue one level less noisy: ``velocity(latents [B, C, f, H, W], slot sigmas [f], first slot)``
-    for each window of the step, the Euler update on the slots it writes."""
-    length = queue.shape[2]
-    now = slot_sigmas(sigmas, length)
-    after = sigmas[1:length + 1].flip(0)
+    """The queue (context slots first) one level less noisy: ``velocity(latents [B, C, f, H, W], slot
+    sigmas [f], start, first written slot)`` for each window of the step, the Euler update on the slots
+    it writes; the context slots are left as they are."""
+    context = context_slots(window, lookahead)
+    length = queue.shape[2] - context
+    now = slot_sigmas(sigmas, length, context)
+    after = torch.cat([now[:context], sigmas[1:length + 1].flip(0)])
     out = queue.clone()
     for start, write, stop in windows(length, window, lookahead):
-        v = velocity(queue[:, :, start:stop], now[start:stop], start)
+        v = velocity(queue[:, :, start:stop], now[start:stop], start, write)
         step = (after[write:stop] - now[write:stop]).to(queue).view(1, 1, -1, 1, 1)
         out[:, :, write:stop] = queue[:, :, write:stop] + step * v[:, :, write - start:].to(queue)
     return out

@@ -7,7 +7,8 @@ uses the masks its slots got in the step before, so the first step runs without 
 
 - Subject-aware cross-frame attention (``cross_frame``). Wan's self-attention already spans every
   frame of a window; what a window lacks is the frames of the other windows. So the head window
-  (the queue's cleanest f frames, run first in each step) stores, on the memory layers, the keys and
+  (the first of each step, at the queue's start: its cleanest frames, after lookahead's context
+  slots, which it reads but does not denoise) stores, on the memory layers, the keys and
   values of its subject tokens (``FrameMemory``), and every later window of the step reads them as
   extra keys and values, each CFG branch its own. The keys keep the rotary positions of their frames
   in the head window: a later window sees them as frames at the same places of its own window.
@@ -57,7 +58,8 @@ class Ouroboros:
     """The subject parts on one FIFO run (module docstring).
 
     groups: per batch row, per subject, its text-key indices; map_layers: cross-attention layers of
-    the maps; memory_layers: self-attention layers that store, read and pool; length: queue slots.
+    the maps; memory_layers: self-attention layers that store, read and pool; length: queue slots,
+    lookahead's context slots included (window starts count them first, as ``guidance.fifo.windows``).
     """
 
     def __init__(self, groups: list[list[list[int]]], map_layers, memory_layers, length: int,

@@ -6,12 +6,16 @@
 The model's own clip (``fifo_window_frames`` video frames, by default the length it was trained on:
 the model folder's attnsteer.json, else Wan's 81) is sampled first with the parent pipeline; then a
 queue of f x n latent frames (f latent frames a window, n = ``fifo_partitions``) runs as
-``attnsteer.guidance.fifo`` describes, ``fifo_lookahead`` by default. Each frame leaving the queue is
-decoded at once through Wan's causal VAE with its cache kept (``StreamingDecoder``) and handed to
-``frame_callback(pipe, first_frame, frames)`` (frames: [batch, F, H, W, 3] floats in [0, 1]); with a
-callback the frames are not kept, so memory does not grow with the length, and the output's
-``frames`` is None. ``fifo_prompt_schedule`` [(start, stop, prompt)] gives frame ranges their own
-prompts, ``fifo_prompt_blend`` frames of linear change between them.
+``attnsteer.guidance.fifo`` describes, with the paper's lookahead by default (f // 2 context slots
+before the head, 2n model calls a frame for an even f; n without). Wan 2.2's two experts
+(``transformer_2`` with ``boundary_ratio``) each denoise the frames whose timestep is theirs, as
+WanPipeline picks one per step; a window whose written frames straddle the boundary runs both. Each
+frame leaving the queue is decoded at once through Wan's causal VAE with its cache kept
+(``StreamingDecoder``) and handed to ``frame_callback(pipe, first_frame, frames)`` (frames: [batch, F,
+H, W, 3] floats in [0, 1]); with a callback the frames are not kept, so memory does not grow with the
+length, and the output's ``frames`` is None. ``fifo_prompt_schedule`` [(start, stop, prompt)] gives
+frame ranges their own prompts, ``fifo_prompt_blend`` frames of linear change between them. A VAE
+without temporal compression (temporal factor 1) gives one video frame a latent frame.
 
 Formulas, defaults and sources: docs/methods.md, section 5.
 """
@@ -19,16 +23,17 @@ Formulas, defaults and sources: docs/methods.md, section 5.
 from __future__ import annotations
 
 import inspect
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 
 import torch
 from diffusers import WanPipeline
 from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+from diffusers.pipelines.wan import pipeline_wan
 from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from attnsteer.attention_processors import CROSS, SELF, SteeringSession, list_layers
-from attnsteer.guidance.fifo import PromptSchedule, coherent_tail, fifo_step, initial_queue
+from attnsteer.guidance.fifo import PromptSchedule, coherent_tail, context_slots, fifo_step, initial_queue
 from attnsteer.guidance.ouroboros import Ouroboros
 
 from .astar import check_flag
@@ -43,9 +48,33 @@ PARENT_DEFAULTS = {name: p.default for name, p in inspect.signature(WanPipeline.
 OUTPUT_TYPES = ("np", "pil", "pt", "latent")  # WanPipeline's
 
 
-def trained_frames(call_defaults: dict) -> int:
-    """The clip length a Wan model was trained on: its folder's call default, else Wan 2.1's."""
-    return call_defaults.get("num_frames", WAN_TRAINED_FRAMES)
+def trained_frames(call_defaults: dict, factor: int = 4) -> int:
+    """The clip length a Wan model was trained on: the video frames WanPipeline makes for its folder's
+    call default num_frames with a VAE of temporal ``factor`` (Wan's 4 by default), else Wan 2.1's."""
+    return wan_frames(call_defaults.get("num_frames", WAN_TRAINED_FRAMES), factor)
+
+
+def wan_frames(num_frames: int, factor: int) -> int:
+    """The video frames WanPipeline makes for ``num_frames``: it rounds to k * factor + 1 unless
+    num_frames % factor == 1, which never holds for factor 1, where it adds a frame."""
+    return max(num_frames if num_frames % factor == 1 else num_frames // factor * factor + 1, 1)
+
+
+def parent_frames(frames: int, factor: int) -> int:
+    """The num_frames that makes WanPipeline generate ``frames`` (1 + k * factor) video frames."""
+    return frames - 1 if factor == 1 else frames
+
+
+@contextmanager
+def frame_rounding_quiet():
+    """WanPipeline's notice that it rounds num_frames held back: with factor 1 it rounds every call,
+    the FIFO clip's included, whose num_frames is chosen for the rounding (``parent_frames``)."""
+    drop = lambda record: not record.getMessage().startswith("`num_frames - 1` has to be divisible by")
+    pipeline_wan.logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        pipeline_wan.logger.removeFilter(drop)
 
 
 class StreamingDecoder:
@@ -83,6 +112,8 @@ class StreamingDecoder:
 
 
 def _check_frames(name: str, frames, factor: int) -> None:
+    if factor == 1 and (isinstance(frames, bool) or not isinstance(frames, int) or frames < 1):
+        raise ValueError(f"{name} {frames!r} must be a whole number of frames >= 1")
     if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1 or (frames - 1) % factor:
         raise ValueError(f"{name} {frames!r} must be 1 + {factor}k frames (1, {1 + factor}, {1 + 2 * factor}, ...): "
                          f"the VAE packs {factor} frames into each latent frame after the first")
@@ -94,7 +125,9 @@ class WanFIFOPipeline(CallDefaultsMixin, WanPipeline):
     Keyword arguments beyond WanPipeline's (``num_frames`` is the output length; ``num_inference_steps``
     the steps of the initial clip):
         fifo_partitions: n >= 1; each frame passes f x n noise levels (default 4).
-        fifo_lookahead: overlapping windows, about 2n model calls per frame instead of n (default True).
+        fifo_lookahead: the paper's lookahead: f // 2 context slots before the head and windows at
+            stride f - f // 2 that write their later part, 2n model calls per frame for an even f
+            instead of n (default True).
         fifo_window_frames: video frames of a window (default: the model's trained clip length).
         fifo_beyond_training: allow a window longer than the trained clip (default False).
         fifo_prompt_schedule, fifo_prompt_blend: prompts per frame range, instead of ``prompt``.
@@ -104,17 +137,19 @@ class WanFIFOPipeline(CallDefaultsMixin, WanPipeline):
             frequencies of the queue's last latent and the high frequencies of fresh noise (default False).
         ouroboros_subjects: words of the prompt (every prompt) naming the subjects, e.g. ["circle"];
             turns on the two parts below (``attnsteer.guidance.ouroboros``), from the second step on. Both
-            act on the windows after the head window, so they need fifo_partitions >= 2.
+            act on the windows after the head window, so they need fifo_partitions >= 2; not with
+            Wan 2.2's two experts.
         ouroboros_cross_frame: the head window's subject keys and values are read by the later windows
             of each step (default True).
         ouroboros_guidance: self-recurrent guidance, the size of the subject-bank loss' gradient step
             relative to the velocity's (default 0.1; 0 turns it off). Not yet tuned on a trained model.
         ouroboros_momentum: of the subject bank's moving average (default 0.9).
         ouroboros_layers: the self-attention layers that store, read and pool (default: all).
+        guidance_scale_2: WanPipeline's: the CFG scale of ``transformer_2`` (default: guidance_scale).
     """
 
     def trained_frames(self) -> int:
-        return trained_frames(self.call_defaults)
+        return trained_frames(self.call_defaults, self.vae_scale_factor_temporal)
 
     def check_fifo(self, num_frames, partitions, window_frames, beyond, schedule, blend, prompt,
                    flags: dict | None = None, frame_callback=None, output_type="np") -> PromptSchedule | None:
@@ -161,6 +196,9 @@ class WanFIFOPipeline(CallDefaultsMixin, WanPipeline):
             raise ValueError(f"ouroboros_guidance {guidance!r} must be a number >= 0 (0: off)")
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
             raise ValueError(f"ouroboros_momentum {momentum!r} must be a number in [0, 1)")
+        if self.config.boundary_ratio is not None:
+            raise ValueError(f"ouroboros_subjects {list(subjects)!r}: the subject parts run on one transformer, and "
+                             "this pipeline has Wan 2.2's two experts (boundary_ratio); give no subjects")
         if partitions < 2:
             raise ValueError(f"ouroboros_subjects needs fifo_partitions >= 2, got {partitions}: its parts act on the "
                              "windows after the head window, and one partition is one window")
@@ -184,12 +222,19 @@ class WanFIFOPipeline(CallDefaultsMixin, WanPipeline):
                  fifo_prompt_schedule=None, fifo_prompt_blend=0, frame_callback=None, ouroboros_tail=False,
                  ouroboros_subjects=None, ouroboros_cross_frame=True, ouroboros_guidance=OUROBOROS_GUIDANCE,
                  ouroboros_momentum=OUROBOROS_MOMENTUM,
-                 ouroboros_layers=None):
+                 ouroboros_layers=None, guidance_scale_2=None):
         defaults = {**PARENT_DEFAULTS, **self.call_defaults}
         pick = lambda value, name: value if value is not None else defaults[name]
         height, width, num_frames = pick(height, "height"), pick(width, "width"), pick(num_frames, "num_frames")
         steps, guidance_scale = pick(num_inference_steps, "num_inference_steps"), pick(guidance_scale, "guidance_scale")
         max_sequence_length = pick(max_sequence_length, "max_sequence_length")
+        guidance_scale_2 = pick(guidance_scale_2, "guidance_scale_2")
+        two_experts = self.config.boundary_ratio is not None
+        if guidance_scale_2 is not None and not two_experts:
+            raise ValueError(f"guidance_scale_2 {guidance_scale_2!r} is the CFG scale of Wan 2.2's second expert, and "
+                             "this pipeline has one transformer (no boundary_ratio): leave it out")
+        if guidance_scale_2 is None:
+            guidance_scale_2 = guidance_scale
         window_frames = fifo_window_frames if fifo_window_frames is not None else self.trained_frames()
         flags = dict(fifo_lookahead=fifo_lookahead, fifo_beyond_training=fifo_beyond_training, ouroboros_tail=ouroboros_tail,
                      ouroboros_cross_frame=ouroboros_cross_frame)
@@ -199,10 +244,11 @@ class WanFIFOPipeline(CallDefaultsMixin, WanPipeline):
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"prompt must be a string or a list of strings, got {prompt!r}")
         factor, device = self.vae_scale_factor_temporal, self._execution_device
-        f = (window_frames - 1) // factor + 1
+        f = (window_frames - 1) // factor + 1  # latent frames: 1 + k * factor video frames make 1 + k
         length = f * fifo_partitions
         total = (num_frames - 1) // factor + 1
         warmup = length - f
+        context = context_slots(f, fifo_lookahead)
         subjects = None
         if ouroboros_subjects is not None:
             groups, memory_layers = self.check_ouroboros(ouroboros_subjects, ouroboros_guidance, prompts,
@@ -215,7 +261,7 @@ class WanFIFOPipeline(CallDefaultsMixin, WanPipeline):
                 groups = groups[:1]
             if ouroboros_cross_frame or ouroboros_guidance:
                 cross = [n for n, info in list_layers(self.transformer).items() if info.kind == CROSS]
-                subjects = Ouroboros(groups, cross, memory_layers, length, ouroboros_cross_frame,
+                subjects = Ouroboros(groups, cross, memory_layers, context + length, ouroboros_cross_frame,
                                      float(ouroboros_guidance), float(ouroboros_momentum))
                 SteeringSession(self.transformer, [subjects.capture, subjects.memory])  # refuses unsteerable layers
         self.check_inputs(prompts[0], negative_prompt, height, width, None, None, list(callback_on_step_end_tensor_inputs))
@@ -238,40 +284,51 @@ class WanFIFOPipeline(CallDefaultsMixin, WanPipeline):
                              if embeds[0][k] is not None else None)
             return mix(0), mix(1)
 
-        clip = WanPipeline.__call__(
-            self, prompt_embeds=embeds[0][0], negative_prompt_embeds=embeds[0][1], height=height, width=width,
-            num_frames=window_frames, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator,
-            output_type="latent", max_sequence_length=max_sequence_length).frames
+        with frame_rounding_quiet():
+            clip = WanPipeline.__call__(
+                self, prompt_embeds=embeds[0][0], negative_prompt_embeds=embeds[0][1], height=height, width=width,
+                num_frames=parent_frames(window_frames, factor), num_inference_steps=steps,
+                guidance_scale=guidance_scale, guidance_scale_2=guidance_scale_2 if two_experts else None,
+                generator=generator, output_type="latent", max_sequence_length=max_sequence_length).frames
         self.scheduler.set_timesteps(length, device=device)
         sigmas = self.scheduler.sigmas.to(device=device, dtype=torch.float32)
         scale = self.scheduler.config.num_train_timesteps
         shape = (clip.shape[0], clip.shape[1], 1, clip.shape[3], clip.shape[4])
         noise = torch.cat([randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-                           for _ in range(length)], dim=2)
-        queue = initial_queue(clip.float(), sigmas, noise)
-        dtype = self.transformer.dtype
+                           for _ in range(context + length)], dim=2)
+        queue = initial_queue(clip.float(), sigmas, noise, context)
+        boundary = self.config.boundary_ratio * scale if two_experts else None
         tokens = (clip.shape[3] // self.transformer.config.patch_size[1]) * (clip.shape[4] // self.transformer.config.patch_size[2])
         produced, kept = 0, []
 
         def video_frame(latent_index: int) -> int:
             return 0 if latent_index <= 0 else 1 + factor * (latent_index - 1)
 
-        def velocity(x, sigma, start):
-            t = (sigma * scale).repeat_interleave(tokens).expand(x.shape[0], -1)
-            pos, neg = conditioning(video_frame(produced - warmup + start + f // 2))
+        def velocity(x, sigma, start, write):
+            frame_t = sigma * scale
+            t = frame_t.repeat_interleave(tokens).expand(x.shape[0], -1)
+            pos, neg = conditioning(video_frame(produced - warmup + start - context + f // 2))
 
-            def branch(embeds):
-                return lambda z: self.transformer(hidden_states=z.to(dtype), timestep=t, encoder_hidden_states=embeds,
-                                                  return_dict=False)[0]
+            def branch(model, embeds):
+                return lambda z: model(hidden_states=z.to(model.dtype), timestep=t, encoder_hidden_states=embeds,
+                                       return_dict=False)[0]
 
             if subjects is not None:
-                return subjects.velocity(x, start, branch(pos), branch(neg) if cfg else None, guidance_scale,
+                return subjects.velocity(x, start, branch(self.transformer, pos),
+                                         branch(self.transformer, neg) if cfg else None, guidance_scale,
                                          self.transformer).float()
-            pred = branch(pos)(x)
-            if cfg:
-                uncond = branch(neg)(x)
-                pred = uncond + guidance_scale * (pred - uncond)
-            return pred.float()
+            high = frame_t >= boundary if two_experts else torch.ones_like(frame_t, dtype=torch.bool)
+            pred = None
+            for model, scale_g, mine in ((self.transformer, guidance_scale, high),
+                                         (self.transformer_2, guidance_scale_2, ~high)):
+                if not mine[write - start:].any():  # none of the frames this window writes is this expert's
+                    continue
+                own = branch(model, pos)(x).float()
+                if cfg:
+                    uncond = branch(model, neg)(x).float()
+                    own = uncond + scale_g * (own - uncond)
+                pred = own if pred is None else torch.where(mine.view(1, 1, -1, 1, 1), own, pred)
+            return pred
 
         with ExitStack() as stack:
             decoder = stack.enter_context(StreamingDecoder(self.vae))
@@ -285,7 +342,7 @@ class WanFIFOPipeline(CallDefaultsMixin, WanPipeline):
                 tail = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
                 if ouroboros_tail:
                     tail = coherent_tail(queue[:, :, -1:], tail)
-                head, queue = queue[:, :, :1], torch.cat([queue[:, :, 1:], tail], 2)
+                head, queue = queue[:, :, context:context + 1], torch.cat([queue[:, :, 1:], tail], 2)
                 if callback_on_step_end is not None:
                     out = callback_on_step_end(self, i, sigmas[0] * scale, {"latents": queue})
                     queue = out.pop("latents", queue)

@@ -3,22 +3,65 @@
 import pytest
 import torch
 
-from attnsteer.guidance.fifo import PromptSchedule, fifo_step, initial_queue, slot_sigmas, windows
+from attnsteer.guidance.fifo import PromptSchedule, context_slots, fifo_step, initial_queue, slot_sigmas, windows
 
 
-@pytest.mark.parametrize("window,partitions", [(4, 3), (5, 2), (2, 1), (3, 4)])
-def test_windows_write_every_slot_once_and_lookahead_writes_the_later_part(window, partitions):
+@pytest.mark.parametrize("window,partitions", [(4, 3), (5, 2), (2, 1), (3, 4), (21, 4)])
+def test_windows_write_every_queue_slot_once_and_lookahead_writes_the_later_part(window, partitions):
     length = window * partitions
     tiled = windows(length, window, lookahead=False)
     assert tiled == [(k * window, k * window, (k + 1) * window) for k in range(partitions)]
+    context = context_slots(window, lookahead=True)
+    assert context == window // 2 and context_slots(window, lookahead=False) == 0
     calls = windows(length, window, lookahead=True)
     written = [slot for _, write, stop in calls for slot in range(write, stop)]
-    assert written == list(range(length))
-    for start, write, stop in calls[1:]:
-        assert stop - start == window and write - start >= window // 2  # f // 2 cleaner frames of context
+    assert written == list(range(context, context + length))  # every queue slot, never a context slot
+    for start, write, stop in calls:
+        assert start >= 0 and stop - start == window and write - start >= window // 2  # f // 2 cleaner frames before
     assert len(calls) <= 2 * partitions
-    if window % 2 == 0:
-        assert len(calls) == 2 * partitions - 1
+    if window % 2 == 0 or window + 1 > 2 * partitions:
+        assert len(calls) == 2 * partitions
+
+
+@pytest.mark.parametrize("f,n", [(2, 1), (4, 3), (6, 2), (16, 4)])
+def test_lookahead_windows_are_the_papers(f, n):
+    """FIFO-Diffusion, lookahead denoising: f' = f / 2 context frames, then the queue of f n frames; for
+    k = 0 .. 2n - 1 the model runs on frames [k f', k f' + f) and updates only the later f' of them."""
+    half = f // 2
+    paper = [(k * half, k * half + half, k * half + f) for k in range(2 * n)]
+    assert windows(f * n, f, lookahead=True) == paper
+
+
+def paper_lookahead_step(latents, sigmas, f, n, velocity):
+    """One step of lookahead denoising as the paper's algorithm runs it, in place: f / 2 context frames at
+    the lowest noise level before the queue; windows from the tail to the head (k = 2n - 1 .. 0), each on
+    frames [k f / 2, k f / 2 + f), the Euler step on its later half only."""
+    latents, half, length = latents.clone(), f // 2, f * n
+    levels = [sigmas[length - 1]] * half + [sigmas[length - 1 - j] for j in range(length)]  # head to tail
+    nexts = [None] * half + [sigmas[length - j] for j in range(length)]
+    for k in reversed(range(2 * n)):
+        start, mid, end = k * half, k * half + half, k * half + f
+        x = latents[:, :, start:end].clone()
+        v = velocity(x, torch.tensor(levels[start:end]), start, mid)
+        for i in range(mid, end):
+            latents[:, :, i] = latents[:, :, i] + (nexts[i] - levels[i]) * v[:, :, i - start]
+    return latents
+
+
+@pytest.mark.parametrize("f,n", [(2, 1), (4, 2), (6, 3)])
+def test_a_lookahead_step_is_the_papers_algorithm(f, n):
+    half, length = f // 2, f * n
+    queue = torch.randn(2, 3, half + length, 2, 2, generator=torch.Generator().manual_seed(f + n))
+    sigmas = torch.linspace(1, 0, length + 1) ** 0.7
+
+    def velocity(x, s, start, write):  # reads every frame of its window, each at its own sigma
+        return x * s.view(1, 1, -1, 1, 1) + x.cumsum(2) + 1
+
+    ours = fifo_step(queue, sigmas, window=f, lookahead=True, velocity=velocity)
+    torch.testing.assert_close(ours, paper_lookahead_step(queue, sigmas.tolist(), f, n, velocity))
+    torch.testing.assert_close(ours[:, :, :half], queue[:, :, :half])  # the context slots are not denoised
+    alone = fifo_step(queue[:, :, half:], sigmas, window=f, lookahead=False, velocity=velocity)
+    assert not torch.allclose(ours[:, :, half:], alone)
 
 
 def test_the_initial_queue_holds_the_clip_last_and_its_first_frame_before_it():
@@ -31,6 +74,11 @@ def test_the_initial_queue_holds_the_clip_last_and_its_first_frame_before_it():
     frames = [0, 0, 0, 0, 1, 2]
     for j in range(6):
         assert torch.allclose(queue[:, :, j], (1 - s[j]) * frames[j] + s[j] * 10.0)
+    with_context = initial_queue(clip, sigmas, torch.full((1, 2, 8, 2, 2), 10.0), context=2)
+    torch.testing.assert_close(with_context[:, :, 2:], queue)
+    for j in range(2):  # the clip's first frame at the head's sigma, as in the head slot
+        torch.testing.assert_close(with_context[:, :, j], queue[:, :, 0])
+    torch.testing.assert_close(slot_sigmas(sigmas, 6, context=2), torch.cat([s[:1], s[:1], s]))
 
 
 def test_one_step_is_the_euler_update_at_each_frames_own_sigma():
@@ -39,7 +87,7 @@ def test_one_step_is_the_euler_update_at_each_frames_own_sigma():
     sigmas = torch.tensor([1.0, 0.7, 0.4, 0.2, 0.0])
     seen = []
 
-    def velocity(x, s, start):
+    def velocity(x, s, start, write):
         seen.append(s.clone())
         return x * s.view(1, 1, -1, 1, 1) + 1
 
@@ -52,11 +100,11 @@ def test_one_step_is_the_euler_update_at_each_frames_own_sigma():
 
 
 def test_lookahead_windows_read_the_queue_as_it_was_before_the_step():
-    queue = torch.randn(1, 1, 6, 1, 1, generator=torch.Generator().manual_seed(1))
+    queue = torch.randn(1, 1, 8, 1, 1, generator=torch.Generator().manual_seed(1))  # 2 context slots, 6 queue slots
     sigmas = torch.linspace(1, 0, 7)
     inputs = []
 
-    def velocity(x, s, start):
+    def velocity(x, s, start, write):
         inputs.append((start, x.clone()))
         return torch.ones_like(x)
 
