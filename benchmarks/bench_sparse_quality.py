@@ -55,7 +55,7 @@ def static_densities(pipe, call: dict, args) -> dict[str, float]:
     from attnsteer.attention_processors.sparse import RadialMask, TileMask, block_layout, block_mask, density
     from attnsteer.pipelines.sparse import token_grid
 
-    frames = (call["num_frames"] - 1) // pipe.vae_scale_factor_temporal + 1
+    frames = call["num_frames"] // pipe.vae_scale_factor_temporal + 1  # WanPipeline's latent frames, factor 4 or 1
     grid = (frames, *token_grid(pipe, call))
     n = int(np.prod(grid))
     blocks = block_layout(TokenLayout(slice(0, n), None, grid), n, tuple(args.pool))
