@@ -6,7 +6,7 @@ subjects drawn alone, the same images in every row below, and the target is row 
     independent: the scene drawn alone at seed 10 s + 2 (no IR);
     shared: the scene reads the references where they sit, subjects not isolated (ConsiStory style);
     isolation: isolation only, no reading;
-    ir: isolation and repositioned reading (IR-Diffusion).
+    ir: isolation, repositioned reading and mutual cross-attention (IR-Diffusion as its authors run it).
 Per target: consistency, the mean over its subjects of ``attribute_match`` (size, shade, texture)
 between the subject in the reference and in the target (0 when either is missing); coverage and
 count right of the target. Each row is paired against "independent" on the same scenes and seeds.
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-ROWS = {"independent": None, "shared": dict(story_isolation=False, story_reposition=False),
+ROWS = {"independent": None, "shared": dict(story_isolation=False, story_reposition=False, story_mutual=0.0),
         "isolation": dict(story_read=False), "ir": {}}
 METRICS = ("consistency", "coverage", "count_right")
 
@@ -43,7 +43,7 @@ def parse_args():
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     p.add_argument("--read-layers", default="decoder", choices=["decoder", "all"],
                    help="layers where targets read the references: the decoder's (the paper's) or every self-attention layer")
-    p.add_argument("--dropout", type=float, default=0.5, help="reference mask dropout (ConsiStory's 0.5)")
+    p.add_argument("--dropout", type=float, default=0.5, help="dropout of the scene's reading queries, per token at each grid (the authors' 0.5)")
     p.add_argument("--masks", default="maps", choices=["maps", "detector"],
                    help="subject masks: the cross-attention maps, or the detector's on the independent images")
     p.add_argument("--threads", type=int, default=2)

@@ -35,7 +35,8 @@ FLAGS = {"perturbed_heads": "--heads", "perturbation_scale": "--scale", "softpag
          "sparsity": "--sparsity", "sparse_mask": "--sparse-mask", "sparse_pool": "--sparse-pool",
          "sparse_backend": "--sparse-backend", "sparse_dense_steps": "--sparse-dense-steps",
          "fifo_partitions": "--fifo-partitions", "num_frames": "--frames", "ouroboros_subjects": "--ouroboros-subjects",
-         "ouroboros_guidance": "--ouroboros-guidance", "height": "--height", "width": "--width"}
+         "ouroboros_guidance": "--ouroboros-guidance", "height": "--height", "width": "--width",
+         "story_mutual": "--mutual"}
 
 
 # Options that act only with a method: option -> (the option that turns the method on, how to name it); checked
@@ -47,6 +48,7 @@ NEEDS = {
                     ("sparsity", "--sparsity or --sparse-mask radial|tile")),
     **dict.fromkeys(("ouroboros_guidance", "no_cross_frame"), ("ouroboros_subjects", "--ouroboros-subjects")),
 }
+NOT_WITH = {"mutual": ("no_read", "--no-read turns reading off, mutual cross-attention included")}
 FIFO_OPTIONS = ("fifo_partitions", "no_lookahead", "ouroboros_tail", "ouroboros_subjects")  # act only when FIFO runs
 
 
@@ -346,6 +348,7 @@ def story(args) -> None:
     segmenter = keeping_images(segment_subjects) if args.masks == "detector" else None
     options = dict(story_subjects=args.subject, story_isolation=not args.no_isolation,
                    story_reposition=not args.no_reposition, story_read=not args.no_read,
+                   **({"story_mutual": args.mutual} if args.mutual is not None else {}),
                    **({"story_words": [w.strip() for w in args.words.split(",")]} if args.words else {}),
                    **({"story_segmenter": segmenter} if segmenter else {}),
                    **(_steering(args) if args.heads else {}))
@@ -771,6 +774,9 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--no-isolation", action="store_true", help="let the subjects of a scene attend to each other")
     st.add_argument("--no-reposition", action="store_true", help="read the references where they sit (shared attention)")
     st.add_argument("--no-read", action="store_true", help="scenes do not read the references (isolation only)")
+    st.add_argument("--mutual", type=FRACTION, default=None,
+                    help="mutual cross-attention lambda: inside subject i a scene also reads reference i's prompt "
+                         "(default 0.9, the authors'; 0: off)")
     st.add_argument("--negative-prompt", default=None, help="what to steer away from with CFG (default: none)")
     steering_options(st)
     st.add_argument("--steps", type=POSITIVE, default=None, help="denoising steps (default: the model folder's, else 28)")
@@ -801,6 +807,9 @@ def check(args) -> None:
         on = _given(args, method) or (method == "sparsity" and getattr(args, "sparse_mask", "draft") != "draft")
         if hasattr(args, method) and _given(args, name) and not on:
             raise UsageError(f"{_flag(name)} acts only with {named}, which is not given")
+    for name, (other, why) in NOT_WITH.items():
+        if _given(args, name) and _given(args, other):
+            raise UsageError(f"{_flag(name)} does nothing with {_flag(other)}: {why}")
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     else:

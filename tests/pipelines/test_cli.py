@@ -252,6 +252,12 @@ def test_story_writes_references_scenes_and_the_independent_scenes(tmp_path, cap
     assert written == ["seed0_reference0.png", "seed0_reference1.png", "seed0_scene0.png", "seed0_scene0_independent.png",
                        "seed0_story.png"]
     assert Image.open(tmp_path / "seed0_story.png").width == 4 * 256 + 3 * 6
+    main(["story", "--model", "tiny-sd", "--subject", "a red circle", "--subject", "a blue square",
+          "--scene", "a red circle and a blue square", "--steps", "2", "--mutual", "0", "--out", str(tmp_path / "m")])
+    scene = lambda folder: np.asarray(Image.open(folder / "seed0_scene0.png"))
+    assert not np.array_equal(scene(tmp_path), scene(tmp_path / "m"))  # --mutual reaches the pipeline
+    assert "argument --mutual: 1.5 is not allowed: a fraction in [0, 1]" in refused(
+        ["story", "--subject", "a", "--scene", "a", "--mutual", "1.5"], capsys)
     assert "the word 'green star' of subject 1 is not in scene 0" in refused(
         ["story", "--model", "tiny-sd", "--subject", "a red circle", "--subject", "a green star",
          "--scene", "a red circle and a blue square", "--out", str(tmp_path)], capsys)
@@ -336,6 +342,8 @@ BEFORE_LOADING = [
     (VIDEO + ["--frames", "13", "--ouroboros-guidance", "0.2"], "--ouroboros-guidance acts only with --ouroboros-subjects"),
     (["story", "--model", "tiny-sd", "--subject", "a red circle", "--scene", "a red circle", "--u", "1"],
      "--u acts only with --heads"),
+    (["story", "--model", "tiny-sd", "--subject", "a red circle", "--scene", "a red circle", "--no-read", "--mutual",
+      "0.5"], "--mutual does nothing with --no-read: --no-read turns reading off, mutual cross-attention included"),
     (IMAGE + ["--heads", ""], "argument --heads: an empty head spec"),
     (IMAGE + ["--astar", ""], "argument --astar: '' is not a comma list of words (an empty word)"),
     (IMAGE + ["--astar", ","], "argument --astar: ',' is not a comma list of words (an empty word)"),
