@@ -38,14 +38,12 @@ SUBJECT_ROWS = ("ouroboros-cross-frame", "ouroboros-guidance", "ouroboros")  # s
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     video_set_options(p, batch_size=4)
-    p.add_argument("--frames", type=int, default=65, help="frames asked for (1 + 4k for Wan)")
+    p.add_argument("--frames", type=int, default=65, help="frames asked for (1 + 4k for Wan's 4x temporal VAE)")
     p.add_argument("--window", type=int, default=None, help="frames per scored window (default: the model's trained clip)")
     p.add_argument("--rows", nargs="+", default=["direct", "fifo"], choices=list(ROWS))
     p.add_argument("--partitions", type=int, default=4, help="FIFO's n")
     args = p.parse_args()
     check_video_set(p, args)
-    if args.frames < 5 or (args.frames - 1) % 4:
-        p.error(f"--frames {args.frames}: Wan needs 1 + 4k frames, at least 5")
     return args
 
 
@@ -83,6 +81,10 @@ def main():
     fifo.set_progress_bar_config(disable=True)
     trained = fifo.trained_frames()
     window = args.window or trained
+    try:
+        fifo.check_fifo(args.frames, args.partitions, window, False, None, 0, None)
+    except ValueError as error:
+        raise SystemExit(f"--frames {args.frames} / --window {window} / --partitions {args.partitions}: {error}")
     if args.frames < 2 * window:
         raise SystemExit(f"--frames {args.frames}: at least two windows of {window} frames are needed")
     call = {"num_inference_steps": 20, **pipe.call_defaults, "num_frames": args.frames, "output_type": "np"}

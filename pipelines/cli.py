@@ -245,11 +245,12 @@ def generate(args) -> None:
     method = _method(args)
     from .fifo import trained_frames
 
-    long = is_video and call.get("num_frames", 0) > trained_frames(pipe.call_defaults)
+    clip = trained_frames(pipe.call_defaults, pipe.vae_scale_factor_temporal) if is_video else None
+    long = is_video and call.get("num_frames", 0) > clip
     given = [_flag(name) for name in FIFO_OPTIONS if args.command == "video" and _given(args, name)]
     if given and not long:
         raise UsageError(f"{given[0]} acts on FIFO-Diffusion, which runs for --frames longer than the model's clip of "
-                         f"{trained_frames(pipe.call_defaults)}")
+                         f"{clip}")
     if args.baseline and method is None and not long:
         raise UsageError("--baseline draws the unsteered output beside a steered one: give a method too (--heads, "
                          "--astar, --sparsity or --sparse-mask), or --frames beyond the model's clip (FIFO)")
@@ -654,7 +655,7 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--width", type=POSITIVE, default=None, help="pixels (default: the model's)")
         if video:
             p.add_argument("--frames", type=POSITIVE, default=None,
-                           help="video frames, 1 + 4k for Wan (default: the model folder's, else the pipeline's)")
+                           help="video frames, 1 + 4k for Wan's 4x temporal VAE (default: the model folder's, else the pipeline's)")
 
     def sparse_options(p):
         p.add_argument("--sparsity", type=SPARSITY, default=None,

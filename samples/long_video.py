@@ -20,14 +20,14 @@ from attnsteer.pipelines.fifo import OUROBOROS_GUIDANCE, fifo_pipeline, trained_
 def main(argv=None):
     p = options(__doc__, "shapes-wan", "samples/out/long_video")
     p.add_argument("--prompt", default=video_prompt_set("one-moving", "heldout")[0])
-    p.add_argument("--frames", type=int, default=None, help="video frames (default: 8x the model's clip, 1 + 4k)")
+    p.add_argument("--frames", type=int, default=None, help="video frames (default: 8x the model's clip)")
     p.add_argument("--partitions", type=int, default=4, help="FIFO's n: windows in the queue")
     p.add_argument("--subjects", nargs="+", default=None, help="Ouroboros' subject words (default: the object nouns)")
     args = p.parse_args(argv)
     pipe = load(args)
     fifo = fifo_pipeline(pipe)
     fifo.set_progress_bar_config(disable=True)
-    clip = trained_frames(pipe.call_defaults)
+    clip = trained_frames(pipe.call_defaults, pipe.vae_scale_factor_temporal)
     frames = args.frames or 8 * (clip - 1) + 1
     subjects = args.subjects or caption_concepts(args.prompt)
     fifo.check_fifo(frames, args.partitions, clip, False, None, 0, args.prompt)
