@@ -15,6 +15,14 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
 
+def pytest_configure(config):
+    """Under pytest-xdist each worker computes on one thread: the workers share the machine's cores."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
 def _network_error(what, target):
     return RuntimeError(f"network access in tests: {what}({target!r})")
 

@@ -8,6 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_readme_python_examples_run(tmp_path, monkeypatch):
+    """About 10-12 s: the examples load the shipped models and generate, as a reader would."""
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
     runnable = [b for b in blocks if "cuda" not in b and "modular_pipe" not in b]
     assert len(runnable) >= 2

@@ -154,6 +154,8 @@ def torch_cuda() -> bool:
 
 
 def test_help_shows_every_default_and_starts_without_torch():
+    """About 10-15 s: whether the CLI starts without torch can only be seen in a fresh process, which then
+    imports a pipeline class (torch and diffusers) to check that no third-party notice is printed."""
     import argparse
     import subprocess
     import sys

@@ -104,6 +104,7 @@ def test_cli_eval_writes_table_json_and_contact_sheet(tmp_path, capsys):
 
 
 def test_two_accelerate_processes_give_the_same_images(tmp_path):
+    """About 15-25 s: accelerate starts two processes, and each imports torch and diffusers (10 s)."""
     import torch
 
     args = ["eval", "--model", "tiny-sd", "--set", "two", "--limit", "2", "--seeds", "3", "--steps", "2",

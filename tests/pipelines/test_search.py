@@ -28,8 +28,13 @@ def sd3():
 
 
 def images(pipe, prompts, seeds, **kwargs):
+    """The pipeline's images; with heads, perturbed at w 2 and u 0.7 (without heads those options are refused)."""
+    heads = kwargs.get("perturbed_heads") is not None or kwargs.get("perturbed_heads_per_prompt") is not None
+    perturbation = dict(perturbation_scale=2.0, softpag_u=0.7) if heads else {}
+    if not heads:
+        kwargs = {k: v for k, v in kwargs.items() if not k.startswith("perturb")}
     out = pipe(prompt=prompts, generator=[torch.Generator().manual_seed(s) for s in seeds], num_inference_steps=3,
-               output_type="np", perturbation_scale=2.0, softpag_u=0.7, **kwargs)
+               output_type="np", **perturbation, **kwargs)
     return out.images
 
 
@@ -108,7 +113,8 @@ def cli(args, **kwargs):
 
 
 def test_sigkilled_search_rerun_ends_with_the_same_head_set(searched, tmp_path):
-    """Killed in a subprocess; resumed in this one, on one thread as the subprocess."""
+    """Killed in a subprocess (only a real process can be killed mid-write; its import of torch and
+    diffusers makes this test 10-17 s); resumed in this one, on one thread as the subprocess."""
     journal = tmp_path / "killed" / "journal.jsonl"
     proc = cli([*SEARCH, "--out", str(tmp_path / "killed")])
     while not journal.exists() or len(journal.read_text().splitlines()) < 6:
@@ -128,6 +134,7 @@ def test_sigkilled_search_rerun_ends_with_the_same_head_set(searched, tmp_path):
 
 
 def test_two_accelerate_processes_find_the_same_heads(searched, tmp_path):
+    """About 15-25 s: accelerate starts two processes, and each imports torch and diffusers (10 s)."""
     accelerate_cli([*SEARCH, "--out", str(tmp_path / "two")])
     one, two = (json.loads((d / "heads.json").read_text()) for d in (searched, tmp_path / "two"))
     assert one["heads"] == two["heads"] and two["search"]["processes"] == 2

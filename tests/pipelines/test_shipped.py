@@ -47,7 +47,8 @@ def test_shipped_model_loads_with_its_diffusers_class_and_draws_what_it_is_asked
             ours.check_call(prompts[0], height=height)
     # the folder's call defaults apply without being passed
     again = ours(prompts[:2], generator=[torch.Generator().manual_seed(i) for i in range(2)], num_inference_steps=20).images
-    np.testing.assert_array_equal(np.asarray(again[1]), np.asarray(images[1]))
+    # a batch of 2 against one of 10: the same image up to the float order of another batch size (1 level)
+    assert np.abs(np.asarray(again[1], np.int16) - np.asarray(images[1], np.int16)).max() <= 1
     assert json.loads((folder / "training.json").read_text())["seed"] == 0
 
 
