@@ -47,8 +47,10 @@ NEEDS = {
     **dict.fromkeys(("sparse_pool", "sparse_backend", "sparse_dense_steps"),
                     ("sparsity", "--sparsity or --sparse-mask radial|tile")),
     **dict.fromkeys(("ouroboros_guidance", "no_cross_frame"), ("ouroboros_subjects", "--ouroboros-subjects")),
+    **dict.fromkeys(("screen_items", "screen_steps"), ("halving_keep", "--halving-keep (successive halving)")),
 }
-NOT_WITH = {"mutual": ("no_read", "--no-read turns reading off, mutual cross-attention included")}
+NOT_WITH = {"mutual": ("no_read", "--no-read turns reading off, mutual cross-attention included"),
+            "no_reposition": ("no_read", "--no-read turns reading off, repositioned or not")}
 FIFO_OPTIONS = ("fifo_partitions", "no_lookahead", "ouroboros_tail", "ouroboros_subjects")  # act only when FIFO runs
 
 
