@@ -29,7 +29,7 @@ logging.getLogger("transformers.tokenization_utils_base").addFilter(_OneTruncati
 
 __all__ = [
     "STEER_PIPELINES", "FluxSteerPipeline", "StableDiffusion3SteerPipeline", "StableDiffusionSteerPipeline",
-    "StableDiffusionXLSteerPipeline", "SteerMixin", "WanSteerPipeline",
+    "StableDiffusionXLSteerPipeline", "SteerMixin", "WanSteerPipeline", "steer_pipeline",
     "AttentionMaps", "render_attention_maps", "WanFIFOPipeline",
 ]
 
@@ -47,4 +47,12 @@ def __getattr__(name: str):
         from . import steer
 
         return getattr(steer, name)
+    if name.endswith("SteerPipeline"):  # any diffusers pipeline with a supported denoiser, e.g. StableDiffusionImg2Img
+        import diffusers
+
+        from .steer import steer_pipeline
+
+        parent = getattr(diffusers, name.removesuffix("SteerPipeline") + "Pipeline", None)
+        if parent is not None:
+            return steer_pipeline(parent)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

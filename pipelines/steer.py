@@ -13,6 +13,7 @@ Formulas, defaults and sources: docs/methods.md, section 1.
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 import json
 import numbers
@@ -20,7 +21,8 @@ import os
 from contextlib import ExitStack
 from pathlib import Path, PurePath
 
-from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, WanPipeline
+from diffusers import (DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline,
+                       StableDiffusionXLPipeline, WanPipeline)
 
 from attnsteer.attention_processors import HeadSetFile, LayoutRecorder, list_layers, resolve_heads, steering
 from attnsteer.guidance.perturbation import BranchInfo, HeadPerturbationGuidance
@@ -119,6 +121,15 @@ class CallDefaultsMixin:
         path = Path(pretrained_model_name_or_path) / CALL_DEFAULTS
         pipe.call_defaults = check_call_defaults(cls, json.loads(path.read_text()).get("call", {}), path) \
             if path.is_file() else {}
+        return pipe
+
+
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs):
+        """The parent's (this class on a loaded pipeline's components, no weights reloaded), keeping the
+        loaded pipeline's ``call_defaults``."""
+        pipe = super().from_pipe(pipeline, **kwargs)
+        pipe.call_defaults = dict(getattr(pipeline, "call_defaults", {}))
         return pipe
 
 
@@ -290,19 +301,19 @@ class StableDiffusion3SteerPipeline(SteerMixin, StableDiffusion3Pipeline):
     _optional_components = [*StableDiffusion3Pipeline._optional_components, "text_encoder_3", "tokenizer_3"]
 
 
-class FluxSteerPipeline(SteerMixin, FluxPipeline):
-    """FluxPipeline with attnsteer's keyword arguments. True CFG runs as a separate call."""
+class FluxSteerMixin(SteerMixin):
+    """The FLUX family's branches: guidance distilled into the model, true CFG as a separate call."""
 
     def branch_info(self, model, call_arguments):
         a = call_arguments
-        has_negative = a["negative_prompt"] is not None or (
-            a["negative_prompt_embeds"] is not None and a["negative_pooled_prompt_embeds"] is not None)
-        true_cfg = a["true_cfg_scale"] > 1 and has_negative
+        has_negative = a.get("negative_prompt") is not None or (
+            a.get("negative_prompt_embeds") is not None and a.get("negative_pooled_prompt_embeds") is not None)
+        true_cfg = a.get("true_cfg_scale", 1.0) > 1 and has_negative
         return BranchInfo(False, a["true_cfg_scale"] if true_cfg else 1.0, self._num_timesteps)
 
 
-class WanSteerPipeline(SteerMixin, WanPipeline):
-    """WanPipeline (text-to-video) with attnsteer's keyword arguments; CFG runs as a separate call."""
+class WanSteerMixin(SteerMixin):
+    """The Wan family's branches: CFG as a separate call, Wan 2.2's second expert with its own scale."""
 
     def branch_info(self, model, call_arguments):
         if not self.do_classifier_free_guidance:
@@ -311,8 +322,39 @@ class WanSteerPipeline(SteerMixin, WanPipeline):
         return BranchInfo(False, self._guidance_scale_2 if second else self._guidance_scale, self._num_timesteps)
 
 
+class FluxSteerPipeline(FluxSteerMixin, FluxPipeline):
+    """FluxPipeline with attnsteer's keyword arguments. True CFG runs as a separate call."""
+
+
+class WanSteerPipeline(WanSteerMixin, WanPipeline):
+    """WanPipeline (text-to-video) with attnsteer's keyword arguments; CFG runs as a separate call."""
+
+
 STEER_PIPELINES = {
     cls.__bases__[-1].__name__: cls  # the diffusers pipeline it extends
     for cls in (StableDiffusionSteerPipeline, StableDiffusionXLSteerPipeline, StableDiffusion3SteerPipeline,
                 FluxSteerPipeline, WanSteerPipeline)
 }
+# The denoiser class of a pipeline -> the branch rules its steer class takes
+FAMILIES = {"UNet2DConditionModel": SteerMixin, "SD3Transformer2DModel": SteerMixin,
+            "FluxTransformer2DModel": FluxSteerMixin, "WanTransformer3DModel": WanSteerMixin}
+
+
+@functools.cache
+def steer_pipeline(parent: type) -> type:
+    """The steer class of any diffusers pipeline whose denoiser attnsteer supports (``parent``'s own
+    ``unet`` or ``transformer``), e.g. ``steer_pipeline(StableDiffusionImg2ImgPipeline)``: the parent's
+    arguments, outputs and loading, plus attnsteer's keyword arguments. ValueError for another denoiser."""
+    if not (isinstance(parent, type) and issubclass(parent, DiffusionPipeline)):
+        raise ValueError(f"steer_pipeline takes a diffusers pipeline class, got {parent!r}")
+    if parent.__name__ in STEER_PIPELINES and STEER_PIPELINES[parent.__name__].__bases__[-1] is parent:
+        return STEER_PIPELINES[parent.__name__]
+    parameters = inspect.signature(parent.__init__).parameters
+    denoiser = parameters.get("unet") or parameters.get("transformer")
+    name = getattr(denoiser.annotation, "__name__", str(denoiser.annotation)) if denoiser is not None else None
+    if name not in FAMILIES:
+        raise ValueError(f"{parent.__name__}'s denoiser {name or '(none named unet or transformer)'} is not supported; "
+                         f"attnsteer steers {', '.join(FAMILIES)}")
+    stem = parent.__name__.removesuffix("Pipeline")
+    return type(f"{stem}SteerPipeline", (FAMILIES[name], parent),
+                {"__module__": __name__, "__doc__": f"{parent.__name__} with attnsteer's keyword arguments."})

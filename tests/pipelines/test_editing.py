@@ -1,0 +1,72 @@
+"""Steer classes of any supported diffusers pipeline (``steer_pipeline``): editing pipelines against
+diffusers' own PAG pipelines, ``from_pipe``, and the refusal of other denoisers."""
+
+import inspect
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (SanaPipeline, StableDiffusion3Img2ImgPipeline, StableDiffusion3PAGImg2ImgPipeline,
+                       StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline,
+                       StableDiffusionPAGImg2ImgPipeline, StableDiffusionPAGInpaintPipeline, StableDiffusionPipeline)
+from PIL import Image
+
+import attnsteer.pipelines as pipelines
+from attnsteer.pipelines import StableDiffusionSteerPipeline, steer_pipeline
+from attnsteer.pipelines.tiny import tiny_components
+
+SIDE = 32
+IMAGE = Image.fromarray(np.random.default_rng(0).integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8))
+MASK = Image.fromarray(np.pad(np.full((SIDE // 2, SIDE // 2), 255, np.uint8), SIDE // 4))
+# kind, the parent, diffusers' PAG pipeline of the same task, its layer spec, ours, the call's image inputs
+CASES = {
+    "sd-img2img": ("sd", StableDiffusionImg2ImgPipeline, StableDiffusionPAGImg2ImgPipeline, ["mid"],
+                   "mid_block.attentions.0.transformer_blocks.0.attn1:*", dict(image=IMAGE, strength=0.75)),
+    "sd-inpaint": ("sd", StableDiffusionInpaintPipeline, StableDiffusionPAGInpaintPipeline, ["mid"],
+                   "mid_block.attentions.0.transformer_blocks.0.attn1:*",
+                   dict(image=IMAGE, mask_image=MASK, height=SIDE, width=SIDE, strength=1.0)),  # the parents differ in the default
+    "sd3-img2img": ("sd3", StableDiffusion3Img2ImgPipeline, StableDiffusion3PAGImg2ImgPipeline,
+                    [r"^transformer_blocks\.1\.attn$"], "transformer_blocks.1.attn:*", dict(image=IMAGE, strength=0.75)),
+}
+
+
+def build(cls, kind, **extra):
+    components = tiny_components(kind)
+    allowed = inspect.signature(cls.__init__).parameters
+    pipe = cls(**{k: v for k, v in components.items() if k in allowed}, **extra)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def call(kind, images, **extra):
+    kwargs = dict(prompt="a red circle", num_inference_steps=4, guidance_scale=4.0, output_type="np", **images, **extra)
+    if kind == "sd3":
+        kwargs["max_sequence_length"] = 8
+    return kwargs
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_image_mode_whole_layer_equals_diffusers_pag_on_editing_pipelines(case):
+    kind, parent, pag_class, pag_layers, heads, images = CASES[case]
+    pag = build(pag_class, kind, pag_applied_layers=pag_layers)
+    expected = pag(**call(kind, images, pag_scale=3.0), generator=torch.Generator().manual_seed(0)).images
+    ours = build(steer_pipeline(parent), kind)
+    steered = ours(**call(kind, images, perturbed_heads=heads, perturbation_mode="image", softpag_u=1.0,
+                          perturbation_scale=3.0), generator=torch.Generator().manual_seed(0)).images
+    plain = ours(**call(kind, images), generator=torch.Generator().manual_seed(0)).images
+    assert np.abs(expected - plain).max() > 1e-3
+    np.testing.assert_allclose(steered, expected, atol=1e-4, rtol=0)
+
+
+def test_steer_classes_by_name_from_pipe_and_refusals():
+    assert pipelines.StableDiffusionImg2ImgSteerPipeline is steer_pipeline(StableDiffusionImg2ImgPipeline)
+    assert steer_pipeline(StableDiffusionPipeline) is StableDiffusionSteerPipeline
+    text = build(StableDiffusionSteerPipeline, "sd")
+    text.call_defaults = {"guidance_scale": 3.0}
+    edit = steer_pipeline(StableDiffusionImg2ImgPipeline).from_pipe(text)
+    assert edit.unet is text.unet and edit.call_defaults == {"guidance_scale": 3.0}  # no weights reloaded
+    with pytest.raises(ValueError, match="SanaPipeline's denoiser SanaTransformer2DModel is not supported; attnsteer "
+                                         "steers UNet2DConditionModel, SD3Transformer2DModel"):
+        steer_pipeline(SanaPipeline)
+    with pytest.raises(ValueError, match="steer_pipeline takes a diffusers pipeline class, got 'sd'"):
+        steer_pipeline("sd")
