@@ -1,14 +1,18 @@
 """Steer classes of any supported diffusers pipeline (``steer_pipeline``): editing pipelines against
 diffusers' own PAG pipelines, ``from_pipe``, and the refusal of other denoisers."""
 
+import functools
 import inspect
 
 import numpy as np
 import pytest
 import torch
-from diffusers import (SanaPipeline, StableDiffusion3Img2ImgPipeline, StableDiffusion3PAGImg2ImgPipeline,
+from diffusers import (ControlNetModel, SanaPipeline, StableDiffusion3Img2ImgPipeline, StableDiffusion3PAGImg2ImgPipeline,
+                       StableDiffusionControlNetPAGPipeline, StableDiffusionControlNetPipeline,
                        StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline,
-                       StableDiffusionPAGImg2ImgPipeline, StableDiffusionPAGInpaintPipeline, StableDiffusionPipeline)
+                       StableDiffusionPAGImg2ImgPipeline, StableDiffusionPAGInpaintPipeline, StableDiffusionPipeline,
+                       StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline,
+                       StableDiffusionXLPAGImg2ImgPipeline, StableDiffusionXLPAGInpaintPipeline)
 from PIL import Image
 
 import attnsteer.pipelines as pipelines
@@ -25,13 +29,29 @@ CASES = {
     "sd-inpaint": ("sd", StableDiffusionInpaintPipeline, StableDiffusionPAGInpaintPipeline, ["mid"],
                    "mid_block.attentions.0.transformer_blocks.0.attn1:*",
                    dict(image=IMAGE, mask_image=MASK, height=SIDE, width=SIDE, strength=1.0)),  # the parents differ in the default
+    "sdxl-img2img": ("sdxl", StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPAGImg2ImgPipeline, ["mid"],
+                     "MID", dict(image=IMAGE, strength=0.75)),
+    "sdxl-inpaint": ("sdxl", StableDiffusionXLInpaintPipeline, StableDiffusionXLPAGInpaintPipeline, ["mid"],
+                     "MID", dict(image=IMAGE, mask_image=MASK, height=SIDE, width=SIDE, strength=1.0)),
+    "sd-controlnet": ("sd", StableDiffusionControlNetPipeline, StableDiffusionControlNetPAGPipeline, ["mid"],
+                      "mid_block.attentions.0.transformer_blocks.0.attn1:*", dict(image=IMAGE, height=SIDE, width=SIDE)),
     "sd3-img2img": ("sd3", StableDiffusion3Img2ImgPipeline, StableDiffusion3PAGImg2ImgPipeline,
                     [r"^transformer_blocks\.1\.attn$"], "transformer_blocks.1.attn:*", dict(image=IMAGE, strength=0.75)),
 }
 
 
-def build(cls, kind, **extra):
+@functools.cache
+def components_of(kind):
+    """One tiny pipeline's components per kind, shared by every pipeline class of a test (each leaves
+    the models as it found them)."""
     components = tiny_components(kind)
+    if kind == "sd":  # a tiny ControlNet whose conditioning embedding downsamples as the tiny VAE (2x)
+        components["controlnet"] = ControlNetModel.from_unet(components["unet"], conditioning_embedding_out_channels=(8, 16))
+    return components
+
+
+def build(cls, kind, **extra):
+    components = components_of(kind)
     allowed = inspect.signature(cls.__init__).parameters
     pipe = cls(**{k: v for k, v in components.items() if k in allowed}, **extra)
     pipe.set_progress_bar_config(disable=True)
@@ -39,7 +59,7 @@ def build(cls, kind, **extra):
 
 
 def call(kind, images, **extra):
-    kwargs = dict(prompt="a red circle", num_inference_steps=4, guidance_scale=4.0, output_type="np", **images, **extra)
+    kwargs = dict(prompt="a red circle", num_inference_steps=3, guidance_scale=4.0, output_type="np", **images, **extra)
     if kind == "sd3":
         kwargs["max_sequence_length"] = 8
     return kwargs
@@ -51,6 +71,9 @@ def test_image_mode_whole_layer_equals_diffusers_pag_on_editing_pipelines(case):
     pag = build(pag_class, kind, pag_applied_layers=pag_layers)
     expected = pag(**call(kind, images, pag_scale=3.0), generator=torch.Generator().manual_seed(0)).images
     ours = build(steer_pipeline(parent), kind)
+    if heads == "MID":  # every self-attention layer of the mid block, as diffusers' "mid"
+        heads = " ".join(f"{name}:*" for name, info in ours.steer_layers().items()
+                         if name.startswith("mid_block.") and info.kind == "self")
     steered = ours(**call(kind, images, perturbed_heads=heads, perturbation_mode="image", softpag_u=1.0,
                           perturbation_scale=3.0), generator=torch.Generator().manual_seed(0)).images
     plain = ours(**call(kind, images), generator=torch.Generator().manual_seed(0)).images
