@@ -7,7 +7,7 @@ import inspect
 import numpy as np
 import pytest
 import torch
-from diffusers import (ControlNetModel, SanaPipeline, StableDiffusion3Img2ImgPipeline, StableDiffusion3PAGImg2ImgPipeline,
+from diffusers import (ControlNetModel, FluxImg2ImgPipeline, FluxInpaintPipeline, SanaPipeline, StableDiffusion3Img2ImgPipeline, StableDiffusion3PAGImg2ImgPipeline,
                        StableDiffusionControlNetPAGPipeline, StableDiffusionControlNetPipeline,
                        StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline,
                        StableDiffusionPAGImg2ImgPipeline, StableDiffusionPAGInpaintPipeline, StableDiffusionPipeline,
@@ -93,3 +93,21 @@ def test_steer_classes_by_name_from_pipe_and_refusals():
         steer_pipeline(SanaPipeline)
     with pytest.raises(ValueError, match="steer_pipeline takes a diffusers pipeline class, got 'sd'"):
         steer_pipeline("sd")
+
+
+@pytest.mark.parametrize("parent,images", [
+    (FluxImg2ImgPipeline, dict(image=IMAGE, strength=0.75)),
+    (FluxInpaintPipeline, dict(image=IMAGE, mask_image=MASK, height=SIDE, width=SIDE, strength=1.0)),
+])
+def test_flux_editing_pipelines_take_head_perturbation(parent, images):
+    """No PAG pipeline of diffusers' to compare with on FLUX: u = 0 is the parent, the heads change the
+    image, and batched equals sequential (the perturbed branch is the same either way)."""
+    pipe = build(steer_pipeline(parent), "flux")
+    run = lambda **extra: pipe(**call("flux", images, max_sequence_length=8, **extra),
+                               generator=torch.Generator().manual_seed(0)).images
+    plain = run()
+    heads = dict(perturbed_heads="transformer_blocks.0.attn:*", perturbation_scale=3.0)
+    np.testing.assert_allclose(run(**heads, softpag_u=0.0), plain, atol=1e-6)
+    batched = run(**heads)
+    assert np.abs(batched - plain).max() > 1e-3
+    np.testing.assert_allclose(run(**heads, perturbation_batching="sequential"), batched, atol=1e-4)
