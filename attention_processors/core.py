@@ -23,6 +23,7 @@ from typing import Callable, Iterable, Protocol
 
 import torch
 import torch.nn.functional as F
+from diffusers.models import attention_processor
 from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 from diffusers.models.attention_processor import (
     AttnProcessor2_0,
@@ -46,6 +47,17 @@ Next = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],
 SDPA_PROCESSORS = (AttnProcessor2_0, FusedAttnProcessor2_0, JointAttnProcessor2_0, FusedJointAttnProcessor2_0,
                    IPAdapterAttnProcessor2_0, SD3IPAdapterJointAttnProcessor2_0)
 DISPATCH_PROCESSORS = (FluxAttnProcessor, FluxIPAdapterAttnProcessor, WanAttnProcessor)
+# diffusers' processors known to compute attention without torch's SDPA (by hand, xformers, slicing, NPU or
+# XLA kernels, linear attention) or around it (PAG's identity branch): refused before compute. A processor in
+# neither list is steered if its first call goes through SDPA, and refused at that call if not.
+NON_SDPA_PROCESSORS = tuple(getattr(attention_processor, name) for name in (
+    "AttnProcessor", "AttnAddedKVProcessor", "SlicedAttnProcessor", "SlicedAttnAddedKVProcessor", "XFormersAttnProcessor",
+    "XFormersAttnAddedKVProcessor", "XFormersJointAttnProcessor", "CustomDiffusionAttnProcessor",
+    "CustomDiffusionXFormersAttnProcessor", "IPAdapterAttnProcessor", "IPAdapterXFormersAttnProcessor",
+    "AttnProcessorNPU", "FluxAttnProcessor2_0_NPU", "FusedFluxAttnProcessor2_0_NPU", "XLAFlashAttnProcessor2_0",
+    "XLAFluxFlashAttnProcessor2_0", "SanaLinearAttnProcessor2_0", "PAGIdentitySelfAttnProcessor2_0",
+    "PAGCFGIdentitySelfAttnProcessor2_0", "PAGJointAttnProcessor2_0", "PAGCFGJointAttnProcessor2_0",
+    "PAGIdentitySanaLinearAttnProcessor2_0", "PAGCFGSanaLinearAttnProcessor2_0") if hasattr(attention_processor, name))
 SDPA_BACKENDS = ("native", "_native_cudnn", "_native_efficient", "_native_flash", "_native_math")
 _SDPA_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
@@ -122,17 +134,18 @@ class SteeredProcessor:
             backend = getattr(self.inner, "_attention_backend", None)
             raise RuntimeError(
                 f"layer {self.layer.name!r}: its processor {type(self.inner).__name__} did not call torch's "
-                f"scaled_dot_product_attention (attention backend: {backend or 'the active default'}); "
-                "attnsteer needs diffusers' 'native' attention backend on steered layers"
+                f"scaled_dot_product_attention (attention backend: {backend or 'the active default'}), so attnsteer "
+                "cannot steer it; use a processor that calls it, on diffusers' 'native' attention backend"
             )
         return out
 
 
 def check_processor(name: str, processor) -> None:
-    """ValueError unless layer ``name``'s processor reaches torch's SDPA, where steers act: a class of
-    SDPA_PROCESSORS, or of DISPATCH_PROCESSORS on an SDPA backend (its own, else the active default).
-    The check at the first steered call (SteeredProcessor) stays as the last safety net. A processor
-    already steered (a session inside another) is judged by the processor it wraps."""
+    """ValueError when layer ``name``'s processor is known not to reach torch's SDPA, where steers act:
+    one of NON_SDPA_PROCESSORS, or one of DISPATCH_PROCESSORS on a backend other than SDPA (its own,
+    else the active default). Any other processor is judged by what it does: the first steered call
+    (SteeredProcessor) refuses one that did not call SDPA. A processor already steered (a session
+    inside another) is judged by the processor it wraps."""
     while isinstance(processor, SteeredProcessor):
         processor = processor.inner
     kind = type(processor)
@@ -147,11 +160,12 @@ def check_processor(name: str, processor) -> None:
                 f"layer {name!r} uses attention backend {backend!r}{' (the active default)' if default else ''}, "
                 f"which bypasses torch's scaled_dot_product_attention; steered layers need one of {SDPA_BACKENDS}"
             )
-    elif kind not in SDPA_PROCESSORS:
+    elif issubclass(kind, NON_SDPA_PROCESSORS):
         allowed = ", ".join(c.__name__ for c in SDPA_PROCESSORS + DISPATCH_PROCESSORS)
         raise ValueError(
             f"layer {name!r} uses processor {kind.__name__}, which bypasses torch's scaled_dot_product_attention; "
-            f"steered layers need one of {allowed} (attention slicing: call pipe.disable_attention_slicing())"
+            f"steered layers need one that calls it, e.g. {allowed} (attention slicing: call "
+            "pipe.disable_attention_slicing())"
         )
 
 

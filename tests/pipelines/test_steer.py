@@ -258,7 +258,7 @@ def test_attention_slicing_is_refused_when_steering_is_installed():
     try:
         assert_refused_before_denoising(
             "sd", rf"layer '{name}' uses processor SlicedAttnProcessor, which bypasses torch's scaled_dot_product_attention; "
-                  r"steered layers need one of AttnProcessor2_0, .*WanAttnProcessor \(attention slicing: call "
+                  r"steered layers need one that calls it, e.g. AttnProcessor2_0, .*WanAttnProcessor \(attention slicing: call "
                   r"pipe.disable_attention_slicing\(\)\)", perturbed_heads=f"{name}:0")
     finally:
         pipe.disable_attention_slicing()
@@ -273,10 +273,41 @@ def test_classic_attention_processor_is_refused_when_steering_is_installed():
     try:
         assert_refused_before_denoising(
             "sd3", r"layer 'transformer_blocks.0.attn' uses processor AttnProcessor, which bypasses torch's "
-                   r"scaled_dot_product_attention; steered layers need one of AttnProcessor2_0, FusedAttnProcessor2_0, "
-                   r"JointAttnProcessor2_0", perturbed_heads="0:0")
+                   r"scaled_dot_product_attention; steered layers need one that calls it, e.g. AttnProcessor2_0, "
+                   r"FusedAttnProcessor2_0, JointAttnProcessor2_0", perturbed_heads="0:0")
     finally:
         pipe.transformer.set_attn_processor(processors)
+
+
+class Delegating:
+    """A processor attnsteer has never seen, computing the layer with the one it is given."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+
+def test_an_unknown_processor_is_judged_by_what_it_does():
+    """Steered when its attention goes through SDPA (the same images as diffusers' own processor);
+    refused at its first call when it does not, the model restored."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    pipe = pipe_of("sd")
+    processors = pipe.unet.attn_processors
+    heads = dict(perturbed_heads="mid_block.attentions.0.transformer_blocks.0.attn1:*", perturbation_scale=3.0)
+    expected = generate("sd", **heads)
+    try:
+        pipe.unet.set_attn_processor(Delegating(AttnProcessor2_0()))
+        np.testing.assert_allclose(generate("sd", **heads), expected, atol=1e-5)
+        pipe.unet.set_attn_processor(Delegating(AttnProcessor()))
+        with pytest.raises(RuntimeError, match=r"layer 'mid_block.attentions.0.transformer_blocks.0.attn1': its processor "
+                                               r"Delegating did not call torch's scaled_dot_product_attention"):
+            generate("sd", **heads)
+        assert_restored(pipe)
+    finally:
+        pipe.unet.set_attn_processor(processors)
 
 
 def test_a_global_non_sdpa_attention_backend_is_refused_when_steering_is_installed():
