@@ -1,4 +1,4 @@
-"""The ``attnsteer`` command line: ``generate`` pictures (or a ``video``) with steering, ``eval`` them on
+"""The ``attnsteer`` command line: ``generate`` pictures (or a ``video``) with steering, ``edit`` a picture, ``eval`` them on
 shapes prompts, ``search-heads`` (HeadHunter), draw a ``story`` (IR-Diffusion), list a model's ``layers``.
 
 Every argument that can be checked without the model is checked before it is loaded; nothing here
@@ -243,7 +243,11 @@ def generate(args) -> None:
     if args.command == "video" and not is_video:
         raise UsageError(f"--model {args.model} is an image model; `attnsteer video` needs a video model, e.g. "
                          f"{DEFAULT_VIDEO_MODEL} (or use `attnsteer generate`)")
-    call = dict(_call(args, pipe, 28), prompt=args.prompt, negative_prompt=args.negative_prompt, output_type="pil")
+    edit = {}
+    if args.command == "edit":
+        pipe, edit = _editing(args, pipe, is_video)
+    call = dict(_call(args, pipe, 28), prompt=args.prompt, negative_prompt=args.negative_prompt, output_type="pil",
+                **edit)
     method = _method(args)
     from .fifo import trained_frames
 
@@ -282,6 +286,30 @@ def generate(args) -> None:
         grid = Path(args.out) / f"seed{args.seed}_grid.png"
         labelled_grid(firsts, [label for _, _, label in runs], args.prompt).save(grid)
         print(grid)
+
+
+def _editing(args, pipe, is_video: bool):
+    """(the img2img steer pipeline, or with --mask the inpainting one, on the loaded pipeline's components;
+    the call's image arguments)."""
+    import diffusers
+    from PIL import Image
+
+    from .steer import steer_pipeline
+
+    if is_video:
+        raise UsageError(f"--model {args.model} is a video model; `attnsteer edit` edits pictures")
+    parent = type(pipe).__bases__[-1]
+    task = "Inpaint" if args.mask else "Img2Img"
+    cls = getattr(diffusers, parent.__name__.removesuffix("Pipeline") + task + "Pipeline", None)
+    if cls is None:
+        raise UsageError(f"--model {args.model} ({parent.__name__}) has no {task.lower()} pipeline in diffusers")
+    editing = steer_pipeline(cls).from_pipe(pipe)
+    editing.set_progress_bar_config(disable=False)
+    image = Image.open(args.image).convert("RGB")
+    extra = {"image": image, **({"strength": args.strength} if args.strength is not None else {})}
+    if args.mask:
+        extra.update(mask_image=Image.open(args.mask).convert("L"), height=image.height, width=image.width)
+    return editing, extra
 
 
 def long_video(args, pipe, call: dict) -> None:
@@ -547,7 +575,7 @@ def layers(args) -> None:
         print(f"{number:>5}  {name:<60} {info.kind:<6} {info.heads:>5}  {layout}")
 
 
-def _number(kind, low=None, high=None, high_open=False, what=""):
+def _number(kind, low=None, high=None, high_open=False, what="", low_open=False):
     """An argparse type: a finite ``kind`` number within the bounds, else a message saying what is allowed."""
     def parse(text: str):
         try:
@@ -555,7 +583,8 @@ def _number(kind, low=None, high=None, high_open=False, what=""):
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if kind is int else 'a number'}") from None
         above = high is not None and (value >= high if high_open else value > high)
-        if not math.isfinite(value) or (low is not None and value < low) or above:
+        below = low is not None and (value <= low if low_open else value < low)
+        if not math.isfinite(value) or below or above:
             raise argparse.ArgumentTypeError(f"{text} is not allowed: {what}")
         return value
 
@@ -588,6 +617,7 @@ NON_NEGATIVE_FLOAT = _number(float, 0.0, what="a finite number >= 0")
 FRACTION = _number(float, 0.0, 1.0, what="a fraction in [0, 1]")
 KEEP = _number(float, 0.0, 1.0, high_open=True, what="0 (off) or a fraction in (0, 1)")
 SPARSITY = _number(float, 0.0, 1.0, high_open=True, what="a fraction in [0, 1)")
+STRENGTH = _number(float, 0.0, 1.0, low_open=True, what="a fraction in (0, 1]")
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -688,6 +718,14 @@ def parser() -> argparse.ArgumentParser:
     g = command("generate", help="generate pictures, optionally with head perturbation guidance or A-STAR")
     model_options(g)
     generate_options(g, "out")
+
+    ed = command("edit", help="edit a picture (img2img, or inpainting with --mask), optionally steered")
+    model_options(ed, video=False)
+    ed.add_argument("--image", required=True, help="the picture to edit; it sets the size")
+    ed.add_argument("--mask", default=None, help="inpainting: a picture white where to redraw (default: none, img2img)")
+    ed.add_argument("--strength", type=STRENGTH, default=None,
+                    help="how far the result may move from the picture, in (0, 1] (default: the pipeline's)")
+    generate_options(ed, "edit")
 
     v = command("video", help="generate a video (frames as PNG and an animated GIF), optionally steered; --frames "
                               "beyond the model's clip runs FIFO-Diffusion")
@@ -824,6 +862,11 @@ def check(args) -> None:
             raise UsageError(f"--device {args.device}: no CUDA GPU is visible to torch here; use --device cpu")
     if not args.model.startswith(TINY_PREFIX):
         model_path(args.model)
+    for name in ("image", "mask"):
+        if getattr(args, name, None) and not Path(getattr(args, name)).is_file():
+            raise UsageError(f"--{name} {getattr(args, name)!r} does not exist")
+    if args.command == "edit" and (args.height or args.width):
+        raise UsageError("--height and --width: `attnsteer edit` draws at the size of --image")
     if getattr(args, "prompts", None) and not Path(args.prompts).is_file():
         raise UsageError(f"--prompts file {args.prompts!r} does not exist")
     if getattr(args, "heads", None) and args.heads.endswith(".json"):

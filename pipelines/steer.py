@@ -16,6 +16,7 @@ import difflib
 import functools
 import inspect
 import json
+import logging
 import numbers
 import os
 from contextlib import ExitStack
@@ -128,7 +129,13 @@ class CallDefaultsMixin:
     def from_pipe(cls, pipeline, **kwargs):
         """The parent's (this class on a loaded pipeline's components, no weights reloaded), keeping the
         loaded pipeline's ``call_defaults``."""
-        pipe = super().from_pipe(pipeline, **kwargs)
+        models = logging.getLogger("diffusers.models.modeling_utils")
+        level = models.level
+        models.setLevel(logging.ERROR)  # from_pipe casts every model to its dtype, and each says so, with nothing kept
+        try:
+            pipe = super().from_pipe(pipeline, **{"dtype": pipeline.dtype, **kwargs})
+        finally:
+            models.setLevel(level)
         pipe.call_defaults = dict(getattr(pipeline, "call_defaults", {}))
         return pipe
 

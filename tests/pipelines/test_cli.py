@@ -395,3 +395,27 @@ AFTER_LOADING = [
 def test_options_that_cannot_act_on_the_model_are_refused_before_compute(argv, message, tmp_path, capsys):
     assert message in refused([*argv, "--out", str(tmp_path / "o")], capsys)
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_edit_draws_over_a_picture_with_and_without_a_mask(tmp_path, capsys):
+    main(["generate", "--model", "tiny-sd", "--prompt", "a red circle", "--steps", "2", "--out", str(tmp_path)])
+    picture = tmp_path / "seed0_output_0.png"
+    mask = tmp_path / "mask.png"
+    Image.fromarray(np.pad(np.full((16, 16), 255, np.uint8), 8)).save(mask)
+    edit = ["edit", "--model", "tiny-sd", "--image", str(picture), "--prompt", "a red circle", "--steps", "3",
+            "--heads", "mid_block.attentions.0.transformer_blocks.0.attn1:*", "--baseline"]
+    main([*edit, "--strength", "0.7", "--out", str(tmp_path / "img2img")])
+    main([*edit, "--mask", str(mask), "--out", str(tmp_path / "inpaint")])
+    for task in ("img2img", "inpaint"):
+        baseline, steered = (np.asarray(Image.open(tmp_path / task / f"seed0_{n}_0.png"), np.int16)
+                             for n in ("baseline", "steered"))
+        assert baseline.shape == (32, 32, 3) and np.abs(baseline - steered).max() > 0
+    inpainted = np.asarray(Image.open(tmp_path / "inpaint" / "seed0_baseline_0.png"), np.int16)
+    kept = np.asarray(Image.open(picture), np.int16)
+    outside = np.pad(np.zeros((16, 16), bool), 8, constant_values=True)
+    assert np.abs(inpainted - kept)[outside].mean() < np.abs(inpainted - kept)[~outside].mean()  # redrawn in the mask
+    assert f"--mask {str(tmp_path / 'none.png')!r} does not exist" in refused(
+        [*edit, "--mask", str(tmp_path / "none.png"), "--out", str(tmp_path / "o")], capsys)
+    assert "--height and --width: `attnsteer edit` draws at the size of --image" in refused(
+        [*edit, "--height", "64", "--out", str(tmp_path / "o")], capsys)
+    assert "argument --strength: 0 is not allowed: a fraction in (0, 1]" in refused([*edit, "--strength", "0"], capsys)
