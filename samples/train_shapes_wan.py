@@ -42,6 +42,15 @@ default) and a single frame with num_frames 0: `pipeline_frames` gives the num_f
 Why 17 frames at 64x64: 64 px is the size the shapes detector is built and tested for, and 17 frames
 let a named motion travel 16-32 px. A clip is 17 x 8 x 8 = 1088 tokens (patch 1x2x2), an image 64.
 
+Sizing, measured on the 2-core AMD EPYC while other processes held about one core, with one thread (two
+threads on the one core left ran the VAE several times slower): drawing 1.4 min, the VAE 7.6 min (3000
+steps, 0.15 s), encoding the 102 000 frames 13.3 min, image steps of 32 frames 0.35-0.6 s, joint steps
+(half images, half 4 windows of 9 frames) 0.42-0.47 s. The run of BENCHMARKS.md ("The second design"):
+
+    HF_HUB_OFFLINE=1 python samples/train_shapes_wan.py --work /tmp/wan-work-v2 --output /tmp/wan-out-v2 \
+        --checkpoint samples/models/shapes-wan/checkpoint --threads 1 --vae-steps 3000 --steps 24000 \
+        --image-steps 10000 --ckpt-every 500 --log-every 100
+
 A state checkpoint is written under --work every --ckpt-every steps (and the pipeline saved to --output
 at the same time); rerunning the same command resumes from it. With --checkpoint DIR a compact copy
 (the VAE, fp16 weights and EMA, the step and random states, no optimizer moments) is written there too,
