@@ -19,3 +19,11 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
         exec(compile(block, "README.md", "exec"), scope)
     assert scope["image"].size == scope["perturbed"].size == (64, 64)
     assert (tmp_path / "maps.png").is_file()
+
+
+def test_readme_table_of_pipelines_and_methods_is_the_codes():
+    """About 10 s: it asks each method's checks on a tiny pipeline of every kind and task."""
+    from attnsteer.pipelines.support import support_table
+
+    block = re.search(r"<!-- support: .*? -->\n(.*?)\n<!-- end of support -->", (ROOT / "README.md").read_text(), re.S)
+    assert block is not None and block.group(1) == support_table()
