@@ -28,17 +28,22 @@ def fifo(seed=0, **extra):
     return pipe()("a red circle", **{**CALL, **extra}, generator=torch.Generator().manual_seed(seed))
 
 
-def test_a_one_window_queue_is_the_hand_written_fifo_reference():
-    """n = 1, no lookahead, 9 frames: the clip of 2 latent frames, then 3 steps of a 2-slot queue."""
-    p = pipe()
-    out = fifo(num_frames=9, fifo_partitions=1, fifo_lookahead=False, guidance_scale=1.0, output_type="latent").frames
+def reference_start(p):
+    """What a hand-written FIFO of 2 steps starts from, drawn as the pipeline draws it at seed 0: the prompt's
+    embeddings, the initial clip (5 frames), the two sigmas, and a function drawing the next noise frame."""
     g = torch.Generator().manual_seed(0)
     embeds, _ = p.encode_prompt("a red circle", None, False, max_sequence_length=8)
     clip = WanPipeline.__call__(p, prompt_embeds=embeds, height=32, width=32, num_frames=5, num_inference_steps=2,
                                 guidance_scale=1.0, generator=g, output_type="latent").frames
     p.scheduler.set_timesteps(2)
-    s0, s1 = p.scheduler.sigmas[:2].tolist()
-    frame = lambda: torch.randn(clip[:, :, :1].shape, generator=g)
+    return embeds, clip, p.scheduler.sigmas[:2].tolist(), lambda: torch.randn(clip[:, :, :1].shape, generator=g)
+
+
+def test_a_one_window_queue_is_the_hand_written_fifo_reference():
+    """n = 1, no lookahead, 9 frames: the clip of 2 latent frames, then 3 steps of a 2-slot queue."""
+    p = pipe()
+    out = fifo(num_frames=9, fifo_partitions=1, fifo_lookahead=False, guidance_scale=1.0, output_type="latent").frames
+    embeds, clip, (s0, s1), frame = reference_start(p)
     noise = torch.cat([frame(), frame()], 2)
     sig = torch.tensor([s1, s0]).view(1, 1, 2, 1, 1)  # head, tail
     x = (1 - sig) * clip + sig * noise
@@ -59,13 +64,7 @@ def test_lookahead_with_one_partition_is_the_papers_context_and_half_windows():
     and updates only slot k + 1, both windows reading the queue as it was before the step."""
     p = pipe()
     out = fifo(num_frames=5, fifo_partitions=1, guidance_scale=1.0, output_type="latent").frames
-    g = torch.Generator().manual_seed(0)
-    embeds, _ = p.encode_prompt("a red circle", None, False, max_sequence_length=8)
-    clip = WanPipeline.__call__(p, prompt_embeds=embeds, height=32, width=32, num_frames=5, num_inference_steps=2,
-                                guidance_scale=1.0, generator=g, output_type="latent").frames
-    p.scheduler.set_timesteps(2)
-    s0, s1 = p.scheduler.sigmas[:2].tolist()
-    frame = lambda: torch.randn(clip[:, :, :1].shape, generator=g)
+    embeds, clip, (s0, s1), frame = reference_start(p)
     levels, nexts = [s1, s1, s0], [None, 0.0, s1]  # context, head, tail
     x = torch.cat([(1 - s) * clip[:, :, [0, 0, 1][j]:[0, 0, 1][j] + 1] + s * frame() for j, s in enumerate(levels)], 2)
     expected = []
