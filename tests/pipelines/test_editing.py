@@ -7,7 +7,10 @@ import inspect
 import numpy as np
 import pytest
 import torch
-from diffusers import (ControlNetModel, FluxImg2ImgPipeline, FluxInpaintPipeline, SanaPipeline, StableDiffusion3Img2ImgPipeline, StableDiffusion3PAGImg2ImgPipeline,
+from diffusers import (ControlNetModel, FluxImg2ImgPipeline, FluxInpaintPipeline, SanaPipeline,
+                       StableDiffusionControlNetInpaintPipeline, StableDiffusionControlNetPAGInpaintPipeline,
+                       StableDiffusionXLControlNetImg2ImgPipeline, StableDiffusionXLControlNetPAGImg2ImgPipeline,
+                       StableDiffusionXLControlNetPAGPipeline, StableDiffusionXLControlNetPipeline, StableDiffusion3Img2ImgPipeline, StableDiffusion3PAGImg2ImgPipeline,
                        StableDiffusionControlNetPAGPipeline, StableDiffusionControlNetPipeline,
                        StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline,
                        StableDiffusionPAGImg2ImgPipeline, StableDiffusionPAGInpaintPipeline, StableDiffusionPipeline,
@@ -35,6 +38,14 @@ CASES = {
                      "MID", dict(image=IMAGE, mask_image=MASK, height=SIDE, width=SIDE, strength=1.0)),
     "sd-controlnet": ("sd", StableDiffusionControlNetPipeline, StableDiffusionControlNetPAGPipeline, ["mid"],
                       "mid_block.attentions.0.transformer_blocks.0.attn1:*", dict(image=IMAGE, height=SIDE, width=SIDE)),
+    "sd-controlnet-inpaint": ("sd", StableDiffusionControlNetInpaintPipeline, StableDiffusionControlNetPAGInpaintPipeline,
+                              ["mid"], "mid_block.attentions.0.transformer_blocks.0.attn1:*",
+                              dict(image=IMAGE, mask_image=MASK, control_image=IMAGE, height=SIDE, width=SIDE, strength=1.0)),
+    "sdxl-controlnet": ("sdxl", StableDiffusionXLControlNetPipeline, StableDiffusionXLControlNetPAGPipeline, ["mid"],
+                        "MID", dict(image=IMAGE, height=SIDE, width=SIDE)),
+    "sdxl-controlnet-img2img": ("sdxl", StableDiffusionXLControlNetImg2ImgPipeline,
+                                StableDiffusionXLControlNetPAGImg2ImgPipeline, ["mid"], "MID",
+                                dict(image=IMAGE, control_image=IMAGE, strength=0.75)),
     "sd3-img2img": ("sd3", StableDiffusion3Img2ImgPipeline, StableDiffusion3PAGImg2ImgPipeline,
                     [r"^transformer_blocks\.1\.attn$"], "transformer_blocks.1.attn:*", dict(image=IMAGE, strength=0.75)),
 }
@@ -45,7 +56,7 @@ def components_of(kind):
     """One tiny pipeline's components per kind, shared by every pipeline class of a test (each leaves
     the models as it found them)."""
     components = tiny_components(kind)
-    if kind == "sd":  # a tiny ControlNet whose conditioning embedding downsamples as the tiny VAE (2x)
+    if kind in ("sd", "sdxl"):  # a tiny ControlNet whose conditioning embedding downsamples as the tiny VAE (2x)
         components["controlnet"] = ControlNetModel.from_unet(components["unet"], conditioning_embedding_out_channels=(8, 16))
     return components
 
