@@ -53,9 +53,12 @@ def generate(pipe, fifo, row: str, batch, call: dict, trained: int, args) -> lis
     if row == "direct":
         return list(pipe(prompts, generator=[torch.Generator().manual_seed(s) for _, s in batch], **call).frames)
     if row == "clips":
+        from attnsteer.pipelines.fifo import parent_frames
+
         count = -(-(args.frames - 1) // (trained - 1))
         clips = [pipe(prompts, generator=[torch.Generator().manual_seed(1000 * s + c) for _, s in batch],
-                      **{**call, "num_frames": trained}).frames for c in range(count)]
+                      **{**call, "num_frames": parent_frames(trained, pipe.vae_scale_factor_temporal)}).frames
+                 for c in range(count)]
         return [np.concatenate([clip[i] for clip in clips])[:args.frames] for i in range(len(batch))]
     from attnsteer.guidance.shapes import caption_concepts
 

@@ -249,10 +249,15 @@ def generate(args) -> None:
     call = dict(_call(args, pipe, 28), prompt=args.prompt, negative_prompt=args.negative_prompt, output_type="pil",
                 **edit)
     method = _method(args)
-    from .fifo import trained_frames
+    from .fifo import parent_frames, trained_frames, wan_frames
 
-    clip = trained_frames(pipe.call_defaults, pipe.vae_scale_factor_temporal) if is_video else None
-    long = is_video and call.get("num_frames", 0) > clip
+    clip, long = None, False
+    if is_video:  # --frames is the frames that come out; the call default is WanPipeline's num_frames
+        factor = pipe.vae_scale_factor_temporal
+        clip = trained_frames(pipe.call_defaults, factor)
+        frames = args.frames if args.frames is not None else wan_frames(call["num_frames"], factor)
+        long = frames > clip
+        call["num_frames"] = frames if long else parent_frames(frames, factor)
     given = [_flag(name) for name in FIFO_OPTIONS if args.command == "video" and _given(args, name)]
     if given and not long:
         raise UsageError(f"{given[0]} acts on FIFO-Diffusion, which runs for --frames longer than the model's clip of "

@@ -14,7 +14,7 @@ BENCHMARKS.md ("FIFO-Diffusion"). Minutes on a 2-core CPU.
 from common import call, load, options, save_video
 
 from attnsteer.guidance.shapes import caption_concepts, video_prompt_set
-from attnsteer.pipelines.fifo import OUROBOROS_GUIDANCE, fifo_pipeline, trained_frames
+from attnsteer.pipelines.fifo import OUROBOROS_GUIDANCE, fifo_pipeline, parent_frames, trained_frames
 
 
 def main(argv=None):
@@ -33,7 +33,8 @@ def main(argv=None):
     fifo.check_fifo(frames, args.partitions, clip, False, None, 0, args.prompt)
     fifo.check_ouroboros(subjects, OUROBOROS_GUIDANCE, [args.prompt], pipe.call_defaults.get("max_sequence_length"),
                          partitions=args.partitions)
-    runs = {"direct": lambda: pipe(args.prompt, num_frames=frames, **call(args), output_type="pil"),
+    direct = parent_frames(frames, pipe.vae_scale_factor_temporal)  # WanPipeline adds a frame at temporal factor 1
+    runs = {"direct": lambda: pipe(args.prompt, num_frames=direct, **call(args), output_type="pil"),
             "FIFO": lambda: fifo(args.prompt, num_frames=frames, fifo_partitions=args.partitions, **call(args),
                                  output_type="pil"),
             "FIFO + Ouroboros": lambda: fifo(args.prompt, num_frames=frames, fifo_partitions=args.partitions,
