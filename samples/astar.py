@@ -7,7 +7,8 @@
 On shapes-sd, alpha 5 (chosen on tune prompts; the paper's 20 loses objects there) raises binding on
 held-out two-object prompts by +0.037 [+0.001, +0.073] (BENCHMARKS.md, "A-STAR"). The prompts are the
 first held-out two-object prompts. Each prompt's concepts' attention maps (averaged over steps and
-layers) are drawn too, without and with A-STAR: the losses act on them. A few minutes on a 2-core CPU.
+layers) are drawn too, without and with A-STAR: the losses act on them. About 4 minutes on a 2-core CPU
+(250 s, measured while another job held one core).
 """
 
 from pathlib import Path

@@ -7,7 +7,7 @@
 The default heads (2:3 1:2 3:1 0:1 at w 0.5, u 1, joint identity) are those `attnsteer search-heads`
 found on shapes-sd3's tune prompts; on held-out two-object prompts they raise bound by +0.026
 [+0.009, +0.044] (BENCHMARKS.md, "Head search"). The prompts are the first held-out two-object prompts.
-A few minutes on a 2-core CPU.
+About 4 minutes on a 2-core CPU (250 s, measured while another job held one core).
 """
 
 from common import call, load, options, save

@@ -9,7 +9,7 @@ subjects do not attend to each other (isolation), and in the decoder each reads 
 features moved onto where it sits (reposition). Row k of the batch has seed --seed + k; the
 independent scenes take the same seeds. On held-out scenes of the shapes models IR does not beat
 independent generation, with the maps' masks or the detector's (BENCHMARKS.md, "IR-Diffusion (issue
-13): the held-out rows"). A few minutes on a 2-core CPU.
+13): the held-out rows"). About 10 seconds on a 2-core CPU.
 """
 
 import torch
