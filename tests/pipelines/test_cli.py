@@ -424,19 +424,11 @@ def test_edit_draws_over_a_picture_with_and_without_a_mask(tmp_path, capsys):
 def test_video_frames_are_the_frames_out_with_a_per_frame_vae(tmp_path, monkeypatch):
     """With a VAE of temporal factor 1, WanPipeline makes num_frames + 1 frames: --frames N still gives N,
     by the model's clip (5 here: its call default num_frames 4) directly, beyond it by FIFO."""
-    import torch
-    from diffusers import AutoencoderKLWan
-
     import attnsteer.pipelines.cli as cli
     from attnsteer.pipelines.steer import WanSteerPipeline
-    from attnsteer.pipelines.tiny import tiny_components
+    from test_fifo_pipeline import per_frame_vae_pipeline
 
-    components = tiny_components("wan")
-    config = {**components["vae"].config, "temperal_downsample": [False, False], "scale_factor_temporal": 1}
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        components["vae"] = AutoencoderKLWan.from_config(config).eval()
-    pipe = WanSteerPipeline(**components)
+    pipe = WanSteerPipeline(**per_frame_vae_pipeline().components)
     pipe.call_defaults = {"num_frames": 4, "height": 32, "width": 32}
     monkeypatch.setattr(cli, "load_pipeline", lambda *a: (pipe, True))
     for frames, runs in ((5, "output"), (3, "output"), (9, "fifo")):
