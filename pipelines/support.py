@@ -52,12 +52,12 @@ def support_table() -> str:
                 continue
             pipe = steer_pipeline(parent).from_pipe(base) if task else base
             call = dict(prompt=PROMPT, num_inference_steps=2, **extra)
-            call.update(num_frames=5, height=side // 2, width=side // 2) if kind == "wan" else call.update(height=side, width=side)
-            if task:
-                call["image"] = image
-                call.pop("height"), call.pop("width")
-            if task == "Inpaint":
-                call.update(mask_image=mask, height=side, width=side)
+            if kind == "wan":
+                call.update(num_frames=5, height=side // 2, width=side // 2)
+            elif task == "Img2Img":  # the image sets the size
+                call.update(image=image)
+            else:
+                call.update(height=side, width=side, **({"image": image, "mask_image": mask} if task else {}))
             cells = []
             for cell in method_support(pipe, call).values():
                 why = cell.removeprefix("no: ").replace(type(pipe).__name__, "this pipeline")
