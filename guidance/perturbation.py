@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import math
 import numbers
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from attnsteer.attention_processors import MODES, HeadPerturbation, HeadSet, head_weights, steering, wrapped
+from attnsteer.attention_processors import MODES, HeadPerturbation, HeadSet, SharedPrefix, head_weights, steering, wrapped
 
 from .auxiliary import in_auxiliary_call
 
@@ -44,11 +44,14 @@ class BranchInfo:
     batch is conditional and an unconditional call, if any, comes separately.
     cfg_scale: the CFG scale g the pipeline applies to it; 1 when CFG is off; with 0 the perturbation
     term goes to the unconditional prediction (the uncond rows, or the next "uncond" call).
+    unnamed_calls: what a step's calls are, in order, where the pipeline does not name them with the
+    denoiser's ``cache_context`` (Chroma's separate calls: ("cond", "uncond")).
     """
 
     cfg_in_batch: bool
     cfg_scale: float
     num_steps: int
+    unnamed_calls: tuple[str, ...] = ("cond",)
 
 
 def combine(cond: torch.Tensor, perturbed: torch.Tensor, scale: float, cfg_scale: float = 1.0) -> torch.Tensor:
@@ -91,12 +94,16 @@ class HeadPerturbationGuidance:
     in one forward); scale: w; u: SoftPAG weight in [0, 1];
     mode: "joint" or "image"; window: (start, stop) fractions of the denoising steps where the
     guidance acts (default every step); batching: "batched" (one forward, more memory) or
-    "sequential" (a second forward).
+    "sequential" (a second forward); prefix_reuse: compute the model up to the first perturbed layer
+    once for the conditional rows and their perturbed copies (``SharedPrefix``; the same result).
     """
 
     def __init__(self, heads: HeadSet | list[HeadSet], scale: float, u: float, mode: str = "joint",
-                 window: tuple[float, float] = (0.0, 1.0), batching: str = "batched"):
+                 window: tuple[float, float] = (0.0, 1.0), batching: str = "batched", prefix_reuse: bool = True):
         self.scale, self.u, self.window = check_options(scale, u, mode, window, batching)
+        if not isinstance(prefix_reuse, bool):
+            raise ValueError(f"perturbation_prefix_reuse {prefix_reuse!r} must be True or False")
+        self.prefix_reuse = prefix_reuse
         self.per_prompt = isinstance(heads, list)
         self.heads = [dict(h) for h in heads] if self.per_prompt else dict(heads)
         self.mode, self.batching = mode, batching
@@ -144,6 +151,7 @@ class HeadPerturbationGuidance:
             return named
 
         carried = {}  # shifts the step's conditional call leaves for its skip-layer and "uncond" calls
+        unnamed = [0]  # calls made outside any cache_context so far
 
         def guided(forward):
             def run(*args, **kwargs):
@@ -151,12 +159,16 @@ class HeadPerturbationGuidance:
                     return forward(*args, **kwargs)
                 if kwargs.get("skip_layers") is not None:
                     return _shifted(forward(*args, **kwargs), carried.pop("skip", None))
-                if context["name"] == "uncond":
+                info = branch_info(model)
+                name = context["name"]
+                if name is None:
+                    name = info.unnamed_calls[unnamed[0] % len(info.unnamed_calls)]
+                    unnamed[0] += 1
+                if name == "uncond":
                     return _shifted(forward(*args, **kwargs), carried.pop("uncond", None))
-                if context["name"] not in (None, "cond"):
+                if name not in ("cond", "cond_uncond"):  # CogVideoX and LTX name their batched CFG call
                     return forward(*args, **kwargs)
                 carried.clear()
-                info = branch_info(model)
                 step, self.step = self.step, self.step + 1
                 if not self.in_window(step, info.num_steps):
                     return forward(*args, **kwargs)
@@ -164,7 +176,7 @@ class HeadPerturbationGuidance:
                 n = sample.shape[0]
                 cond = torch.arange(n // 2 if info.cfg_in_batch else 0, n)
                 try:
-                    out, perturbed = self._branches(forward, steer, session.layers, args, kwargs, n, cond)
+                    out, perturbed = self._branches(forward, steer, session.layers, prefix, args, kwargs, n, cond)
                 finally:
                     steer.set_weights(None)
                 pred = _prediction(out).clone()
@@ -184,23 +196,35 @@ class HeadPerturbationGuidance:
 
         with ExitStack() as stack:
             session = stack.enter_context(steering(model, [steer]))
+            prefix = None
+            if self.prefix_reuse:
+                perturbed = {name: session.layers[name].module for name in layers}
+                attention = {name: info.module for name, info in session.layers.items()}
+                prefix = stack.enter_context(SharedPrefix(model, perturbed, attention).installed())
             if hasattr(model, "cache_context"):
                 stack.enter_context(wrapped(model, "cache_context", cache_context))
             stack.enter_context(wrapped(model, "forward", guided))
             yield self
 
-    def _branches(self, forward, steer, layers, args, kwargs, n, cond):
+    def _branches(self, forward, steer, layers, prefix, args, kwargs, n, cond):
         """(output of the unperturbed call, perturbed prediction of the ``cond`` rows)."""
         per_row = self.row_weights(layers, len(cond))
+
+        def reuse(mode, *arguments):
+            return nullcontext() if prefix is None else getattr(prefix, mode)(*arguments)
+
         if self.batching == "batched":
             rows = torch.cat([torch.arange(n), cond])
             steer.set_weights({layer: torch.cat([torch.zeros(n, w.shape[1]), w]) for layer, w in per_row.items()})
-            out = forward(*_take_rows(args, rows, n), **_take_rows(kwargs, rows, n))
+            with reuse("forked", n, cond):
+                out = forward(*_take_rows(args, rows, n), **_take_rows(kwargs, rows, n))
             pred = _prediction(out)
             return _with_prediction(out, pred[:n]), pred[n:]
-        out = forward(*args, **kwargs)
+        with reuse("recording", n):
+            out = forward(*args, **kwargs)
         steer.set_weights(per_row)
-        perturbed = _prediction(forward(*_take_rows(args, cond, n), **_take_rows(kwargs, cond, n)))
+        with reuse("replaying", cond):
+            perturbed = _prediction(forward(*_take_rows(args, cond, n), **_take_rows(kwargs, cond, n)))
         return out, perturbed
 
 

@@ -35,7 +35,8 @@ DEFAULT_SCALE = 5.0  # HeadHunter paper, SD3-medium
 DEFAULT_U = 1.0  # plain head-level PAG; HeadHunter deploys found heads at u ~ 0.5
 DEFAULT_MODE = "joint"  # HeadHunter's definition of identity on joint attention
 PERTURBATION_ARGUMENTS = ("perturbed_heads", "perturbation_scale", "softpag_u", "perturbation_mode",
-                          "perturbation_window", "perturbation_batching", "perturbed_heads_per_prompt")
+                          "perturbation_window", "perturbation_batching", "perturbation_prefix_reuse",
+                          "perturbed_heads_per_prompt")
 CALL_DEFAULTS = "attnsteer.json"  # in a model folder: {"call": {parent call keyword arguments the model needs}}
 OURS = (*PERTURBATION_ARGUMENTS, *OPTIONS)
 PREFIXES = ("perturb", "softpag", "astar", "story", "sparse", "fifo", "ouroboros", "attention_maps")
@@ -153,6 +154,8 @@ class SteerMixin(CallDefaultsMixin):
         perturbation_mode: "joint" (identity on the whole joint map) or "image" (image-image block).
         perturbation_window: (start, stop) fractions of the steps where it acts; default all steps.
         perturbation_batching: "batched" (one forward) or "sequential" (less memory).
+        perturbation_prefix_reuse: compute the layers before the first perturbed one once for the
+            conditional rows and their perturbed copies (the same images, less compute); default True.
         perturbed_heads_per_prompt: instead of ``perturbed_heads``, a list with one head spec per
             prompt (``None`` or ``[]`` for none): each prompt's images get their own head set. The
             head search uses it to score several candidate sets in one batched call.
@@ -204,8 +207,8 @@ class SteerMixin(CallDefaultsMixin):
 
     def perturbation_guidance(self, perturbed_heads=None, perturbation_scale=None, softpag_u=None,
                               perturbation_mode=None, perturbation_window=(0.0, 1.0),
-                              perturbation_batching="batched", perturbed_heads_per_prompt=None,
-                              prompt=None) -> HeadPerturbationGuidance:
+                              perturbation_batching="batched", perturbation_prefix_reuse=True,
+                              perturbed_heads_per_prompt=None, prompt=None) -> HeadPerturbationGuidance:
         """Check the perturbation arguments against this pipeline's model; raises ValueError."""
         stored = HeadSetFile(heads=[])
         if isinstance(perturbed_heads, (str, os.PathLike)) and str(perturbed_heads).endswith(".json"):
@@ -231,6 +234,7 @@ class SteerMixin(CallDefaultsMixin):
             mode=pick(perturbation_mode, stored.mode, DEFAULT_MODE),
             window=perturbation_window,
             batching=perturbation_batching,
+            prefix_reuse=perturbation_prefix_reuse,
         )
 
     def _prepare(self, args: tuple, kwargs: dict, perturbation: dict):
@@ -263,10 +267,11 @@ class SteerMixin(CallDefaultsMixin):
 
     def __call__(self, *args, perturbed_heads=None, perturbation_scale=None, softpag_u=None,
                  perturbation_mode=None, perturbation_window=None, perturbation_batching=None,
-                 perturbed_heads_per_prompt=None, **kwargs):
+                 perturbation_prefix_reuse=None, perturbed_heads_per_prompt=None, **kwargs):
         perturbation = dict(perturbed_heads=perturbed_heads, perturbation_scale=perturbation_scale,
                             softpag_u=softpag_u, perturbation_mode=perturbation_mode,
                             perturbation_window=perturbation_window, perturbation_batching=perturbation_batching,
+                            perturbation_prefix_reuse=perturbation_prefix_reuse,
                             perturbed_heads_per_prompt=perturbed_heads_per_prompt)
         kwargs, bound, guidance, attention = self._prepare(args, kwargs, perturbation)
         parent_call = super().__call__
@@ -329,6 +334,32 @@ class WanSteerMixin(SteerMixin):
         return BranchInfo(False, self._guidance_scale_2 if second else self._guidance_scale, self._num_timesteps)
 
 
+class ChromaSteerMixin(SteerMixin):
+    """Chroma's branches: CFG as two calls a step, conditional first, that the pipeline does not name."""
+
+    def branch_info(self, model, call_arguments):
+        if not self.do_classifier_free_guidance:
+            return BranchInfo(False, 1.0, self._num_timesteps)
+        return BranchInfo(False, self.guidance_scale, self._num_timesteps, unnamed_calls=("cond", "uncond"))
+
+
+class CogVideoXSteerMixin(SteerMixin):
+    """CogVideoX's branches: one batched CFG call when guidance_scale > 1 (it has no
+    ``do_classifier_free_guidance`` property). Its dynamic CFG sets the scale after each model call, where
+    the perturbation term needs it before, so the two are not combined."""
+
+    def branch_info(self, model, call_arguments):
+        cfg = self.guidance_scale > 1
+        return BranchInfo(cfg, self.guidance_scale if cfg else 1.0, self._num_timesteps)
+
+    def _prepare(self, args, kwargs, perturbation):
+        prepared = super()._prepare(args, kwargs, perturbation)
+        if prepared[2].enabled and prepared[1].arguments.get("use_dynamic_cfg"):
+            raise ValueError("use_dynamic_cfg=True sets CogVideoX's CFG scale after each model call, and head "
+                             "perturbation needs it before; call with use_dynamic_cfg=False")
+        return prepared
+
+
 class FluxSteerPipeline(FluxSteerMixin, FluxPipeline):
     """FluxPipeline with attnsteer's keyword arguments. True CFG runs as a separate call."""
 
@@ -344,7 +375,9 @@ STEER_PIPELINES = {
 }
 # The denoiser class of a pipeline -> the branch rules its steer class takes
 FAMILIES = {"UNet2DConditionModel": SteerMixin, "SD3Transformer2DModel": SteerMixin,
-            "FluxTransformer2DModel": FluxSteerMixin, "WanTransformer3DModel": WanSteerMixin}
+            "FluxTransformer2DModel": FluxSteerMixin, "WanTransformer3DModel": WanSteerMixin,
+            "ChromaTransformer2DModel": ChromaSteerMixin, "CogVideoXTransformer3DModel": CogVideoXSteerMixin,
+            "LTXVideoTransformer3DModel": SteerMixin}
 
 
 @functools.cache

@@ -421,3 +421,49 @@ def test_a_prompt_longer_than_the_tokenizer_is_said_to_be_cut_once():
         for logger in loggers:
             logger.removeHandler(handler)
     assert len(said) == 1 and "The following part of your input was truncated" in said[0]
+
+
+def steered_layers(kind):
+    model = pipe_of(kind).steer_denoisers()["unet" if kind in ("sd", "sdxl") else "transformer"]
+    return [n for n, info in list_layers(model).items() if info.kind != CROSS]
+
+
+@pytest.mark.parametrize("kind", CLASSES)
+@pytest.mark.parametrize("batching", ["batched", "sequential"])
+def test_prefix_reuse_gives_the_same_images_at_early_middle_and_late_layers(kind, batching):
+    """The perturbed branch forked at the first perturbed layer equals it run whole, on every family."""
+    layers = steered_layers(kind)
+    for layer in (layers[0], layers[len(layers) // 2], layers[-1]):
+        call = dict(perturbed_heads=f"{layer}:0", softpag_u=0.8, perturbation_batching=batching)
+        whole = generate(kind, **call, perturbation_prefix_reuse=False)
+        np.testing.assert_allclose(generate(kind, **call), whole, atol=1e-5, rtol=0, err_msg=layer)
+    assert np.abs(whole - generate(kind)).max() > 1e-3
+    assert_restored(pipe_of(kind))
+    assert not [n for n, m in pipe_of(kind).steer_denoisers()[
+        "unet" if kind in ("sd", "sdxl") else "transformer"].named_modules() if "forward" in m.__dict__]
+
+
+@pytest.mark.parametrize("batching", ["batched", "sequential"])
+def test_prefix_reuse_computes_the_layers_before_the_fork_once(batching):
+    """With CFG on SD (2 rows, 1 perturbed copy) the down blocks before a mid-block layer see 2 rows in one
+    forward (3 without reuse; sequential: not called by the second forward) and the up blocks 3 (2 and 1)."""
+    unet = pipe_of("sd").unet
+    seen = {"down": [], "up": []}
+    hooks = [unet.down_blocks[0].resnets[0].register_forward_pre_hook(lambda m, a: seen["down"].append(a[0].shape[0])),
+             unet.up_blocks[-1].resnets[0].register_forward_pre_hook(lambda m, a: seen["up"].append(a[0].shape[0]))]
+    try:
+        for reuse in (True, False):
+            generate("sd", perturbed_heads="mid_block.attentions.0.transformer_blocks.0.attn1:0", num_inference_steps=1,
+                     perturbation_batching=batching, perturbation_prefix_reuse=reuse)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if batching == "batched":
+        assert seen == {"down": [2, 3], "up": [3, 3]}
+    else:
+        assert seen == {"down": [2, 2, 1], "up": [2, 1, 2, 1]}
+
+
+def test_prefix_reuse_must_be_a_bool():
+    assert_refused_before_denoising("sd3", r"perturbation_prefix_reuse 'no' must be True or False",
+                                    perturbed_heads="0:0", perturbation_prefix_reuse="no")
