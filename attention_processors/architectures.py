@@ -174,9 +174,10 @@ class SD3Architecture(Architecture):
 
 
 class FluxArchitecture(Architecture):
-    """FluxTransformer2DModel: [text, image] tokens in double- and single-stream blocks."""
+    """FluxTransformer2DModel and Chroma's (FLUX.1-schnell pruned, the same blocks): [text, image] tokens in
+    double- and single-stream blocks."""
 
-    model_classes = ("FluxTransformer2DModel",)
+    model_classes = ("FluxTransformer2DModel", "ChromaTransformer2DModel")
     text_first = True
 
     def kind(self, name, module):
@@ -229,7 +230,61 @@ class WanArchitecture(Architecture):
         return tuple(s // p for s, p in zip(latent, model.config.patch_size))
 
 
-ARCHITECTURES = (UNetArchitecture(), SD3Architecture(), FluxArchitecture(), WanArchitecture())
+class CogVideoXArchitecture(Architecture):
+    """CogVideoXTransformer3DModel: one joint attention per block on [text, video] tokens, the video
+    frame-major; hidden_states [B, F, C, H, W] in latent frames (CogVideoX 1.5 patches 2 of them)."""
+
+    model_classes = ("CogVideoXTransformer3DModel",)
+    text_first = True
+
+    def kind(self, name, module):
+        from diffusers.models.attention_processor import Attention
+
+        return JOINT if isinstance(module, Attention) and name.endswith(".attn1") else None
+
+    def call_info(self, model, bound):
+        sample, text = bound.arguments.get("hidden_states"), bound.arguments.get("encoder_hidden_states")
+        if sample is None:
+            return {}
+        p, pt = model.config.patch_size, model.config.patch_size_t or 1
+        f, _, h, w = sample.shape[-4:]
+        return {"text_len": None if text is None else text.shape[1], "grid": (math.ceil(f / pt), h // p, w // p)}
+
+    image_grid = WanArchitecture.image_grid
+
+    def input_grid(self, model, latent):
+        p, pt = model.config.patch_size, model.config.patch_size_t or 1
+        return (math.ceil(latent[0] / pt), latent[1] // p, latent[2] // p)
+
+
+class LTXArchitecture(Architecture):
+    """LTXVideoTransformer3DModel: attn1 self-attention on packed video tokens (frame-major), attn2
+    cross-attention to the text; the call gives the latent num_frames, height and width."""
+
+    model_classes = ("LTXVideoTransformer3DModel",)
+
+    def kind(self, name, module):
+        from diffusers.models.transformers.transformer_ltx import LTXAttention
+
+        if not isinstance(module, LTXAttention):
+            return None
+        return CROSS if name.endswith(".attn2") else SELF
+
+    def call_info(self, model, bound):
+        sizes = [bound.arguments.get(k) for k in ("num_frames", "height", "width")]
+        if any(not isinstance(s, int) for s in sizes):
+            return {}
+        return {"grid": self.input_grid(model, tuple(sizes))}
+
+    image_grid = WanArchitecture.image_grid
+
+    def input_grid(self, model, latent):
+        c = model.config
+        return (latent[0] // c.patch_size_t, latent[1] // c.patch_size, latent[2] // c.patch_size)
+
+
+ARCHITECTURES = (UNetArchitecture(), SD3Architecture(), FluxArchitecture(), WanArchitecture(), CogVideoXArchitecture(),
+                 LTXArchitecture())
 UNSUPPORTED = {
     "SanaTransformer2DModel": "it uses linear attention, which has no softmax attention map to steer",
 }

@@ -11,6 +11,7 @@ from .astar import ASTAR_DEFAULTS, astar_guidance, denoiser
 from .maps import MAPS_DEFAULTS, AttentionMaps, map_recorder
 from .sparse import SPARSE_DEFAULTS, sparse_steer
 from .story import STORY_DEFAULTS, segmented_masks, story_guidance
+from .tokens import TEXT_PIPELINES
 
 OPTIONS = {**ASTAR_DEFAULTS, **MAPS_DEFAULTS, **STORY_DEFAULTS, **SPARSE_DEFAULTS}
 
@@ -33,6 +34,18 @@ def pop_arguments(kwargs: dict) -> dict:
     return methods
 
 
+MAP_METHODS = {"astar_tokens": "A-STAR", "return_attention_maps": "return_attention_maps"}  # IR-Diffusion: its own check
+
+
+def check_text_maps(pipe, options: dict) -> None:
+    """ValueError naming the first asked method that reads text-token maps where ``pipe`` has none."""
+    asked = [label for switch, label in MAP_METHODS.items() if options.get(switch) is not None]
+    if asked and not isinstance(pipe, TEXT_PIPELINES):
+        names = ", ".join(cls.__name__ for cls in TEXT_PIPELINES)
+        raise ValueError(f"{asked[0]} needs the attention maps of text tokens, which attnsteer reads on {names} "
+                         f"(and their subclasses), not on {type(pipe).__name__}")
+
+
 class AttentionMethods:
     """A-STAR, IR-Diffusion, map recording and block-sparse attention of one call (checked when built,
     before compute). Attached outside head perturbation, A-STAR outermost, so that A-STAR's gradient
@@ -42,6 +55,7 @@ class AttentionMethods:
 
     def __init__(self, pipe, arguments: dict, options: dict):
         self.pipe = pipe
+        check_text_maps(pipe, options)
         self.story = story_guidance(pipe, arguments, {k: v for k, v in options.items() if k in STORY_DEFAULTS})
         self.astar = astar_guidance(pipe, arguments, {k: v for k, v in options.items() if k in ASTAR_DEFAULTS})
         self.recorder = map_recorder(pipe, arguments, {k: v for k, v in options.items() if k in MAPS_DEFAULTS})

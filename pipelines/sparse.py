@@ -1,4 +1,5 @@
-"""Block-sparse attention as keyword arguments of the Wan, SD3 and FLUX steer pipelines, checked before compute.
+"""Block-sparse attention as keyword arguments of the video (Wan, CogVideoX, LTX-Video), SD3 and FLUX steer
+pipelines, checked before compute.
 
     frames = pipe("a red circle moving left", sparsity=0.75).frames[0]
 
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import math
 
-from diffusers import FluxPipeline, StableDiffusion3Pipeline, WanPipeline
+from diffusers import CogVideoXPipeline, FluxPipeline, LTXPipeline, StableDiffusion3Pipeline, WanPipeline
 
 from attnsteer.attention_processors import JOINT, SELF, list_layers
 from attnsteer.attention_processors.heads import layer_name
@@ -38,16 +39,24 @@ from .astar import denoiser, latent_size
 SPARSE_DEFAULTS = dict(sparsity=None, sparse_mask="draft", sparse_pool=None, sparse_tile=(3, 3, 3),
                        sparse_backend="auto", sparse_dense_layers=None, sparse_dense_steps=None)
 MASKS = ("draft", "radial", "tile")
-SUPPORTED = (WanPipeline, StableDiffusion3Pipeline, FluxPipeline)
+VIDEO = (WanPipeline, CogVideoXPipeline, LTXPipeline)
+SUPPORTED = (*VIDEO, StableDiffusion3Pipeline, FluxPipeline)
 WARMUP = 0.3
 
 
 def token_grid(pipe, arguments: dict) -> tuple[int, int]:
     """(rows, columns) of image tokens per frame of the call."""
-    if isinstance(pipe, WanPipeline):
-        _, ph, pw = pipe.transformer.config.patch_size
-        factor = pipe.vae_scale_factor_spatial
-        return arguments["height"] // factor // ph, arguments["width"] // factor // pw
+    c = pipe.transformer.config
+    if isinstance(pipe, VIDEO):
+        if isinstance(pipe, WanPipeline):
+            factor, (ph, pw) = pipe.vae_scale_factor_spatial, c.patch_size[1:]
+        elif isinstance(pipe, CogVideoXPipeline):
+            factor, ph, pw = pipe.vae_scale_factor_spatial, c.patch_size, c.patch_size
+        else:
+            factor, ph, pw = pipe.vae_spatial_compression_ratio, c.patch_size, c.patch_size
+        height = arguments["height"] or c.sample_height * factor  # CogVideoX's default comes from its config
+        width = arguments["width"] or c.sample_width * factor
+        return height // factor // ph, width // factor // pw
     h, w = latent_size(pipe, arguments)
     patch = 2 if isinstance(pipe, FluxPipeline) else pipe.transformer.config.patch_size
     return h // patch, w // patch
@@ -67,8 +76,8 @@ def sparse_steer(pipe, arguments: dict, options: dict) -> DraftAttention | None:
     if sparsity is None and kind == "draft":
         return None
     if not isinstance(pipe, SUPPORTED):
-        raise ValueError(f"block-sparse attention runs on the Wan, SD3 and FLUX steer pipelines, not "
-                         f"{type(pipe).__name__}")
+        raise ValueError(f"block-sparse attention runs on the Wan, CogVideoX, LTX-Video, SD3 and FLUX steer "
+                         f"pipelines, not {type(pipe).__name__}")
     check_backend(o["sparse_backend"], "sparse_backend")
     model = denoiser(pipe)
     layers = list_layers(model)
@@ -83,7 +92,7 @@ def sparse_steer(pipe, arguments: dict, options: dict) -> DraftAttention | None:
             or pool[0] > grid[0] or pool[1] > grid[1]):
         raise ValueError(f"sparse_pool {pool!r} must be (rows, columns) of tokens that fit in the call's "
                          f"{grid[0]} x {grid[1]} tokens per frame")
-    if not isinstance(pipe, WanPipeline) and frame_blocks(grid, pool) == 1:
+    if not isinstance(pipe, VIDEO) and frame_blocks(grid, pool) == 1:
         raise ValueError(f"sparse_pool: {one_block_a_frame(grid, pool)}")
     resolve_backend(o["sparse_backend"], model.device, tuple(pool))
     steps = o["sparse_dense_steps"]

@@ -34,25 +34,26 @@ def method_support(pipe, call: dict) -> dict[str, str]:
 
 
 def support_table() -> str:
-    """The markdown table of every steer pipeline kind attnsteer tests (tiny random pipelines) x method."""
+    """The markdown table of every steer pipeline kind attnsteer tests (tiny random pipelines) x method; the
+    newer families (Chroma, CogVideoX, LTX-Video) in their text-to-image or text-to-video pipeline only."""
     import diffusers
 
     from .steer import steer_pipeline
-    from .tiny import KINDS, PIPELINE_CLASSES, tiny_pipeline
+    from .tiny import FAMILY_KINDS, KINDS, PIPELINE_CLASSES, tiny_pipeline
 
     side = 64
     image = Image.fromarray(np.full((side, side, 3), 128, np.uint8))
     mask = Image.fromarray(np.full((side, side), 255, np.uint8))
     lines, reasons = ["| pipeline | " + " | ".join(METHODS) + " |", "|---" * (len(METHODS) + 1) + "|"], []
-    for kind in KINDS:
+    for kind in KINDS + FAMILY_KINDS:
         base = tiny_pipeline(kind, steer_pipeline(PIPELINE_CLASSES[kind]))
-        for task, extra in TASKS.items():
+        for task, extra in TASKS.items() if kind in KINDS else [("", {})]:  # newer families: text-to-X only
             parent = getattr(diffusers, PIPELINE_CLASSES[kind].__name__.removesuffix("Pipeline") + task + "Pipeline", None)
             if parent is None:
                 continue
             pipe = steer_pipeline(parent).from_pipe(base) if task else base
             call = dict(prompt=PROMPT, num_inference_steps=2, **extra)
-            if kind == "wan":
+            if kind in ("wan", "cogvideox", "ltx"):
                 call.update(num_frames=5, height=side // 2, width=side // 2)
             elif task == "Img2Img":  # the image sets the size
                 call.update(image=image)

@@ -19,12 +19,21 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLCogVideoX,
+    AutoencoderKLLTXVideo,
     AutoencoderKLWan,
+    ChromaPipeline,
+    ChromaTransformer2DModel,
+    CogVideoXDDIMScheduler,
+    CogVideoXPipeline,
+    CogVideoXTransformer3DModel,
     DDIMScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
+    LTXPipeline,
+    LTXVideoTransformer3DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
@@ -44,9 +53,10 @@ from transformers import (
     UMT5EncoderModel,
 )
 
-__all__ = ["KINDS", "PIPELINE_CLASSES", "clip_tokenizer", "tiny_components", "tiny_pipeline"]
+__all__ = ["FAMILY_KINDS", "KINDS", "PIPELINE_CLASSES", "clip_tokenizer", "tiny_components", "tiny_pipeline"]
 
-KINDS = ("sd", "sdxl", "sd3", "flux", "wan")
+KINDS = ("sd", "sdxl", "sd3", "flux", "wan")  # the families the shapes models, the CLI and the method tests cover
+FAMILY_KINDS = ("chroma", "cogvideox", "ltx")  # newer families: head perturbation and block-sparse attention
 
 PIPELINE_CLASSES = {
     "sd": StableDiffusionPipeline,
@@ -54,6 +64,9 @@ PIPELINE_CLASSES = {
     "sd3": StableDiffusion3Pipeline,
     "flux": FluxPipeline,
     "wan": WanPipeline,
+    "chroma": ChromaPipeline,
+    "cogvideox": CogVideoXPipeline,
+    "ltx": LTXPipeline,
 }
 
 BPE_PATH = Path(__file__).parent / "data" / "bpe_simple_vocab_16e6.txt.gz"
@@ -380,12 +393,130 @@ def _wan(seed: int) -> dict:
     }
 
 
-_BUILDERS = {"sd": _sd, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux, "wan": _wan}
+def _chroma(seed: int) -> dict:
+    transformer = _seeded(
+        seed,
+        lambda: ChromaTransformer2DModel(
+            patch_size=1,
+            in_channels=16,  # 4 latent channels packed 2x2
+            num_layers=2,
+            num_single_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,  # T5 d_model
+            axes_dims_rope=(4, 6, 6),
+            approximator_num_channels=8,
+            approximator_hidden_dim=32,
+            approximator_layers=1,
+        ),
+    )
+    return {
+        "transformer": transformer,
+        "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0),
+        "vae": _flow_vae(seed),
+        "text_encoder": _seeded(seed, lambda: T5EncoderModel(T5Config(**_t5_kwargs()))),
+        "tokenizer": clip_tokenizer(512),  # stands in for Chroma's T5 tokenizer
+        "image_encoder": None,
+        "feature_extractor": None,
+    }
+
+
+def _cogvideox(seed: int) -> dict:
+    # VAE: spatial factor 2, temporal factor 4 (1 + 4k frames -> 1 + k latent frames); 5 frames at 32x32 give
+    # 2 latent frames of 16x16, patches of 2: 2 x 8 x 8 video tokens after 16 text tokens
+    vae = _seeded(
+        seed,
+        lambda: AutoencoderKLCogVideoX(
+            block_out_channels=(8, 8),
+            down_block_types=("CogVideoXDownBlock3D",) * 2,
+            up_block_types=("CogVideoXUpBlock3D",) * 2,
+            latent_channels=4,
+            layers_per_block=1,
+            norm_num_groups=2,
+            temporal_compression_ratio=4,
+        ),
+    )
+    transformer = _seeded(
+        seed,
+        lambda: CogVideoXTransformer3DModel(
+            num_attention_heads=2,
+            attention_head_dim=16,  # its 3-D RoPE takes 1/4, 3/8 and 3/8 of a head, each even
+            in_channels=4,
+            out_channels=4,
+            time_embed_dim=8,
+            text_embed_dim=32,  # T5 d_model
+            num_layers=2,
+            sample_width=16,
+            sample_height=16,
+            sample_frames=5,
+            patch_size=2,
+            temporal_compression_ratio=4,
+            max_text_seq_length=16,
+            use_rotary_positional_embeddings=True,  # as CogVideoX-5b
+        ),
+    )
+    return {
+        "transformer": transformer,
+        "scheduler": CogVideoXDDIMScheduler(timestep_spacing="trailing", rescale_betas_zero_snr=True,
+                                            prediction_type="v_prediction"),  # as CogVideoX's
+        "vae": vae,
+        "text_encoder": _seeded(seed, lambda: T5EncoderModel(T5Config(**_t5_kwargs()))),
+        "tokenizer": clip_tokenizer(226),  # stands in for CogVideoX's T5 tokenizer
+    }
+
+
+def _ltx(seed: int) -> dict:
+    # VAE: spatial factor 4 (patch 2, one 2x stage), temporal factor 2 (1 + 2k frames -> 1 + k latent frames)
+    vae = _seeded(
+        seed,
+        lambda: AutoencoderKLLTXVideo(
+            latent_channels=8,
+            block_out_channels=(8, 8),
+            decoder_block_out_channels=(8, 8),
+            layers_per_block=(1, 1, 1),
+            decoder_layers_per_block=(1, 1, 1),
+            spatio_temporal_scaling=(True, False),
+            decoder_spatio_temporal_scaling=(True, False),
+            decoder_inject_noise=(False, False, False),
+            downsample_type=("conv", "conv"),
+            upsample_residual=(False, False),
+            upsample_factor=(1, 1),
+            patch_size=2,
+            patch_size_t=1,
+            encoder_causal=True,
+            decoder_causal=False,
+        ),
+    )
+    transformer = _seeded(
+        seed,
+        lambda: LTXVideoTransformer3DModel(
+            in_channels=8,
+            out_channels=8,
+            patch_size=1,
+            patch_size_t=1,
+            num_attention_heads=2,
+            attention_head_dim=8,
+            cross_attention_dim=16,
+            num_layers=2,
+            caption_channels=32,  # T5 d_model
+        ),
+    )
+    return {
+        "transformer": transformer,
+        "scheduler": FlowMatchEulerDiscreteScheduler(),
+        "vae": vae,
+        "text_encoder": _seeded(seed, lambda: T5EncoderModel(T5Config(**_t5_kwargs()))),
+        "tokenizer": clip_tokenizer(128),  # stands in for LTX's T5 tokenizer
+    }
+
+
+_BUILDERS = {"sd": _sd, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux, "wan": _wan, "chroma": _chroma,
+             "cogvideox": _cogvideox, "ltx": _ltx}
 
 
 def _check_kind(kind: str) -> None:
-    if kind not in KINDS:
-        raise ValueError(f"unknown pipeline kind {kind!r}; expected one of {', '.join(KINDS)}")
+    if kind not in KINDS + FAMILY_KINDS:
+        raise ValueError(f"unknown pipeline kind {kind!r}; expected one of {', '.join(KINDS + FAMILY_KINDS)}")
 
 
 def tiny_components(kind: str, seed: int = 0) -> dict:

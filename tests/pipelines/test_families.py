@@ -1,0 +1,185 @@
+"""The newer families (Chroma, CogVideoX, LTX-Video): addresses, token layouts, head perturbation against a
+masked-attention reference, their branch rules, block-sparse attention, and what is refused on them."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from attnsteer.attention_processors import (CROSS, JOINT, SELF, HeadPerturbation, LayoutRecorder, head_weights,
+                                            list_layers, steering)
+from attnsteer.pipelines.steer import steer_pipeline
+from attnsteer.pipelines.tiny import FAMILY_KINDS, PIPELINE_CLASSES, tiny_pipeline
+
+TEXT = 6  # text tokens of the direct model calls below
+_PIPES = {}
+
+
+def pipe_of(kind):
+    if kind not in _PIPES:
+        _PIPES[kind] = tiny_pipeline(kind, steer_pipeline(PIPELINE_CLASSES[kind]))
+    return _PIPES[kind]
+
+
+def generate(kind, seed=0, **extra):
+    call = dict(prompt="a red circle", num_inference_steps=2, height=32, width=32, output_type="latent",
+                max_sequence_length=16)
+    call.update(extra)
+    if kind != "chroma":
+        call.setdefault("num_frames", 5)
+    out = pipe_of(kind)(**call, generator=torch.Generator().manual_seed(seed))
+    return (out.images if kind == "chroma" else out.frames).numpy()
+
+
+def model_call(kind):
+    """Inputs of one direct transformer call with TEXT text tokens, and the (frames, rows, columns) of image
+    tokens it makes, from the inputs' sizes and the patch sizes (not from attnsteer)."""
+    model = pipe_of(kind).transformer
+    c, g = model.config, torch.Generator().manual_seed(0)
+    randn = lambda *shape: torch.randn(*shape, generator=g)
+    if kind == "chroma":
+        h, w = 3, 4
+        ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(float(h)), torch.arange(float(w)), indexing="ij"), -1)
+        return dict(hidden_states=randn(1, h * w, c.in_channels), encoder_hidden_states=randn(1, TEXT, c.joint_attention_dim),
+                    timestep=torch.tensor([0.5]), img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(TEXT, 3)), (h, w)
+    if kind == "cogvideox":
+        f, h, w = 2, 8, 12
+        return dict(hidden_states=randn(1, f, c.in_channels, h, w), encoder_hidden_states=randn(1, TEXT, c.text_embed_dim),
+                    timestep=torch.tensor([500])), (f, h // c.patch_size, w // c.patch_size)
+    f, h, w = 3, 2, 4
+    return dict(hidden_states=randn(1, f * h * w, c.in_channels), encoder_hidden_states=randn(1, TEXT, c.caption_channels),
+                timestep=torch.tensor([500.0]), encoder_attention_mask=torch.ones(1, TEXT), num_frames=f, height=h,
+                width=w), (f, h, w)
+
+
+def test_layer_names_and_kinds():
+    kinds = {kind: {n: info.kind for n, info in list_layers(pipe_of(kind).transformer).items()} for kind in FAMILY_KINDS}
+    assert kinds["chroma"] == dict.fromkeys(["transformer_blocks.0.attn", "transformer_blocks.1.attn",
+                                             "single_transformer_blocks.0.attn", "single_transformer_blocks.1.attn"], JOINT)
+    assert kinds["cogvideox"] == dict.fromkeys(["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"], JOINT)
+    assert kinds["ltx"] == {"transformer_blocks.0.attn1": SELF, "transformer_blocks.0.attn2": CROSS,
+                            "transformer_blocks.1.attn1": SELF, "transformer_blocks.1.attn2": CROSS}
+
+
+@pytest.mark.parametrize("kind", FAMILY_KINDS)
+def test_token_layouts_come_from_the_call(kind):
+    model = pipe_of(kind).transformer
+    call, grid = model_call(kind)
+    recorder = LayoutRecorder(list_layers(model))
+    with torch.no_grad(), steering(model, [recorder]):
+        model(**call)
+    assert set(recorder.seen) == set(list_layers(model))
+    for name, (layout, q, _) in recorder.seen.items():
+        kind_of = list_layers(model)[name].kind
+        assert layout.grid == grid and layout.image.stop - layout.image.start == np.prod(grid), name
+        if kind_of == JOINT:  # both families put the text first
+            assert layout.text == slice(0, TEXT) and layout.image == slice(TEXT, q[2]), name
+        else:
+            assert layout.text is None and q[2] == np.prod(grid), name
+
+
+class PAGIdentity(TorchFunctionMode):
+    """PAG's image identity as a mask on the layer's own attention call: image queries see the text keys and
+    their own image key; text queries see everything. ``text`` tokens come first."""
+
+    def __init__(self, text):
+        super().__init__()
+        self.text = text
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is F.scaled_dot_product_attention:
+            length = (args[0] if args else kwargs["query"]).shape[-2]
+            allowed = torch.eye(length, dtype=torch.bool)
+            allowed[:, : self.text] = True
+            allowed[: self.text] = True
+            assert len(args) < 4 and kwargs.get("attn_mask") is None, "the reference takes calls without a mask"
+            kwargs["attn_mask"] = allowed
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("kind", FAMILY_KINDS)
+def test_whole_layer_image_identity_equals_the_masked_reference(kind):
+    model = pipe_of(kind).transformer
+    call, _ = model_call(kind)
+    layers = [n for n, info in list_layers(model).items() if info.kind != CROSS]
+    for name in (layers[0], layers[-1]):
+        layer = list_layers(model)[name]
+        text = TEXT if layer.kind == JOINT else 0
+        mode = PAGIdentity(text)
+        def enter(*_):
+            mode.__enter__()
+
+        def leave(*_):
+            mode.__exit__(None, None, None)
+
+        hooks = [layer.module.register_forward_pre_hook(enter), layer.module.register_forward_hook(leave)]
+        try:
+            with torch.no_grad():
+                expected = model(**call)[0]
+        finally:
+            for hook in hooks:
+                hook.remove()
+        heads = {name: tuple(range(layer.heads))}
+        steer = HeadPerturbation(heads, "image")
+        steer.set_weights(head_weights(heads, list_layers(model), 1.0))
+        with torch.no_grad(), steering(model, [steer]):
+            ours = model(**call)[0]
+        with torch.no_grad():
+            assert (ours - model(**call)[0]).abs().max() > 1e-3, name
+        torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("kind", FAMILY_KINDS)
+def test_heads_act_batched_equals_sequential_and_prefix_reuse_is_exact(kind):
+    heads = dict(perturbed_heads="0:0", softpag_u=0.7)
+    base = generate(kind)
+    np.testing.assert_array_equal(generate(kind), base)
+    batched = generate(kind, **heads)
+    assert np.isfinite(batched).all() and np.abs(batched - base).max() > 1e-3
+    np.testing.assert_allclose(generate(kind, **heads, perturbation_batching="sequential"), batched, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(generate(kind, **heads, perturbation_prefix_reuse=False), batched, atol=1e-5, rtol=0)
+    model = pipe_of(kind).transformer
+    assert "forward" not in model.__dict__
+    assert not any(type(p).__name__.startswith("Steered") for p in model.attn_processors.values())
+
+
+@pytest.mark.parametrize("kind,rows", [("chroma", [2, 1, 2, 1]), ("cogvideox", [3, 3]), ("ltx", [3, 3])])
+def test_the_perturbed_rows_ride_on_the_conditional_call(kind, rows):
+    """Chroma runs CFG as two unnamed calls a step, conditional first: only that one gets the perturbed copy;
+    CogVideoX and LTX-Video run one batched call ("cond_uncond"): [uncond, cond] plus the copy."""
+    seen = []
+    hook = pipe_of(kind).transformer.proj_out.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
+    try:
+        generate(kind, perturbed_heads="0:0", guidance_scale=4.0,
+                 **({"negative_prompt": "blurry"} if kind == "chroma" else {}))
+    finally:
+        hook.remove()
+    assert seen == rows
+
+
+def test_cogvideox_dynamic_cfg_with_heads_is_refused_before_compute():
+    with pytest.raises(ValueError, match="use_dynamic_cfg=True sets CogVideoX's CFG scale after each model call"):
+        pipe_of("cogvideox").check_call(prompt="a", num_frames=5, height=32, width=32, max_sequence_length=16,
+                                        perturbed_heads="0:0", use_dynamic_cfg=True)
+
+
+@pytest.mark.parametrize("kind", ["cogvideox", "ltx"])
+def test_block_sparse_keep_all_is_dense_and_sparsity_acts(kind):
+    call = dict(sparse_pool=(4, 4), sparse_dense_steps=0, sparse_backend="gather")  # flex: the Wan tests
+    dense = generate(kind)
+    np.testing.assert_allclose(generate(kind, **call, sparsity=0.0), dense, atol=1e-5, rtol=0)
+    assert np.abs(generate(kind, **call, sparsity=0.9) - dense).max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", FAMILY_KINDS)
+@pytest.mark.parametrize("method,message", [
+    (dict(astar_tokens=["circle"]), "A-STAR needs the attention maps of text tokens"),
+    (dict(return_attention_maps=["circle"]), "return_attention_maps needs the attention maps of text tokens"),
+    (dict(story_subjects=["a circle", "a square"]), "IR-Diffusion runs on the SD, SDXL and SD3 steer pipelines"),
+])
+def test_methods_that_do_not_apply_are_refused_by_name(kind, method, message):
+    call = dict(prompt="a red circle", height=32, width=32, max_sequence_length=16, **method)
+    with pytest.raises(ValueError, match=message):
+        pipe_of(kind).check_call(**call, **({} if kind == "chroma" else {"num_frames": 5}))
