@@ -29,7 +29,14 @@ CONFIGS = {
 }
 
 
-def unet_config(model: str) -> dict:
+def unet_config(model: str, tiny: bool = False) -> dict:
+    if tiny:  # the same block types at 32-64 channels
+        shape = unet_config(model)
+        width = dict(block_out_channels=(32, 64, 64, 64)[: len(shape["block_out_channels"])], attention_head_dim=2)
+        if model == "sdxl":
+            width.update(transformer_layers_per_block=(1, 1, 1), addition_time_embed_dim=8,
+                         projection_class_embeddings_input_dim=6 * 8 + 1280)
+        return {**shape, **width}
     if model == "sd15":
         return dict(sample_size=64, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
                     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -43,7 +50,7 @@ def unet_config(model: str) -> dict:
                 projection_class_embeddings_input_dim=2816)
 
 
-def build(config: str, model: str, device: str, dtype: str, unet=None):
+def build(config: str, model: str, device: str, dtype: str, unet=None, tiny: bool = False):
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionAttendAndExcitePipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -53,7 +60,7 @@ def build(config: str, model: str, device: str, dtype: str, unet=None):
 
     torch.manual_seed(0)
     with torch.device(device):
-        unet = unet or UNet2DConditionModel(**unet_config(model)).to(getattr(torch, dtype))
+        unet = unet or UNet2DConditionModel(**unet_config(model, tiny)).to(getattr(torch, dtype))
         vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=4,
                             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                             norm_num_groups=8)
@@ -93,7 +100,7 @@ def timed_call(pipe, config: str, size: int, steps: int, device: str, batch: int
 
 def peak_memory(config: str, args) -> int:
     """Peak bytes one call of ``config`` needs beyond the loaded model (run in a fresh process)."""
-    pipe = build(config, args.model, args.device, args.dtype)
+    pipe = build(config, args.model, args.device, args.dtype, tiny=args.tiny)
     return peak_bytes(lambda: timed_call(pipe, config, args.size, 1, args.device, args.batch), args.device)
 
 
@@ -126,7 +133,7 @@ def main() -> None:
     pipes = {}
     for config in configs:
         shared = next(iter(pipes.values())).unet if pipes else None
-        pipes[config] = build(config, args.model, args.device, args.dtype, shared)
+        pipes[config] = build(config, args.model, args.device, args.dtype, shared, args.tiny)
     results = interleaved(configs, lambda c: timed_call(pipes[c], c, args.size, args.steps, args.device, args.batch),
                           args.repeats)
     del pipes

@@ -24,6 +24,7 @@ from measure import device_options
 FRAMES = {"8k": 5, "16k": 11, "32k": 21}
 GRID = (30, 52)  # tokens per frame of Wan2.1 at 480 x 832 (VAE 8x, patch 2)
 HEADS, HEAD_DIM = 12, 128
+TINY_GRID, TINY_HEADS, TINY_HEAD_DIM = (16, 16), 2, 16  # --tiny
 
 
 def configs(args) -> list[tuple[str, str, str, float | None]]:
@@ -53,7 +54,8 @@ def main() -> None:
     from attnsteer.attention_processors.sparse import (DraftMask, RadialMask, TileMask, block_layout, block_mask,
                                                        density, sparse_attention, tiling_pool, to_slots)
 
-    args.pool = tuple(args.pool or tiling_pool(GRID))
+    frame, heads, head_dim = (TINY_GRID, TINY_HEADS, TINY_HEAD_DIM) if args.tiny else (GRID, HEADS, HEAD_DIM)
+    args.pool = tuple(args.pool or tiling_pool(frame))
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
@@ -63,12 +65,12 @@ def main() -> None:
     sources = {"draft": DraftMask, "radial": lambda _: RadialMask(), "tile": lambda _: TileMask()}
     results = {}
     for size in args.sizes:
-        grid = (FRAMES[size], *GRID)
+        grid = (FRAMES[size], *frame)
         n = grid[0] * grid[1] * grid[2]
         layout = TokenLayout(slice(0, n), None, grid)
         g = torch.Generator(device).manual_seed(0)
-        q, k, v = (torch.randn(1, HEADS, n, HEAD_DIM, generator=g, device=device, dtype=dtype) for _ in range(3))
-        scale = HEAD_DIM ** -0.5
+        q, k, v = (torch.randn(1, heads, n, head_dim, generator=g, device=device, dtype=dtype) for _ in range(3))
+        scale = head_dim ** -0.5
         blocks = block_layout(layout, n, tuple(args.pool)).on(device)
 
         def run(mask, backend, sparsity):

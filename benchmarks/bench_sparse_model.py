@@ -27,6 +27,7 @@ import time
 from measure import device_options
 
 GRID = (60, 104)  # latent height and width of 480 x 832 (VAE 8x); patch (1, 2, 2) -> 30 x 52 tokens
+TINY_GRID = (32, 32)  # --tiny: 16 x 16 tokens a frame, 2 heads of 16, text width 32
 WARMUP = 0.3
 
 
@@ -36,6 +37,9 @@ def parse_args():
     p.add_argument("--layers", type=int, default=30, help="transformer blocks (Wan2.1-1.3B has 30)")
     p.add_argument("--sparsity", type=float, nargs="+", default=[0.9])
     p.add_argument("--backend", default="auto", choices=["auto", "flex", "gather"])
+    p.add_argument("--pool", type=int, nargs=2, default=None,
+                   help="tokens per block (default: the pipelines' default for the frame, (10, 13); flex on CUDA "
+                        "needs a multiple of 128 tokens, e.g. 16 8)")
     p.add_argument("--steps", type=int, default=50, help="steps of the whole run the warm-up ratio is given for")
     p.add_argument("--repeats", type=int, default=2, help="timed forwards per configuration")
     device_options(p)
@@ -61,16 +65,17 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     torch.manual_seed(0)
+    heads, head_dim, text_dim, ffn, grid = (2, 16, 32, 64, TINY_GRID) if args.tiny else (12, 128, 4096, 8960, GRID)
     model = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
-        text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=args.layers, cross_attn_norm=True,
+        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=16, out_channels=16,
+        text_dim=text_dim, freq_dim=256, ffn_dim=ffn, num_layers=args.layers, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads", eps=1e-6).to(device, dtype).eval()
     g = torch.Generator(device).manual_seed(0)
-    x = torch.randn(1, 16, args.frames, *GRID, generator=g, device=device, dtype=dtype)
-    text = torch.randn(1, 512, 4096, generator=g, device=device, dtype=dtype)
+    x = torch.randn(1, 16, args.frames, *grid, generator=g, device=device, dtype=dtype)
+    text = torch.randn(1, 512, text_dim, generator=g, device=device, dtype=dtype)
     timestep = torch.tensor([500.0], device=device)
-    tokens = args.frames * (GRID[0] // 2) * (GRID[1] // 2)
-    pool = tiling_pool((GRID[0] // 2, GRID[1] // 2))
+    tokens = args.frames * (grid[0] // 2) * (grid[1] // 2)
+    pool = tuple(args.pool or tiling_pool((grid[0] // 2, grid[1] // 2)))
     backend = resolve_backend(args.backend, torch.device(device), pool)
     sparse_layers = [n for n, info in list_layers(model).items() if info.kind == SELF][1:]
     steers = {"dense": []}
@@ -113,7 +118,7 @@ def main() -> None:
     dense = results["dense"]
     warm = math.ceil(WARMUP * args.steps)
     print(f"device {device}, {torch.get_num_threads()} threads, {args.dtype}; {tokens} tokens ({args.frames} latent "
-          f"frames of 30 x 52), {args.layers} blocks, pool {pool}, backend {backend}")
+          f"frames of {grid[0] // 2} x {grid[1] // 2}), {args.layers} blocks, pool {pool}, backend {backend}")
     print(f"| configuration | s / forward of {args.layers} blocks | a later block s | outside the blocks s | 30-block "
           f"forward s (composed) | vs dense | {args.steps} steps, first {warm} dense, vs dense | first forward s |\n"
           "|---|---|---|---|---|---|---|---|")

@@ -52,10 +52,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.one:
-        pipe = build(args.one, args.model, args.device, args.dtype)
+        pipe = build(args.one, args.model, args.device, args.dtype, tiny=args.tiny)
         print(json.dumps(peak_bytes(lambda: timed_call(pipe, args.one, args.size, 1, args.device), args.device)))
         return
-    pipe = build("plain", args.model, args.device, args.dtype)
+    pipe = build("plain", args.model, args.device, args.dtype, tiny=args.tiny)
     results = interleaved(CONFIGS, lambda c: timed_call(pipe, c, args.size, args.steps, args.device), args.repeats)
     del pipe
     for config in CONFIGS:

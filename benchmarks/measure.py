@@ -12,8 +12,10 @@ from typing import Callable
 
 
 def device_options(parser: argparse.ArgumentParser) -> None:
-    """--threads, --device, --dtype, --json, and the hidden --one CONFIG that ``peak_in_own_process`` uses."""
+    """--threads, --device, --dtype, --json, --tiny, and the hidden --one CONFIG that ``peak_in_own_process`` uses."""
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--tiny", action="store_true",
+                        help="tiny widths and token grids, the same code: the GPU suite's dry run (gpu_suite.py)")
     parser.add_argument("--device", default=None, help="default: cuda if a GPU is visible, else cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--json", default=None, help="also write the results here")
