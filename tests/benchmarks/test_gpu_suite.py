@@ -11,7 +11,7 @@ import gpu_suite  # noqa: E402  (benchmarks/ is scripts, not a package)
 
 
 def test_the_dry_run_finishes_every_row_with_its_table(tmp_path):
-    """About 100 s: each row is a benchmark script in its own process, with a process per configuration for
+    """About 130 s: each row is a benchmark script in its own process, with a process per configuration for
     its peak memory, each importing torch and diffusers (5-8 s here); the one test that keeps the device
     suite runnable between GPU sessions."""
     assert gpu_suite.main(["--dry-run", "--out", str(tmp_path)]) == 0
