@@ -230,6 +230,35 @@ class WanArchitecture(Architecture):
         return tuple(s // p for s, p in zip(latent, model.config.patch_size))
 
 
+class Flux2Architecture(Architecture):
+    """Flux2Transformer2DModel (FLUX.2 and Klein): [text, image] tokens in double-stream blocks and parallel
+    single-stream ones; image positions in img_ids [.., (t, h, w, l)] (reference images add tokens, and then
+    the image tokens are no single grid)."""
+
+    model_classes = ("Flux2Transformer2DModel",)
+    text_first = True
+
+    def kind(self, name, module):
+        from diffusers.models.transformers.transformer_flux2 import Flux2Attention, Flux2ParallelSelfAttention
+
+        return JOINT if isinstance(module, (Flux2Attention, Flux2ParallelSelfAttention)) else None
+
+    def call_info(self, model, bound):
+        text, img_ids = bound.arguments.get("encoder_hidden_states"), bound.arguments.get("img_ids")
+        grid = None
+        if isinstance(img_ids, torch.Tensor):
+            ids = img_ids.reshape(-1, img_ids.shape[-1])[: img_ids.shape[-2]]
+            h, w = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+            grid = (h, w) if h * w == ids.shape[0] else None
+        return {"text_len": None if text is None else text.shape[1], "grid": grid}
+
+    image_grid = SD3Architecture.image_grid
+
+    def input_grid(self, model, latent):
+        """FLUX.2 pipelines pack 2x2 latent pixels into one token."""
+        return tuple(s // 2 for s in latent)
+
+
 class CogVideoXArchitecture(Architecture):
     """CogVideoXTransformer3DModel: one joint attention per block on [text, video] tokens, the video
     frame-major; hidden_states [B, F, C, H, W] in latent frames (CogVideoX 1.5 patches 2 of them)."""
@@ -283,22 +312,46 @@ class LTXArchitecture(Architecture):
         return (latent[0] // c.patch_size_t, latent[1] // c.patch_size, latent[2] // c.patch_size)
 
 
-ARCHITECTURES = (UNetArchitecture(), SD3Architecture(), FluxArchitecture(), WanArchitecture(), CogVideoXArchitecture(),
-                 LTXArchitecture())
-UNSUPPORTED = {
-    "SanaTransformer2DModel": "it uses linear attention, which has no softmax attention map to steer",
-}
+ARCHITECTURES = (UNetArchitecture(), SD3Architecture(), FluxArchitecture(), WanArchitecture(), Flux2Architecture(),
+                 CogVideoXArchitecture(), LTXArchitecture())
+LINEAR = "it uses linear attention, which has no softmax attention map to steer"
+UNSUPPORTED = {name: LINEAR for name in ("SanaTransformer2DModel", "SanaVideoTransformer3DModel")}
+NOT_DESCRIBED = "its attention layout is not described"
+
+
+def architecture_for(cls: type) -> Architecture | None:
+    """The Architecture of a denoiser class (by its name or a base class's), or None."""
+    names = [c.__name__ for c in cls.__mro__]
+    return next((arch for arch in ARCHITECTURES if any(name in arch.model_classes for name in names)), None)
+
+
+def unsupported_reason(cls: type) -> str | None:
+    """Why attnsteer cannot steer denoiser class ``cls``, or None when it can."""
+    return None if architecture_for(cls) is not None else UNSUPPORTED.get(cls.__name__, NOT_DESCRIBED)
+
+
+def denoiser_classes() -> list[type]:
+    """The installed diffusers' denoiser classes (transformers and UNets, by name; no ControlNets or
+    autoencoders) whose module mentions attention."""
+    import inspect
+    import re
+    import sys
+
+    import diffusers
+
+    names = sorted(n for n in dir(diffusers) if re.fullmatch(r"\w*(Transformer|UNet|UVit)\w*Model", n) and "ControlNet" not in n)
+    classes = [c for c in (getattr(diffusers, n) for n in names) if isinstance(c, type) and issubclass(c, diffusers.ModelMixin)]
+    return [c for c in classes if "attention" in inspect.getsource(sys.modules[c.__module__]).lower()]
 
 
 def architecture_of(model: torch.nn.Module) -> Architecture:
     """The Architecture for ``model``, or a ValueError naming the supported model classes."""
-    names = [cls.__name__ for cls in type(model).__mro__]
-    for arch in ARCHITECTURES:
-        if any(name in arch.model_classes for name in names):
-            return arch
+    arch = architecture_for(type(model))
+    if arch is not None:
+        return arch
     supported = [c for arch in ARCHITECTURES for c in arch.model_classes]
-    reason = UNSUPPORTED.get(type(model).__name__, "its attention layout is not described")
-    raise ValueError(f"{type(model).__name__} cannot be steered: {reason}. Supported: {', '.join(supported)}")
+    raise ValueError(f"{type(model).__name__} cannot be steered: {unsupported_reason(type(model))}. "
+                     f"Supported: {', '.join(supported)}")
 
 
 def list_layers(model: torch.nn.Module, kinds: tuple[str, ...] = (SELF, CROSS, JOINT)) -> dict[str, LayerInfo]:

@@ -343,6 +343,15 @@ class ChromaSteerMixin(SteerMixin):
         return BranchInfo(False, self.guidance_scale, self._num_timesteps, unnamed_calls=("cond", "uncond"))
 
 
+class Flux2SteerMixin(SteerMixin):
+    """FLUX.2's branches: FLUX.2 [dev] distils guidance into the model (no CFG); Klein base runs CFG as a
+    separate "uncond" call."""
+
+    def branch_info(self, model, call_arguments):
+        cfg = getattr(self, "do_classifier_free_guidance", False)
+        return BranchInfo(False, self.guidance_scale if cfg else 1.0, self._num_timesteps)
+
+
 class CogVideoXSteerMixin(SteerMixin):
     """CogVideoX's branches: one batched CFG call when guidance_scale > 1 (it has no
     ``do_classifier_free_guidance`` property). Its dynamic CFG sets the scale after each model call, where
@@ -376,7 +385,8 @@ STEER_PIPELINES = {
 # The denoiser class of a pipeline -> the branch rules its steer class takes
 FAMILIES = {"UNet2DConditionModel": SteerMixin, "SD3Transformer2DModel": SteerMixin,
             "FluxTransformer2DModel": FluxSteerMixin, "WanTransformer3DModel": WanSteerMixin,
-            "ChromaTransformer2DModel": ChromaSteerMixin, "CogVideoXTransformer3DModel": CogVideoXSteerMixin,
+            "ChromaTransformer2DModel": ChromaSteerMixin, "Flux2Transformer2DModel": Flux2SteerMixin,
+            "CogVideoXTransformer3DModel": CogVideoXSteerMixin,
             "LTXVideoTransformer3DModel": SteerMixin}
 
 

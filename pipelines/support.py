@@ -1,7 +1,7 @@
 """Which method runs on which pipeline, read from the code itself: each method's own checks
 (``check_call``, which computes nothing) on a tiny pipeline of each kind.
 
-    python -m attnsteer.pipelines.support      # the README's table of pipelines x methods
+    python -m attnsteer.pipelines.support      # the README's tables: pipelines x methods, denoiser classes
 """
 
 from __future__ import annotations
@@ -69,5 +69,20 @@ def support_table() -> str:
     return "\n".join(lines + [""] + [f"({i}) {why}." for i, why in enumerate(reasons, 1)])
 
 
+def denoiser_table() -> str:
+    """The markdown table of the installed diffusers' denoiser classes: steered, or why not."""
+    from attnsteer.attention_processors.architectures import denoiser_classes, unsupported_reason
+
+    groups: dict[str, list[str]] = {}
+    for cls in denoiser_classes():
+        reason = unsupported_reason(cls)
+        groups.setdefault("steered" if reason is None else f"not steered: {reason}", []).append(cls.__name__)
+    lines = ["| attnsteer | diffusers denoiser classes |", "|---|---|"]
+    order = sorted(groups, key=lambda status: status != "steered")
+    return "\n".join(lines + [f"| {status} | {', '.join(groups[status])} |" for status in order])
+
+
 if __name__ == "__main__":
     print(support_table())
+    print()
+    print(denoiser_table())

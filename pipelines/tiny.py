@@ -20,6 +20,7 @@ import torch
 from diffusers import (
     AutoencoderKL,
     AutoencoderKLCogVideoX,
+    AutoencoderKLFlux2,
     AutoencoderKLLTXVideo,
     AutoencoderKLWan,
     ChromaPipeline,
@@ -31,6 +32,8 @@ from diffusers import (
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
+    Flux2KleinPipeline,
+    Flux2Transformer2DModel,
     FluxTransformer2DModel,
     LTXPipeline,
     LTXVideoTransformer3DModel,
@@ -56,7 +59,7 @@ from transformers import (
 __all__ = ["FAMILY_KINDS", "KINDS", "PIPELINE_CLASSES", "clip_tokenizer", "tiny_components", "tiny_pipeline"]
 
 KINDS = ("sd", "sdxl", "sd3", "flux", "wan")  # the families the shapes models, the CLI and the method tests cover
-FAMILY_KINDS = ("chroma", "cogvideox", "ltx")  # newer families: head perturbation and block-sparse attention
+FAMILY_KINDS = ("chroma", "flux2", "cogvideox", "ltx")  # newer families: head perturbation and block-sparse attention
 
 PIPELINE_CLASSES = {
     "sd": StableDiffusionPipeline,
@@ -65,6 +68,7 @@ PIPELINE_CLASSES = {
     "flux": FluxPipeline,
     "wan": WanPipeline,
     "chroma": ChromaPipeline,
+    "flux2": Flux2KleinPipeline,
     "cogvideox": CogVideoXPipeline,
     "ltx": LTXPipeline,
 }
@@ -421,6 +425,40 @@ def _chroma(seed: int) -> dict:
     }
 
 
+def _flux2(seed: int) -> dict:
+    """FLUX.2 Klein's pipeline without a text encoder (its Qwen3 has no tiny stand-in here): calls give
+    ``prompt_embeds`` of width 32."""
+    vae = _seeded(
+        seed,
+        lambda: AutoencoderKLFlux2(
+            block_out_channels=(8, 16),
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            latent_channels=4,
+            layers_per_block=1,
+            norm_num_groups=4,
+            sample_size=32,
+        ),
+    )
+    transformer = _seeded(
+        seed,
+        lambda: Flux2Transformer2DModel(
+            patch_size=1,
+            in_channels=16,  # 4 latent channels packed 2x2
+            num_layers=2,
+            num_single_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            timestep_guidance_channels=32,
+            axes_dims_rope=(4, 4, 4, 4),  # (t, h, w, l), summing to attention_head_dim
+            guidance_embeds=False,  # Klein base
+        ),
+    )
+    return {"transformer": transformer, "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0), "vae": vae,
+            "text_encoder": None, "tokenizer": None}
+
+
 def _cogvideox(seed: int) -> dict:
     # VAE: spatial factor 2, temporal factor 4 (1 + 4k frames -> 1 + k latent frames); 5 frames at 32x32 give
     # 2 latent frames of 16x16, patches of 2: 2 x 8 x 8 video tokens after 16 text tokens
@@ -510,7 +548,7 @@ def _ltx(seed: int) -> dict:
     }
 
 
-_BUILDERS = {"sd": _sd, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux, "wan": _wan, "chroma": _chroma,
+_BUILDERS = {"sd": _sd, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux, "wan": _wan, "chroma": _chroma, "flux2": _flux2,
              "cogvideox": _cogvideox, "ltx": _ltx}
 
 

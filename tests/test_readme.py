@@ -27,3 +27,10 @@ def test_readme_table_of_pipelines_and_methods_is_the_codes():
 
     block = re.search(r"<!-- support: .*? -->\n(.*?)\n<!-- end of support -->", (ROOT / "README.md").read_text(), re.S)
     assert block is not None and block.group(1) == support_table()
+
+
+def test_readme_table_of_denoiser_classes_is_the_codes():
+    from attnsteer.pipelines.support import denoiser_table
+
+    block = re.search(r"<!-- denoisers: .*? -->\n(.*?)\n<!-- end of denoisers -->", (ROOT / "README.md").read_text(), re.S)
+    assert block is not None and block.group(1) == denoiser_table()

@@ -180,3 +180,17 @@ def test_a_session_inside_another_sees_the_processor_it_wraps():
             inside = model(**inputs)[0]
     assert set(recorder.seen) == set(list_layers(model))
     torch.testing.assert_close(inside, perturbed, atol=0, rtol=0)
+
+
+def test_every_denoiser_class_is_steered_or_refused_with_its_reason():
+    from attnsteer.attention_processors.architectures import architecture_for, denoiser_classes, unsupported_reason
+
+    classes = {cls.__name__: cls for cls in denoiser_classes()}
+    assert {"Flux2Transformer2DModel", "QwenImageTransformer2DModel", "ZImageTransformer2DModel",
+            "HunyuanVideo15Transformer3DModel", "SanaTransformer2DModel", "UNet2DConditionModel"} <= set(classes)
+    steered = {name for name, cls in classes.items() if unsupported_reason(cls) is None}
+    assert steered == {"UNet2DConditionModel", "DreamLiteUNetModel", "SD3Transformer2DModel", "FluxTransformer2DModel",
+                       "ChromaTransformer2DModel", "Flux2Transformer2DModel", "WanTransformer3DModel", "CogVideoXTransformer3DModel",
+                       "LTXVideoTransformer3DModel"}
+    assert all((architecture_for(cls) is None) == bool(unsupported_reason(cls)) for cls in classes.values())
+    assert unsupported_reason(classes["SanaTransformer2DModel"]).startswith("it uses linear attention")

@@ -1,5 +1,5 @@
-"""The newer families (Chroma, CogVideoX, LTX-Video): addresses, token layouts, head perturbation against a
-masked-attention reference, their branch rules, block-sparse attention, and what is refused on them."""
+"""The newer families (Chroma, FLUX.2, CogVideoX, LTX-Video): addresses, token layouts, head perturbation
+against a masked-attention reference, their branch rules, block-sparse attention, and what is refused on them."""
 
 import numpy as np
 import pytest
@@ -22,14 +22,22 @@ def pipe_of(kind):
     return _PIPES[kind]
 
 
+def prompt(kind, **extra) -> dict:
+    """A call's text: FLUX.2's tiny pipeline has no text encoder and takes embeddings (width 32)."""
+    if kind != "flux2":
+        return dict(prompt="a red circle", max_sequence_length=16, **extra)
+    g = torch.Generator().manual_seed(5)
+    return dict(prompt_embeds=torch.randn(1, 8, 32, generator=g), negative_prompt_embeds=torch.randn(1, 8, 32, generator=g))
+
+
 def generate(kind, seed=0, **extra):
-    call = dict(prompt="a red circle", num_inference_steps=2, height=32, width=32, output_type="latent",
-                max_sequence_length=16)
+    call = dict(num_inference_steps=2, height=32, width=32, output_type="latent",
+                **prompt(kind, **{k: extra.pop(k) for k in ["negative_prompt"] if k in extra}))
     call.update(extra)
-    if kind != "chroma":
+    if kind in ("cogvideox", "ltx"):
         call.setdefault("num_frames", 5)
     out = pipe_of(kind)(**call, generator=torch.Generator().manual_seed(seed))
-    return (out.images if kind == "chroma" else out.frames).numpy()
+    return (out.frames if kind in ("cogvideox", "ltx") else out.images).numpy()
 
 
 def model_call(kind):
@@ -38,11 +46,12 @@ def model_call(kind):
     model = pipe_of(kind).transformer
     c, g = model.config, torch.Generator().manual_seed(0)
     randn = lambda *shape: torch.randn(*shape, generator=g)
-    if kind == "chroma":
+    if kind in ("chroma", "flux2"):
         h, w = 3, 4
-        ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(float(h)), torch.arange(float(w)), indexing="ij"), -1)
+        axes = [torch.zeros(1), torch.arange(float(h)), torch.arange(float(w))] + [torch.zeros(1)] * (kind == "flux2")
+        ids = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(h * w, -1)
         return dict(hidden_states=randn(1, h * w, c.in_channels), encoder_hidden_states=randn(1, TEXT, c.joint_attention_dim),
-                    timestep=torch.tensor([0.5]), img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(TEXT, 3)), (h, w)
+                    timestep=torch.tensor([0.5]), img_ids=ids, txt_ids=torch.zeros(TEXT, ids.shape[1])), (h, w)
     if kind == "cogvideox":
         f, h, w = 2, 8, 12
         return dict(hidden_states=randn(1, f, c.in_channels, h, w), encoder_hidden_states=randn(1, TEXT, c.text_embed_dim),
@@ -55,8 +64,9 @@ def model_call(kind):
 
 def test_layer_names_and_kinds():
     kinds = {kind: {n: info.kind for n, info in list_layers(pipe_of(kind).transformer).items()} for kind in FAMILY_KINDS}
-    assert kinds["chroma"] == dict.fromkeys(["transformer_blocks.0.attn", "transformer_blocks.1.attn",
-                                             "single_transformer_blocks.0.attn", "single_transformer_blocks.1.attn"], JOINT)
+    assert kinds["chroma"] == kinds["flux2"] == dict.fromkeys(
+        ["transformer_blocks.0.attn", "transformer_blocks.1.attn", "single_transformer_blocks.0.attn",
+         "single_transformer_blocks.1.attn"], JOINT)
     assert kinds["cogvideox"] == dict.fromkeys(["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"], JOINT)
     assert kinds["ltx"] == {"transformer_blocks.0.attn1": SELF, "transformer_blocks.0.attn2": CROSS,
                             "transformer_blocks.1.attn1": SELF, "transformer_blocks.1.attn2": CROSS}
@@ -145,15 +155,17 @@ def test_heads_act_batched_equals_sequential_and_prefix_reuse_is_exact(kind):
     assert not any(type(p).__name__.startswith("Steered") for p in model.attn_processors.values())
 
 
-@pytest.mark.parametrize("kind,rows", [("chroma", [2, 1, 2, 1]), ("cogvideox", [3, 3]), ("ltx", [3, 3])])
+@pytest.mark.parametrize("kind,rows", [("chroma", [2, 1, 2, 1]), ("flux2", [2, 1, 2, 1]), ("cogvideox", [3, 3]),
+                                       ("ltx", [3, 3])])
 def test_the_perturbed_rows_ride_on_the_conditional_call(kind, rows):
-    """Chroma runs CFG as two unnamed calls a step, conditional first: only that one gets the perturbed copy;
-    CogVideoX and LTX-Video run one batched call ("cond_uncond"): [uncond, cond] plus the copy."""
+    """Chroma runs CFG as two unnamed calls a step, conditional first, FLUX.2 Klein as "cond" and "uncond"
+    calls: only the conditional one gets the perturbed copy; CogVideoX and LTX-Video run one batched call
+    ("cond_uncond"): [uncond, cond] plus the copy."""
     seen = []
     hook = pipe_of(kind).transformer.proj_out.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
     try:
         generate(kind, perturbed_heads="0:0", guidance_scale=4.0,
-                 **({"negative_prompt": "blurry"} if kind == "chroma" else {}))
+                 **({"negative_prompt": "blurry"} if kind in ("chroma", "flux2") else {}))
     finally:
         hook.remove()
     assert seen == rows
@@ -180,6 +192,23 @@ def test_block_sparse_keep_all_is_dense_and_sparsity_acts(kind):
     (dict(story_subjects=["a circle", "a square"]), "IR-Diffusion runs on the SD, SDXL and SD3 steer pipelines"),
 ])
 def test_methods_that_do_not_apply_are_refused_by_name(kind, method, message):
-    call = dict(prompt="a red circle", height=32, width=32, max_sequence_length=16, **method)
+    call = dict(prompt="a red circle", height=32, width=32, **method)
     with pytest.raises(ValueError, match=message):
-        pipe_of(kind).check_call(**call, **({} if kind == "chroma" else {"num_frames": 5}))
+        pipe_of(kind).check_call(**call, **({"num_frames": 5} if kind in ("cogvideox", "ltx") else {}))
+
+
+def test_flux2_dev_has_one_call_a_step_and_it_gets_the_copy():
+    """FLUX.2 [dev]'s pipeline (Flux2Pipeline) distils guidance into the model: one conditional call a step."""
+    from attnsteer.pipelines import Flux2SteerPipeline
+    from attnsteer.pipelines.tiny import tiny_components
+
+    pipe = Flux2SteerPipeline(**tiny_components("flux2"))
+    pipe.set_progress_bar_config(disable=True)
+    seen = []
+    hook = pipe.transformer.proj_out.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
+    try:
+        pipe(prompt_embeds=prompt("flux2")["prompt_embeds"], num_inference_steps=2, height=32, width=32,
+             output_type="latent", perturbed_heads="0:0")
+    finally:
+        hook.remove()
+    assert seen == [2, 2]
