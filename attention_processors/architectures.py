@@ -259,6 +259,36 @@ class Flux2Architecture(Architecture):
         return tuple(s // 2 for s in latent)
 
 
+class QwenImageArchitecture(Architecture):
+    """QwenImageTransformer2DModel: double-stream blocks whose attention joins [text, image] tokens; the call's
+    img_shapes give each image's (frames, rows, columns) of tokens (the Edit pipeline adds its reference image,
+    and then the image tokens are no single grid)."""
+
+    model_classes = ("QwenImageTransformer2DModel",)
+    text_first = True
+
+    def kind(self, name, module):
+        from diffusers.models.attention_processor import Attention
+
+        return JOINT if isinstance(module, Attention) and name.endswith(".attn") else None
+
+    def call_info(self, model, bound):
+        text, shapes = bound.arguments.get("encoder_hidden_states"), bound.arguments.get("img_shapes")
+        grid = None
+        if shapes:
+            first = shapes[0]
+            first = first if first and isinstance(first[0], (tuple, list)) else [first]
+            if len(first) == 1 and first[0][0] == 1:
+                grid = tuple(int(s) for s in first[0][1:])
+        return {"text_len": None if text is None else text.shape[1], "grid": grid}
+
+    image_grid = SD3Architecture.image_grid
+
+    def input_grid(self, model, latent):
+        """Qwen-Image pipelines pack 2x2 latent pixels into one token."""
+        return tuple(s // 2 for s in latent)
+
+
 class CogVideoXArchitecture(Architecture):
     """CogVideoXTransformer3DModel: one joint attention per block on [text, video] tokens, the video
     frame-major; hidden_states [B, F, C, H, W] in latent frames (CogVideoX 1.5 patches 2 of them)."""
@@ -313,7 +343,7 @@ class LTXArchitecture(Architecture):
 
 
 ARCHITECTURES = (UNetArchitecture(), SD3Architecture(), FluxArchitecture(), WanArchitecture(), Flux2Architecture(),
-                 CogVideoXArchitecture(), LTXArchitecture())
+                 QwenImageArchitecture(), CogVideoXArchitecture(), LTXArchitecture())
 LINEAR = "it uses linear attention, which has no softmax attention map to steer"
 UNSUPPORTED = {name: LINEAR for name in ("SanaTransformer2DModel", "SanaVideoTransformer3DModel")}
 NOT_DESCRIBED = "its attention layout is not described"

@@ -352,6 +352,17 @@ class Flux2SteerMixin(SteerMixin):
         return BranchInfo(False, self.guidance_scale if cfg else 1.0, self._num_timesteps)
 
 
+class QwenImageSteerMixin(SteerMixin):
+    """Qwen-Image's branches: true CFG as a separate "uncond" call when true_cfg_scale > 1 and a negative
+    prompt (or its embeddings) is given."""
+
+    def branch_info(self, model, call_arguments):
+        a = call_arguments
+        negative = a.get("negative_prompt") is not None or a.get("negative_prompt_embeds") is not None
+        true_cfg = a.get("true_cfg_scale", 1.0) > 1 and negative
+        return BranchInfo(False, a["true_cfg_scale"] if true_cfg else 1.0, self._num_timesteps)
+
+
 class CogVideoXSteerMixin(SteerMixin):
     """CogVideoX's branches: one batched CFG call when guidance_scale > 1 (it has no
     ``do_classifier_free_guidance`` property). Its dynamic CFG sets the scale after each model call, where
@@ -386,7 +397,7 @@ STEER_PIPELINES = {
 FAMILIES = {"UNet2DConditionModel": SteerMixin, "SD3Transformer2DModel": SteerMixin,
             "FluxTransformer2DModel": FluxSteerMixin, "WanTransformer3DModel": WanSteerMixin,
             "ChromaTransformer2DModel": ChromaSteerMixin, "Flux2Transformer2DModel": Flux2SteerMixin,
-            "CogVideoXTransformer3DModel": CogVideoXSteerMixin,
+            "QwenImageTransformer2DModel": QwenImageSteerMixin, "CogVideoXTransformer3DModel": CogVideoXSteerMixin,
             "LTXVideoTransformer3DModel": SteerMixin}
 
 

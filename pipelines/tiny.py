@@ -22,6 +22,7 @@ from diffusers import (
     AutoencoderKLCogVideoX,
     AutoencoderKLFlux2,
     AutoencoderKLLTXVideo,
+    AutoencoderKLQwenImage,
     AutoencoderKLWan,
     ChromaPipeline,
     ChromaTransformer2DModel,
@@ -37,6 +38,8 @@ from diffusers import (
     FluxTransformer2DModel,
     LTXPipeline,
     LTXVideoTransformer3DModel,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
@@ -59,7 +62,7 @@ from transformers import (
 __all__ = ["FAMILY_KINDS", "KINDS", "PIPELINE_CLASSES", "clip_tokenizer", "tiny_components", "tiny_pipeline"]
 
 KINDS = ("sd", "sdxl", "sd3", "flux", "wan")  # the families the shapes models, the CLI and the method tests cover
-FAMILY_KINDS = ("chroma", "flux2", "cogvideox", "ltx")  # newer families: head perturbation and block-sparse attention
+FAMILY_KINDS = ("chroma", "flux2", "qwenimage", "cogvideox", "ltx")  # newer families: head perturbation and block-sparse attention
 
 PIPELINE_CLASSES = {
     "sd": StableDiffusionPipeline,
@@ -69,6 +72,7 @@ PIPELINE_CLASSES = {
     "wan": WanPipeline,
     "chroma": ChromaPipeline,
     "flux2": Flux2KleinPipeline,
+    "qwenimage": QwenImagePipeline,
     "cogvideox": CogVideoXPipeline,
     "ltx": LTXPipeline,
 }
@@ -459,6 +463,33 @@ def _flux2(seed: int) -> dict:
             "text_encoder": None, "tokenizer": None}
 
 
+def _qwenimage(seed: int) -> dict:
+    """Qwen-Image's pipeline without a text encoder (its Qwen2.5-VL has no tiny stand-in here): calls give
+    ``prompt_embeds`` of width 32 and their ``prompt_embeds_mask``."""
+    vae = _seeded(
+        seed,
+        lambda: AutoencoderKLQwenImage(
+            base_dim=4, z_dim=4, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[False],
+            latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
+        ),
+    )
+    transformer = _seeded(
+        seed,
+        lambda: QwenImageTransformer2DModel(
+            patch_size=2,
+            in_channels=16,  # 4 latent channels packed 2x2
+            out_channels=4,
+            num_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            axes_dims_rope=(4, 6, 6),
+        ),
+    )
+    return {"transformer": transformer, "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0), "vae": vae,
+            "text_encoder": None, "tokenizer": None}
+
+
 def _cogvideox(seed: int) -> dict:
     # VAE: spatial factor 2, temporal factor 4 (1 + 4k frames -> 1 + k latent frames); 5 frames at 32x32 give
     # 2 latent frames of 16x16, patches of 2: 2 x 8 x 8 video tokens after 16 text tokens
@@ -549,7 +580,7 @@ def _ltx(seed: int) -> dict:
 
 
 _BUILDERS = {"sd": _sd, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux, "wan": _wan, "chroma": _chroma, "flux2": _flux2,
-             "cogvideox": _cogvideox, "ltx": _ltx}
+             "qwenimage": _qwenimage, "cogvideox": _cogvideox, "ltx": _ltx}
 
 
 def _check_kind(kind: str) -> None:

@@ -1,4 +1,4 @@
-"""The newer families (Chroma, FLUX.2, CogVideoX, LTX-Video): addresses, token layouts, head perturbation
+"""The newer families (Chroma, FLUX.2, Qwen-Image, CogVideoX, LTX-Video): addresses, token layouts, head perturbation
 against a masked-attention reference, their branch rules, block-sparse attention, and what is refused on them."""
 
 import numpy as np
@@ -23,11 +23,16 @@ def pipe_of(kind):
 
 
 def prompt(kind, **extra) -> dict:
-    """A call's text: FLUX.2's tiny pipeline has no text encoder and takes embeddings (width 32)."""
-    if kind != "flux2":
+    """A call's text: the tiny FLUX.2 and Qwen-Image pipelines have no text encoder and take embeddings (width 32),
+    a negative one too (CFG on)."""
+    if kind not in ("flux2", "qwenimage"):
         return dict(prompt="a red circle", max_sequence_length=16, **extra)
     g = torch.Generator().manual_seed(5)
-    return dict(prompt_embeds=torch.randn(1, 8, 32, generator=g), negative_prompt_embeds=torch.randn(1, 8, 32, generator=g))
+    call = dict(prompt_embeds=torch.randn(1, 8, 32, generator=g), negative_prompt_embeds=torch.randn(1, 8, 32, generator=g))
+    if kind == "qwenimage":
+        call.update(prompt_embeds_mask=torch.ones(1, 8, dtype=torch.long),
+                    negative_prompt_embeds_mask=torch.ones(1, 8, dtype=torch.long))
+    return call
 
 
 def generate(kind, seed=0, **extra):
@@ -46,6 +51,11 @@ def model_call(kind):
     model = pipe_of(kind).transformer
     c, g = model.config, torch.Generator().manual_seed(0)
     randn = lambda *shape: torch.randn(*shape, generator=g)
+    if kind == "qwenimage":
+        h, w = 3, 4
+        return dict(hidden_states=randn(1, h * w, c.in_channels), encoder_hidden_states=randn(1, TEXT, c.joint_attention_dim),
+                    encoder_hidden_states_mask=torch.ones(1, TEXT), timestep=torch.tensor([0.5]),
+                    img_shapes=[[(1, h, w)]]), (h, w)
     if kind in ("chroma", "flux2"):
         h, w = 3, 4
         axes = [torch.zeros(1), torch.arange(float(h)), torch.arange(float(w))] + [torch.zeros(1)] * (kind == "flux2")
@@ -64,6 +74,7 @@ def model_call(kind):
 
 def test_layer_names_and_kinds():
     kinds = {kind: {n: info.kind for n, info in list_layers(pipe_of(kind).transformer).items()} for kind in FAMILY_KINDS}
+    assert kinds["qwenimage"] == dict.fromkeys(["transformer_blocks.0.attn", "transformer_blocks.1.attn"], JOINT)
     assert kinds["chroma"] == kinds["flux2"] == dict.fromkeys(
         ["transformer_blocks.0.attn", "transformer_blocks.1.attn", "single_transformer_blocks.0.attn",
          "single_transformer_blocks.1.attn"], JOINT)
@@ -104,7 +115,9 @@ class PAGIdentity(TorchFunctionMode):
             allowed = torch.eye(length, dtype=torch.bool)
             allowed[:, : self.text] = True
             allowed[: self.text] = True
-            assert len(args) < 4 and kwargs.get("attn_mask") is None, "the reference takes calls without a mask"
+            given = args[3] if len(args) > 3 else kwargs.get("attn_mask")
+            assert given is None or bool(given.all()), "the reference takes calls that mask nothing"
+            args = args[:3]
             kwargs["attn_mask"] = allowed
         return func(*args, **kwargs)
 
@@ -155,11 +168,11 @@ def test_heads_act_batched_equals_sequential_and_prefix_reuse_is_exact(kind):
     assert not any(type(p).__name__.startswith("Steered") for p in model.attn_processors.values())
 
 
-@pytest.mark.parametrize("kind,rows", [("chroma", [2, 1, 2, 1]), ("flux2", [2, 1, 2, 1]), ("cogvideox", [3, 3]),
-                                       ("ltx", [3, 3])])
+@pytest.mark.parametrize("kind,rows", [("chroma", [2, 1, 2, 1]), ("flux2", [2, 1, 2, 1]), ("qwenimage", [2, 1, 2, 1]),
+                                       ("cogvideox", [3, 3]), ("ltx", [3, 3])])
 def test_the_perturbed_rows_ride_on_the_conditional_call(kind, rows):
-    """Chroma runs CFG as two unnamed calls a step, conditional first, FLUX.2 Klein as "cond" and "uncond"
-    calls: only the conditional one gets the perturbed copy; CogVideoX and LTX-Video run one batched call
+    """Chroma runs CFG as two unnamed calls a step, conditional first, FLUX.2 Klein and Qwen-Image as "cond" and
+    "uncond" calls: only the conditional one gets the perturbed copy; CogVideoX and LTX-Video run one batched call
     ("cond_uncond"): [uncond, cond] plus the copy."""
     seen = []
     hook = pipe_of(kind).transformer.proj_out.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
