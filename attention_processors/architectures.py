@@ -345,7 +345,13 @@ class LTXArchitecture(Architecture):
 ARCHITECTURES = (UNetArchitecture(), SD3Architecture(), FluxArchitecture(), WanArchitecture(), Flux2Architecture(),
                  QwenImageArchitecture(), CogVideoXArchitecture(), LTXArchitecture())
 LINEAR = "it uses linear attention, which has no softmax attention map to steer"
-UNSUPPORTED = {name: LINEAR for name in ("SanaTransformer2DModel", "SanaVideoTransformer3DModel")}
+UNSUPPORTED = {
+    **dict.fromkeys(("SanaTransformer2DModel", "SanaVideoTransformer3DModel"), LINEAR),
+    "ZImageTransformer2DModel": "it takes lists of per-image tensors that it pads into per-sample sequences, where "
+                                "attnsteer's layouts and batch forking read batched tensors (not described yet)",
+    "HunyuanVideo15Transformer3DModel": "its blocks join the video tokens with refined text from several encoders "
+                                        "whose joint length the call does not give (not described yet)",
+}
 NOT_DESCRIBED = "its attention layout is not described"
 
 
