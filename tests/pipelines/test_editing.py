@@ -7,7 +7,7 @@ import inspect
 import numpy as np
 import pytest
 import torch
-from diffusers import (ControlNetModel, FluxImg2ImgPipeline, FluxInpaintPipeline, SanaPipeline,
+from diffusers import (ControlNetModel, FluxImg2ImgPipeline, FluxInpaintPipeline, FluxKontextPipeline, SanaPipeline,
                        StableDiffusionControlNetInpaintPipeline, StableDiffusionControlNetPAGInpaintPipeline,
                        StableDiffusionXLControlNetImg2ImgPipeline, StableDiffusionXLControlNetPAGImg2ImgPipeline,
                        StableDiffusionXLControlNetPAGPipeline, StableDiffusionXLControlNetPipeline, StableDiffusion3Img2ImgPipeline, StableDiffusion3PAGImg2ImgPipeline,
@@ -110,6 +110,8 @@ def test_steer_classes_by_name_from_pipe_and_refusals():
 @pytest.mark.parametrize("parent,images", [
     (FluxImg2ImgPipeline, dict(image=IMAGE, strength=0.75)),
     (FluxInpaintPipeline, dict(image=IMAGE, mask_image=MASK, height=SIDE, width=SIDE, strength=1.0)),
+    (FluxKontextPipeline, dict(image=IMAGE, height=SIDE, width=SIDE, max_area=SIDE * SIDE,
+                               _auto_resize=False)),  # its reference image: tokens after the image's
 ])
 def test_flux_editing_pipelines_take_head_perturbation(parent, images):
     """No PAG pipeline of diffusers' to compare with on FLUX: u = 0 is the parent, the heads change the
