@@ -190,7 +190,7 @@ class FluxArchitecture(Architecture):
         img_ids = bound.arguments.get("img_ids")
         grid = None
         if isinstance(img_ids, torch.Tensor):
-            ids = img_ids.reshape(-1, img_ids.shape[-1])
+            ids = img_ids.reshape(-1, img_ids.shape[-1])[: img_ids.shape[-2]]  # one row's, if batched
             h, w = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
             grid = (h, w) if h * w == ids.shape[0] else None
         return {"text_len": None if text is None else text.shape[1], "grid": grid}
@@ -230,33 +230,17 @@ class WanArchitecture(Architecture):
         return tuple(s // p for s, p in zip(latent, model.config.patch_size))
 
 
-class Flux2Architecture(Architecture):
-    """Flux2Transformer2DModel (FLUX.2 and Klein): [text, image] tokens in double-stream blocks and parallel
-    single-stream ones; image positions in img_ids [.., (t, h, w, l)] (reference images add tokens, and then
+class Flux2Architecture(FluxArchitecture):
+    """Flux2Transformer2DModel (FLUX.2 and Klein): FLUX's [text, image] tokens and 2x2 packing, in double-stream
+    blocks and parallel single-stream ones; img_ids hold (t, h, w, l) (reference images add tokens, and then
     the image tokens are no single grid)."""
 
     model_classes = ("Flux2Transformer2DModel",)
-    text_first = True
 
     def kind(self, name, module):
         from diffusers.models.transformers.transformer_flux2 import Flux2Attention, Flux2ParallelSelfAttention
 
         return JOINT if isinstance(module, (Flux2Attention, Flux2ParallelSelfAttention)) else None
-
-    def call_info(self, model, bound):
-        text, img_ids = bound.arguments.get("encoder_hidden_states"), bound.arguments.get("img_ids")
-        grid = None
-        if isinstance(img_ids, torch.Tensor):
-            ids = img_ids.reshape(-1, img_ids.shape[-1])[: img_ids.shape[-2]]
-            h, w = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
-            grid = (h, w) if h * w == ids.shape[0] else None
-        return {"text_len": None if text is None else text.shape[1], "grid": grid}
-
-    image_grid = SD3Architecture.image_grid
-
-    def input_grid(self, model, latent):
-        """FLUX.2 pipelines pack 2x2 latent pixels into one token."""
-        return tuple(s // 2 for s in latent)
 
 
 class QwenImageArchitecture(Architecture):
