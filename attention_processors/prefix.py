@@ -67,7 +67,7 @@ class SharedPrefix:
     ``installed()`` wraps the modules for a ``with`` block, the model restored on exit."""
 
     def __init__(self, model: torch.nn.Module, layers: dict[str, torch.nn.Module], attention: dict[str, torch.nn.Module]):
-        self.model, self.layers = model, layers
+        self.layers = layers
         self.units = prefix_modules(model, layers)
         # the attention modules inside each unit: a unit another session steers computes as it is
         self.inner = {name: [m for a, m in attention.items() if a.startswith(name + ".")] for name, _ in self.units}
