@@ -26,20 +26,21 @@ from .core import SteeredProcessor, wrapped
 CONTAINERS = (torch.nn.ModuleList, torch.nn.ModuleDict)
 
 
-def _map_rows(obj, n: int, fn):
-    """``obj`` with ``fn`` applied to each tensor whose first dimension is ``n``, in tuples, lists and dicts."""
+def map_rows(obj, n: int, fn, skip: frozenset = frozenset()):
+    """``obj`` with ``fn`` applied to each tensor whose first dimension is ``n`` (a call's rows), in tuples,
+    lists and dicts; dict entries named in ``skip`` are left as they are (per-call, not per-row, inputs)."""
     if isinstance(obj, torch.Tensor):
         return fn(obj) if obj.dim() > 0 and obj.shape[0] == n else obj
     if isinstance(obj, dict):
-        return {k: _map_rows(v, n, fn) for k, v in obj.items()}
+        return {k: v if k in skip else map_rows(v, n, fn, skip) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
-        return type(obj)(_map_rows(v, n, fn) for v in obj)
+        return type(obj)(map_rows(v, n, fn, skip) for v in obj)
     return obj
 
 
 def _has_rows(obj, n: int) -> bool:
     found = []
-    _map_rows(obj, n, found.append)
+    map_rows(obj, n, found.append)
     return bool(found)
 
 
@@ -117,13 +118,13 @@ class SharedPrefix:
                         raise RuntimeError(f"module {name!r} was not called where the recorded call called it; "
                                            "call with perturbation_prefix_reuse=False for this model")
                     self.at += 1
-                    return _map_rows(out, self.n, lambda t: t[self.rows.to(t.device)])
+                    return map_rows(out, self.n, lambda t: t[self.rows.to(t.device)])
                 n, rows = self.n, self.rows
                 total = n + len(rows)
                 if not _has_rows((args, kwargs), total):
                     return forward(*args, **kwargs)
-                out = forward(*_map_rows(args, total, lambda t: t[:n]), **_map_rows(kwargs, total, lambda t: t[:n]))
-                return _map_rows(out, n, lambda t: torch.cat([t, t[rows.to(t.device)]]))
+                out = forward(*map_rows(args, total, lambda t: t[:n]), **map_rows(kwargs, total, lambda t: t[:n]))
+                return map_rows(out, n, lambda t: torch.cat([t, t[rows.to(t.device)]]))
 
             return run
 

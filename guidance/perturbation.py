@@ -28,7 +28,8 @@ from typing import Callable
 
 import torch
 
-from attnsteer.attention_processors import MODES, HeadPerturbation, HeadSet, SharedPrefix, head_weights, steering, wrapped
+from attnsteer.attention_processors import (MODES, HeadPerturbation, HeadSet, SharedPrefix, head_weights, map_rows,
+                                            steering, wrapped)
 
 from .auxiliary import in_auxiliary_call
 
@@ -59,16 +60,9 @@ def combine(cond: torch.Tensor, perturbed: torch.Tensor, scale: float, cfg_scale
     return cond + (scale / cfg_scale) * (cond - perturbed)
 
 
-def _take_rows(obj, rows: torch.Tensor, n: int, name: str | None = None):
+def _take_rows(obj, rows: torch.Tensor, n: int):
     """``obj`` with batch rows ``rows`` taken from every tensor whose first dimension is the batch."""
-    if isinstance(obj, torch.Tensor):
-        batched = obj.dim() > 0 and obj.shape[0] == n and name not in UNBATCHED_ARGUMENTS
-        return obj[rows.to(obj.device)] if batched else obj
-    if isinstance(obj, dict):
-        return {k: _take_rows(v, rows, n, k) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_take_rows(v, rows, n) for v in obj)
-    return obj
+    return map_rows(obj, n, lambda t: t[rows.to(t.device)], UNBATCHED_ARGUMENTS)
 
 
 def _prediction(out):
