@@ -49,12 +49,13 @@ def parse_args():
 
 def generate(pipe, fifo, row: str, batch, call: dict, trained: int, args) -> list:
     """The videos of one batch of (prompt, seed) by ``row``'s method."""
-    prompts = [p for p, _ in batch]
-    if row == "direct":
-        return list(pipe(prompts, generator=[torch.Generator().manual_seed(s) for _, s in batch], **call).frames)
-    if row == "clips":
-        from attnsteer.pipelines.fifo import parent_frames
+    from attnsteer.pipelines.fifo import parent_frames
 
+    prompts = [p for p, _ in batch]
+    if row == "direct":  # num_frames is WanPipeline's, which adds a frame at temporal factor 1
+        return list(pipe(prompts, generator=[torch.Generator().manual_seed(s) for _, s in batch],
+                         **{**call, "num_frames": parent_frames(args.frames, pipe.vae_scale_factor_temporal)}).frames)
+    if row == "clips":
         count = -(-(args.frames - 1) // (trained - 1))
         clips = [pipe(prompts, generator=[torch.Generator().manual_seed(1000 * s + c) for _, s in batch],
                       **{**call, "num_frames": parent_frames(trained, pipe.vae_scale_factor_temporal)}).frames

@@ -16,14 +16,14 @@ import tempfile
 from pathlib import Path
 
 TINY_PREFIX = "tiny-"
-TINY_KINDS = ("sd", "sdxl", "sd3", "flux", "wan")  # attnsteer.pipelines.tiny.KINDS, without importing diffusers
+TINY_KINDS = ("sd", "sdxl", "sd3", "flux", "wan", "chroma", "flux2", "qwenimage", "cogvideox", "ltx")  # tiny.KINDS + FAMILY_KINDS, without importing diffusers
 TINY_CALL = {"height": 32, "width": 32}  # a size every tiny model draws quickly
-TINY_FRAMES = 9  # frames of a tiny video model's call
+TINY_FRAMES = {"wan": 9, "cogvideox": 5, "ltx": 5}  # frames of a tiny video model's call
 SHIPPED = ("shapes-sd", "shapes-sd3", "shapes-wan")  # small models trained on drawn shapes, in samples/models
 SHIPPED_DIR = Path(__file__).resolve().parents[1] / "samples" / "models"
-NOT_YET_SHIPPED = {"shapes-wan": "its training has not produced a usable model yet (BENCHMARKS.md, 'shapes-wan')"}
 DEFAULT_MODEL, DEFAULT_VIDEO_MODEL = "shapes-sd", "shapes-wan"
 GIF_FRAME_MS = 125  # 8 frames per second
+STRIP_FRAMES = 6  # frames of a video's strip picture
 KNOWN = (*SHIPPED, *(TINY_PREFIX + k for k in TINY_KINDS))
 # API keyword -> command-line flag, so that errors raised by the Python API name what the user typed
 FLAGS = {"perturbed_heads": "--heads", "perturbation_scale": "--scale", "softpag_u": "--u",
@@ -64,9 +64,6 @@ def model_path(model: str) -> str:
     if model in SHIPPED:
         folder = SHIPPED_DIR / model
         if not (folder / "model_index.json").is_file():
-            if model in NOT_YET_SHIPPED and SHIPPED_DIR.is_dir():
-                raise UsageError(f"shipped model {model!r} is not in the repository: {NOT_YET_SHIPPED[model]}; "
-                                 "pass --model PATH or a hub id")
             raise UsageError(f"shipped model {model!r} not found at {folder}: it lives in the attnsteer repository's "
                              f"samples/models (install from a clone), or pass --model PATH")
         return str(folder)
@@ -90,12 +87,13 @@ def model_path(model: str) -> str:
     return model
 
 
-def load_pipeline(model: str, device: str, dtype: str):
-    """An attnsteer pipeline for a model id, a local diffusers folder, or ``tiny-<kind>`` (random weights)."""
+def load_pipeline(model: str, device: str, dtype: str, prompts: bool = True):
+    """(An attnsteer pipeline for a model id, a local diffusers folder, or ``tiny-<kind>`` (random weights),
+    whether it makes videos); with ``prompts``, refuses a pipeline that cannot encode a prompt."""
     import torch
     from diffusers import DiffusionPipeline
 
-    from .steer import STEER_PIPELINES, WanSteerPipeline
+    from .steer import steer_pipeline
 
     if model.startswith(TINY_PREFIX):
         from .tiny import PIPELINE_CLASSES, tiny_pipeline
@@ -103,32 +101,52 @@ def load_pipeline(model: str, device: str, dtype: str):
         kind = model[len(TINY_PREFIX):]
         if kind not in TINY_KINDS:
             raise UsageError(f"unknown tiny model {model!r}; choose one of {', '.join(TINY_PREFIX + k for k in TINY_KINDS)}")
-        pipe = tiny_pipeline(kind, STEER_PIPELINES[PIPELINE_CLASSES[kind].__name__])
-        pipe.call_defaults = dict(TINY_CALL, **({"num_frames": TINY_FRAMES} if kind == "wan" else {}))
+        pipe = tiny_pipeline(kind, steer_pipeline(PIPELINE_CLASSES[kind]))
+        pipe.call_defaults = dict(TINY_CALL, **({"num_frames": TINY_FRAMES[kind]} if kind in TINY_FRAMES else {}))
         pipe.set_progress_bar_config(disable=False)
         if dtype != "float32":
             pipe.to(getattr(torch, dtype))
     else:
+        import diffusers
+
         source = model_path(model)
         try:
             class_name = DiffusionPipeline.load_config(source)["_class_name"]
-            if class_name not in STEER_PIPELINES:
-                raise UsageError(f"{model}: pipeline class {class_name} is not supported; supported: "
-                                 f"{', '.join(STEER_PIPELINES)}")
-            pipe = STEER_PIPELINES[class_name].from_pretrained(source, dtype=getattr(torch, dtype))
+            parent = getattr(diffusers, class_name, None)
+            try:
+                cls = steer_pipeline(parent)
+            except ValueError as error:
+                raise UsageError(f"--model {model}: pipeline class {class_name} cannot be steered: {error}") from None
+            pipe = cls.from_pretrained(source, dtype=getattr(torch, dtype))
         except OSError as error:
             raise UsageError(f"--model {model}: could not be loaded: {error}") from None
+    if prompts and getattr(pipe, "text_encoder", False) is None:
+        raise UsageError(f"--model {model} has no text encoder, so it cannot read a prompt (the tiny FLUX.2 and "
+                         "Qwen-Image have none: their text models have no tiny stand-in); `attnsteer layers` "
+                         "without --layout lists its layers")
     if device == "cuda":  # under accelerate / torchrun, each process its own GPU
         from attnsteer.guidance.distributed import process_state
 
         device = process_state().device
-    return pipe.to(device), isinstance(pipe, WanSteerPipeline)
+    return pipe.to(device), temporal_factor(pipe) is not None
+
+
+def temporal_factor(pipe) -> int | None:
+    """Video frames per latent frame of a video pipeline's VAE (after the first), None for an image pipeline."""
+    return getattr(pipe, "vae_scale_factor_temporal", None) or getattr(pipe, "vae_temporal_compression_ratio", None)
+
+
+def _is_wan(pipe) -> bool:
+    """Wan's pipeline, whose num_frames gains a frame at temporal factor 1 and which FIFO-Diffusion runs on."""
+    from diffusers import WanPipeline
+
+    return isinstance(pipe, WanPipeline)
 
 
 def _save(result, is_video: bool, out: Path, stem: str) -> list[Path]:
     """Write a pipeline's PIL output as PNGs, one per image or video frame, and each video as an
-    animated GIF enlarged to be seen."""
-    from .evaluate import enlarged
+    animated GIF enlarged to be seen and a strip of evenly spaced frames (seen without a GIF viewer)."""
+    from .evaluate import enlarged, frame_strip
 
     out.mkdir(parents=True, exist_ok=True)
     named = [(_frame(f"{stem}_{v}", f), frame) for v, video in enumerate(result.frames) for f, frame in enumerate(video)] \
@@ -139,7 +157,8 @@ def _save(result, is_video: bool, out: Path, stem: str) -> list[Path]:
     for v, video in enumerate(result.frames if is_video else []):
         shown = [enlarged(frame) for frame in video]
         shown[0].save(out / f"{stem}_{v}.gif", save_all=True, append_images=shown[1:], duration=GIF_FRAME_MS, loop=0)
-        paths.append(out / f"{stem}_{v}.gif")
+        frame_strip(video, STRIP_FRAMES).save(out / f"{stem}_{v}_strip.png")
+        paths += [out / f"{stem}_{v}.gif", out / f"{stem}_{v}_strip.png"]
     return paths
 
 
@@ -210,14 +229,24 @@ def _single(kwargs, prompt: str) -> dict:
 
 
 def _call(args, pipe, default_steps: int) -> dict:
-    """Pipeline call arguments: the model's call defaults, then the command line's size, frames, steps and CFG."""
-    if getattr(args, "frames", None) is not None and not hasattr(pipe, "vae_scale_factor_temporal"):  # diffusers' video pipelines
-        raise UsageError(f"--frames {args.frames}: {args.model} is an image model; --frames is for video models")
+    """Pipeline call arguments: the model's call defaults, then the command line's size, frames, steps and CFG.
+    --frames counts the frames that come out; num_frames is WanPipeline's, which adds one at temporal factor 1."""
+    frames = getattr(args, "frames", None)
+    if frames is not None and temporal_factor(pipe) is None:
+        raise UsageError(f"--frames {frames}: {args.model} is an image model; --frames is for video models")
     call = dict(pipe.call_defaults)
     for name, flag in (("height", "height"), ("width", "width"), ("guidance_scale", "guidance_scale"),
-                       ("num_inference_steps", "steps"), ("num_frames", "frames")):
+                       ("num_inference_steps", "steps")):
         if getattr(args, flag, None) is not None:
             call[name] = getattr(args, flag)
+    if frames is not None:
+        from .fifo import check_frames, parent_frames
+
+        try:
+            check_frames("--frames", frames, temporal_factor(pipe))
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        call["num_frames"] = parent_frames(frames, pipe.vae_scale_factor_temporal) if _is_wan(pipe) else frames
     call.setdefault("num_inference_steps", default_steps)
     return call
 
@@ -249,16 +278,20 @@ def generate(args) -> None:
     call = dict(_call(args, pipe, 28), prompt=args.prompt, negative_prompt=args.negative_prompt, output_type="pil",
                 **edit)
     method = _method(args)
-    from .fifo import parent_frames, trained_frames, wan_frames
+    from .fifo import WAN_TRAINED_FRAMES, trained_frames, wan_frames
 
     clip, long = None, False
-    if is_video:  # --frames is the frames that come out; the call default is WanPipeline's num_frames
+    if _is_wan(pipe):  # beyond the model's clip FIFO-Diffusion runs, whose num_frames is the frames that come out
         factor = pipe.vae_scale_factor_temporal
         clip = trained_frames(pipe.call_defaults, factor)
-        frames = args.frames if args.frames is not None else wan_frames(call["num_frames"], factor)
+        frames = wan_frames(call.get("num_frames", WAN_TRAINED_FRAMES), factor)
         long = frames > clip
-        call["num_frames"] = frames if long else parent_frames(frames, factor)
+        if long:
+            call["num_frames"] = frames
     given = [_flag(name) for name in FIFO_OPTIONS if args.command == "video" and _given(args, name)]
+    if given and not _is_wan(pipe):
+        raise UsageError(f"{given[0]} acts on FIFO-Diffusion, which runs on Wan pipelines, not on "
+                         f"{type(pipe).__bases__[-1].__name__}")
     if given and not long:
         raise UsageError(f"{given[0]} acts on FIFO-Diffusion, which runs for --frames longer than the model's clip of "
                          f"{clip}")
@@ -318,14 +351,14 @@ def _editing(args, pipe, is_video: bool):
 
 
 def long_video(args, pipe, call: dict) -> None:
-    """FIFO-Diffusion: each frame written as a PNG as it leaves the queue, then the animated GIF (read back
-    from the PNGs); with --baseline also the model asked for all the frames at once."""
+    """FIFO-Diffusion: each frame written as a PNG as it leaves the queue, then the animated GIF and the frame
+    strip (read back from the PNGs); with --baseline also the model asked for all the frames at once."""
     import numpy as np
     import torch
     from PIL import Image
 
-    from .evaluate import enlarged
-    from .fifo import FIFO_PARTITIONS, OUROBOROS_GUIDANCE, fifo_pipeline
+    from .evaluate import enlarged, frame_strip
+    from .fifo import FIFO_PARTITIONS, OUROBOROS_GUIDANCE, fifo_pipeline, parent_frames
 
     fifo = fifo_pipeline(pipe)
     fifo.set_progress_bar_config(disable=False)
@@ -354,10 +387,13 @@ def long_video(args, pipe, call: dict) -> None:
         if name == "fifo":
             fifo(**{**call, "output_type": "np"}, **options, frame_callback=write, generator=generator)
         else:
-            write(None, 0, pipe(**{**call, "output_type": "np"}, generator=generator).frames)
+            direct = parent_frames(call["num_frames"], pipe.vae_scale_factor_temporal)
+            write(None, 0, pipe(**{**call, "num_frames": direct, "output_type": "np"}, generator=generator).frames)
         shown = [enlarged(Image.open(path)) for path in paths]
         shown[0].save(out / f"{stem}.gif", save_all=True, append_images=shown[1:], duration=GIF_FRAME_MS, loop=0)
+        frame_strip([Image.open(path) for path in paths], STRIP_FRAMES).save(out / f"{stem}_strip.png")
         print(out / f"{stem}.gif")
+        print(out / f"{stem}_strip.png")
 
 
 def story(args) -> None:
@@ -563,7 +599,7 @@ def maps(args) -> None:
 
 
 def layers(args) -> None:
-    pipe, is_video = load_pipeline(args.model, args.device, args.dtype)
+    pipe, is_video = load_pipeline(args.model, args.device, args.dtype, prompts=args.layout)
     listed = pipe.steer_layers()
     call = {k: v for k, v in _call(args, pipe, 1).items() if k in ("height", "width", "max_sequence_length", "num_frames")}
     seen = pipe.token_layouts(prompt="a photo", **call) if args.layout else {}
@@ -683,7 +719,7 @@ def parser() -> argparse.ArgumentParser:
     def model_options(p, default=DEFAULT_MODEL, video=True):
         p.add_argument("--model", default=default,
                        help=f"model id, local diffusers folder, a shipped shapes model ({', '.join(SHIPPED)}) or "
-                            f"tiny-sd|tiny-sdxl|tiny-sd3|tiny-flux|tiny-wan (random weights)"
+                            f"{'|'.join(TINY_PREFIX + k for k in TINY_KINDS)} (random weights)"
                             + ("" if default else f" (default: {DEFAULT_MODEL}, with --video {DEFAULT_VIDEO_MODEL})"))
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, ... (default: cuda if a GPU is visible, else cpu)")
         p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
@@ -692,7 +728,8 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--width", type=POSITIVE, default=None, help="pixels (default: the model's)")
         if video:
             p.add_argument("--frames", type=POSITIVE, default=None,
-                           help="video frames, 1 + 4k for Wan's 4x temporal VAE (default: the model folder's, else the pipeline's)")
+                           help="video frames that come out: 1 + 4k for Wan's 4x temporal VAE, any for a per-frame VAE "
+                                "such as shapes-wan's (default: the model folder's clip)")
 
     def sparse_options(p):
         p.add_argument("--sparsity", type=SPARSITY, default=None,

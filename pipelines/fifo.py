@@ -111,7 +111,8 @@ class StreamingDecoder:
         return out.clamp(-1.0, 1.0)
 
 
-def _check_frames(name: str, frames, factor: int) -> None:
+def check_frames(name: str, frames, factor: int) -> None:
+    """Refuses a frame count the VAE cannot make: 1 + k * its temporal ``factor`` (any count at factor 1)."""
     if factor == 1 and (isinstance(frames, bool) or not isinstance(frames, int) or frames < 1):
         raise ValueError(f"{name} {frames!r} must be a whole number of frames >= 1")
     if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1 or (frames - 1) % factor:
@@ -165,8 +166,8 @@ class WanFIFOPipeline(CallDefaultsMixin, WanPipeline):
             raise ValueError("frame_callback receives decoded frames, and output_type 'latent' decodes none: "
                              "give one of them")
         factor = self.vae_scale_factor_temporal
-        _check_frames("num_frames", num_frames, factor)
-        _check_frames("fifo_window_frames", window_frames, factor)
+        check_frames("num_frames", num_frames, factor)
+        check_frames("fifo_window_frames", window_frames, factor)
         if isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 1:
             raise ValueError(f"fifo_partitions {partitions!r} must be a whole number n >= 1 (the queue holds n windows)")
         if window_frames > self.trained_frames() and not beyond:

@@ -414,8 +414,14 @@ def steer_pipeline(parent: type) -> type:
     denoiser = parameters.get("unet") or parameters.get("transformer")
     name = getattr(denoiser.annotation, "__name__", str(denoiser.annotation)) if denoiser is not None else None
     if name not in FAMILIES:
-        raise ValueError(f"{parent.__name__}'s denoiser {name or '(none named unet or transformer)'} is not supported; "
-                         f"attnsteer steers {', '.join(FAMILIES)}")
+        import diffusers
+
+        from attnsteer.attention_processors.architectures import unsupported_reason
+
+        known = getattr(diffusers, name or "", None)
+        why = f" ({unsupported_reason(known)})" if isinstance(known, type) else ""
+        raise ValueError(f"{parent.__name__}'s denoiser {name or '(none named unet or transformer)'} is not "
+                         f"supported{why}; attnsteer steers {', '.join(FAMILIES)}")
     stem = parent.__name__.removesuffix("Pipeline")
     return type(f"{stem}SteerPipeline", (FAMILIES[name], parent),
                 {"__module__": __name__, "__doc__": f"{parent.__name__} with attnsteer's keyword arguments."})

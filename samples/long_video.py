@@ -1,7 +1,7 @@
 """Long video: a video model asked for several times its clip, directly, with FIFO-Diffusion, and with
 FIFO plus Ouroboros-Diffusion, at the same seed.
 
-    python samples/long_video.py               # shapes-wan, once shipped (not yet: BENCHMARKS.md), 8x its 17-frame clip
+    python samples/long_video.py               # shapes-wan, 8x its 17-frame clip
     python samples/long_video.py --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --device cuda \\
         --prompt "a cat walking on grass" --subjects cat --frames 321
 

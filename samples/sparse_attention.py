@@ -1,7 +1,7 @@
 """Block-sparse attention on a video model: the same prompts and seed with dense attention, DraftAttention
 at several sparsities, and the Radial and sliding-tile static masks.
 
-    python samples/sparse_attention.py         # shapes-wan, once shipped (not yet: BENCHMARKS.md)
+    python samples/sparse_attention.py         # shapes-wan
     python samples/sparse_attention.py --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --device cuda \\
         --prompts "a cat walking on grass" --frames 81
 
@@ -13,6 +13,7 @@ authors' warm-up). Speed on this CPU: BENCHMARKS.md ("Block-sparse attention"). 
 from common import call, load, options, save_video
 
 from attnsteer.guidance.shapes import video_prompt_set
+from attnsteer.pipelines.fifo import check_frames, parent_frames
 
 CONFIGS = {"dense": {}, "draft 0.5": dict(sparsity=0.5), "draft 0.75": dict(sparsity=0.75),
            "draft 0.9": dict(sparsity=0.9), "radial": dict(sparse_mask="radial"), "tile": dict(sparse_mask="tile")}
@@ -21,11 +22,14 @@ CONFIGS = {"dense": {}, "draft 0.5": dict(sparsity=0.5), "draft 0.75": dict(spar
 def main(argv=None):
     p = options(__doc__, "shapes-wan", "samples/out/sparse_attention")
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    p.add_argument("--frames", type=int, default=None, help="video frames (default: the model's clip)")
+    p.add_argument("--frames", type=int, default=None, help="video frames that come out (default: the model's clip)")
     p.add_argument("--prompts", nargs="+", default=video_prompt_set("one-moving", "heldout")[:2])
     args = p.parse_args(argv)
     pipe = load(args)
-    frames = {} if args.frames is None else {"num_frames": args.frames}
+    frames = {}
+    if args.frames is not None:  # WanPipeline's num_frames, which adds a frame at temporal factor 1
+        check_frames("--frames", args.frames, pipe.vae_scale_factor_temporal)
+        frames = {"num_frames": parent_frames(args.frames, pipe.vae_scale_factor_temporal)}
     for prompt in args.prompts:
         for name in args.configs:
             pipe.check_call(prompt=prompt, **frames, **CONFIGS[name])

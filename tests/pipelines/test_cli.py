@@ -31,7 +31,9 @@ def test_video_writes_frames_and_an_animated_gif(tmp_path):
     main(["video", "--model", "tiny-wan", "--prompt", "a cat", "--steps", "2", "--heads", "blocks.1.attn1:*",
           "--height", "16", "--width", "16", "--frames", "5", "--out", str(tmp_path)])
     frames = [f"seed0_steered_0_frame{f:04d}.png" for f in range(5)]  # the scheme of FIFO's long videos too
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["seed0_steered_0.gif", *frames]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["seed0_steered_0.gif", *frames, "seed0_steered_0_strip.png"]
+    strip = Image.open(tmp_path / "seed0_steered_0_strip.png")
+    assert strip.size == (5 * (128 + 2) - 2, 128)  # all 5 frames (of at most 6), each enlarged to 128 px
     gif = Image.open(tmp_path / "seed0_steered_0.gif")
     assert gif.n_frames == 5 and gif.size == (192, 192)  # 16 px enlarged 12x to be seen
     first = np.asarray(Image.open(tmp_path / frames[0]).convert("RGB"), dtype=float)
@@ -115,7 +117,8 @@ def test_api_errors_name_the_flags(tmp_path, capsys):
 def test_mistyped_or_missing_model_is_named_without_a_hub_lookup(tmp_path, capsys):
     message = refused(["generate", "--model", "shapes-sdx", "--prompt", "x", "--out", str(tmp_path)], capsys)
     assert ("attnsteer generate: --model 'shapes-sdx' is neither a local folder nor a known name (shapes-sd, "
-            "shapes-sd3, shapes-wan, tiny-sd, tiny-sdxl, tiny-sd3, tiny-flux, tiny-wan), and not a hub id of the form org/name. "
+            "shapes-sd3, shapes-wan, tiny-sd, tiny-sdxl, tiny-sd3, tiny-flux, tiny-wan, tiny-chroma, tiny-flux2, "
+            "tiny-qwenimage, tiny-cogvideox, tiny-ltx), and not a hub id of the form org/name. "
             "Did you mean shapes-sd?") in message
     missing = str(tmp_path / "no-such-model")
     assert f"--model {missing!r} is neither a local folder nor a known name" in refused(
@@ -437,3 +440,51 @@ def test_video_frames_are_the_frames_out_with_a_per_frame_vae(tmp_path, monkeypa
         main(["video", "--model", "tiny-wan", "--prompt", "a cat", "--steps", "1", "--frames", str(frames), *fifo,
               "--out", str(out)])
         assert len(list(out.glob(f"seed0_{runs}_0_frame*.png"))) == frames
+
+
+@pytest.mark.parametrize("kind,layer,layout", [
+    # FLUX-like: 512 T5 tokens (Chroma's default length), then 32 px / VAE 2 / patches 2 = 8 x 8 image tokens
+    ("chroma", "single_transformer_blocks.1.attn", "image 512:576 grid (8, 8) text 0:512"),
+    # 5 frames, VAE 4x in time (1 + 4 / 4 = 2 latent frames) and 2x in space, patches 2: 2 x 8 x 8 after 226 text tokens
+    ("cogvideox", "transformer_blocks.1.attn1", "image 226:354 grid (2, 8, 8) text 0:226"),
+    # 5 frames, VAE 2x in time (3 latent frames) and 4x in space, patches 1: 3 x 8 x 8, text only as cross-attention keys
+    ("ltx", "transformer_blocks.1.attn1", "image 0:192 grid (3, 8, 8) text none"),
+])
+def test_layers_lists_the_newer_families_with_their_layouts(kind, layer, layout, capsys):
+    main(["layers", "--model", f"tiny-{kind}", "--layout"])
+    row = next(line for line in capsys.readouterr().out.splitlines() if f" {layer} " in line)
+    assert layout in row
+
+
+def test_a_tiny_family_without_text_encoder_lists_layers_but_reads_no_prompt(tmp_path, capsys):
+    main(["layers", "--model", "tiny-qwenimage"])
+    assert [line.split()[1] for line in capsys.readouterr().out.splitlines()[1:]] == [
+        "transformer_blocks.0.attn", "transformer_blocks.1.attn"]
+    for argv in (["layers", "--model", "tiny-flux2", "--layout"],
+                 ["generate", "--model", "tiny-flux2", "--prompt", "a", "--out", str(tmp_path)]):
+        assert "--model tiny-flux2 has no text encoder, so it cannot read a prompt" in refused(argv, capsys)
+
+
+def test_video_on_a_newer_video_family_counts_its_own_frames(tmp_path, capsys):
+    """CogVideoX's num_frames is passed as given (1 + 4k; WanPipeline's rounding does not apply) and every
+    frame the pipeline makes is written; FIFO-Diffusion is Wan's only."""
+    from attnsteer.pipelines.tiny import tiny_pipeline
+
+    main(["video", "--model", "tiny-cogvideox", "--prompt", "a red circle", "--steps", "1", "--frames", "5",
+          "--heads", "transformer_blocks.1.attn1:0", "--out", str(tmp_path)])
+    # the tiny VAE upsamples time once (2 latent frames -> 4), unlike its configured factor 4
+    made = tiny_pipeline("cogvideox")("a red circle", num_frames=5, num_inference_steps=1, height=32, width=32,
+                                      output_type="np").frames.shape[1]
+    assert len(list(tmp_path.glob("seed0_steered_0_frame*.png"))) == made == 4
+    assert "--frames 6 must be 1 + 4k frames" in refused(
+        ["video", "--model", "tiny-cogvideox", "--prompt", "a", "--frames", "6", "--out", str(tmp_path / "o")], capsys)
+    assert "--fifo-partitions acts on FIFO-Diffusion, which runs on Wan pipelines, not on CogVideoXPipeline" in refused(
+        ["video", "--model", "tiny-cogvideox", "--prompt", "a", "--frames", "9", "--fifo-partitions", "2",
+         "--out", str(tmp_path / "o")], capsys)
+
+
+def test_a_folder_of_a_pipeline_attnsteer_cannot_steer_is_refused_by_its_denoiser(tmp_path, capsys):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "SanaPipeline", "_diffusers_version": "0.42.1"}))
+    message = refused(["layers", "--model", str(tmp_path)], capsys)
+    assert (f"--model {tmp_path}: pipeline class SanaPipeline cannot be steered: SanaPipeline's denoiser "
+            "SanaTransformer2DModel is not supported") in message

@@ -100,8 +100,8 @@ def test_steer_classes_by_name_from_pipe_and_refusals():
     text.call_defaults = {"guidance_scale": 3.0}
     edit = steer_pipeline(StableDiffusionImg2ImgPipeline).from_pipe(text)
     assert edit.unet is text.unet and edit.call_defaults == {"guidance_scale": 3.0}  # no weights reloaded
-    with pytest.raises(ValueError, match="SanaPipeline's denoiser SanaTransformer2DModel is not supported; attnsteer "
-                                         "steers UNet2DConditionModel, SD3Transformer2DModel"):
+    with pytest.raises(ValueError, match=r"SanaPipeline's denoiser SanaTransformer2DModel is not supported \(it uses "
+                                         r"linear attention, .*\); attnsteer steers UNet2DConditionModel, SD3Transformer2DModel"):
         steer_pipeline(SanaPipeline)
     with pytest.raises(ValueError, match="steer_pipeline takes a diffusers pipeline class, got 'sd'"):
         steer_pipeline("sd")
