@@ -83,9 +83,29 @@ def test_a_missing_shipped_model_says_where_it_should_be(tmp_path, monkeypatch):
         cli.main(["layers"])
 
 
-def test_a_model_not_shipped_yet_says_so():
-    import attnsteer.pipelines.cli as cli
+def test_shapes_wan_loads_with_wan_pipeline_and_agrees_with_ours_on_its_frames(tmp_path, monkeypatch):
+    """Plain WanPipeline at the folder's call defaults makes the 17-frame clip it was trained on (its
+    num_frames 16 + the frame WanPipeline adds at temporal factor 1); ours takes the same defaults and
+    draws the same video; single-object prompts come out with their object in most frames."""
+    from diffusers import WanPipeline
 
-    with pytest.raises(cli.UsageError, match=r"shipped model 'shapes-wan' is not in the repository: its training has "
-                                             r"not produced a usable model yet .*pass --model PATH or a hub id"):
-        cli.model_path("shapes-wan")
+    from attnsteer.guidance.shapes import score_video, video_prompt_set
+    from attnsteer.pipelines import WanSteerPipeline
+
+    folder = SHIPPED_DIR / "shapes-wan"
+    call = json.loads((folder / "attnsteer.json").read_text())["call"]
+    assert call["num_frames"] == 16 and WanPipeline.from_pretrained(folder).vae_scale_factor_temporal == 1
+    pipe = WanPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = video_prompt_set("one", "heldout")[:4]
+    fast = {**call, "num_inference_steps": 10, "output_type": "np"}
+    videos = pipe(prompts, generator=[torch.Generator().manual_seed(i) for i in range(4)], **fast).frames
+    assert videos.shape == (4, 17, 64, 64, 3)
+    binding = np.mean([score_video(list(v), p)["binding"] for v, p in zip(videos, prompts)])
+    assert binding >= 0.6, f"shapes-wan drew its object in {binding:.2f} of the frames"
+    monkeypatch.chdir(tmp_path)
+    ours = WanSteerPipeline.from_pretrained("shapes-wan")
+    ours.set_progress_bar_config(disable=True)
+    assert ours.call_defaults == call
+    again = ours(prompts[1], generator=torch.Generator().manual_seed(1), num_inference_steps=10, output_type="np").frames
+    np.testing.assert_allclose(again[0], videos[1], atol=2e-3)
