@@ -49,7 +49,7 @@ def parse_args():
 
 def generate(pipe, fifo, row: str, batch, call: dict, trained: int, args) -> list:
     """The videos of one batch of (prompt, seed) by ``row``'s method."""
-    from attnsteer.pipelines.fifo import parent_frames
+    from attnsteer.pipelines.frames import parent_frames
 
     prompts = [p for p, _ in batch]
     if row == "direct":  # num_frames is WanPipeline's, which adds a frame at temporal factor 1

@@ -31,11 +31,12 @@ import math
 
 import numpy as np
 import torch
-from diffusers import FluxPipeline, WanPipeline
+from diffusers import FluxPipeline
 
 from attnsteer.attention_processors import map_layers
 from attnsteer.guidance.astar import NORMALIZE, SCHEDULES, AStarGuidance
 
+from .frames import temporal_factor
 from .tokens import content_indices, prompts_of, text_length, word_indices
 
 ASTAR_DEFAULTS = dict(
@@ -50,10 +51,11 @@ def denoiser(pipe) -> torch.nn.Module:
 
 
 def check_image_pipeline(pipe, name: str) -> None:
-    """ValueError naming ``name`` on a video pipeline, whose maps have frames (not supported yet)."""
-    if isinstance(pipe, WanPipeline):
-        raise ValueError(f"{name}: A-STAR and attention maps run on the image pipelines (SD, SDXL, SD3, FLUX); "
-                         f"{type(pipe).__name__} is a video pipeline, not supported yet")
+    """ValueError naming ``name`` on a video pipeline (its VAE has a temporal factor), whose maps have
+    frames (not supported yet)."""
+    if temporal_factor(pipe) is not None:
+        raise ValueError(f"{name}: A-STAR and attention maps run on the image pipelines (SD, SDXL, SD3, FLUX, "
+                         f"Chroma); {type(pipe).__name__} is a video pipeline, not supported yet")
 
 
 def latent_size(pipe, arguments: dict) -> tuple[int, int]:

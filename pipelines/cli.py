@@ -128,12 +128,9 @@ def load_pipeline(model: str, device: str, dtype: str, prompts: bool = True):
         from attnsteer.guidance.distributed import process_state
 
         device = process_state().device
+    from .frames import temporal_factor
+
     return pipe.to(device), temporal_factor(pipe) is not None
-
-
-def temporal_factor(pipe) -> int | None:
-    """Video frames per latent frame of a video pipeline's VAE (after the first), None for an image pipeline."""
-    return getattr(pipe, "vae_scale_factor_temporal", None) or getattr(pipe, "vae_temporal_compression_ratio", None)
 
 
 def _is_wan(pipe) -> bool:
@@ -231,6 +228,8 @@ def _single(kwargs, prompt: str) -> dict:
 def _call(args, pipe, default_steps: int) -> dict:
     """Pipeline call arguments: the model's call defaults, then the command line's size, frames, steps and CFG.
     --frames counts the frames that come out; num_frames is WanPipeline's, which adds one at temporal factor 1."""
+    from .frames import temporal_factor
+
     frames = getattr(args, "frames", None)
     if frames is not None and temporal_factor(pipe) is None:
         raise UsageError(f"--frames {frames}: {args.model} is an image model; --frames is for video models")
@@ -240,7 +239,7 @@ def _call(args, pipe, default_steps: int) -> dict:
         if getattr(args, flag, None) is not None:
             call[name] = getattr(args, flag)
     if frames is not None:
-        from .fifo import check_frames, parent_frames
+        from .frames import check_frames, parent_frames
 
         try:
             check_frames("--frames", frames, temporal_factor(pipe))
@@ -278,7 +277,7 @@ def generate(args) -> None:
     call = dict(_call(args, pipe, 28), prompt=args.prompt, negative_prompt=args.negative_prompt, output_type="pil",
                 **edit)
     method = _method(args)
-    from .fifo import WAN_TRAINED_FRAMES, trained_frames, wan_frames
+    from .frames import WAN_TRAINED_FRAMES, trained_frames, wan_frames
 
     clip, long = None, False
     if _is_wan(pipe):  # beyond the model's clip FIFO-Diffusion runs, whose num_frames is the frames that come out
@@ -358,7 +357,8 @@ def long_video(args, pipe, call: dict) -> None:
     from PIL import Image
 
     from .evaluate import enlarged, frame_strip
-    from .fifo import FIFO_PARTITIONS, OUROBOROS_GUIDANCE, fifo_pipeline, parent_frames
+    from .fifo import FIFO_PARTITIONS, OUROBOROS_GUIDANCE, fifo_pipeline
+    from .frames import parent_frames
 
     fifo = fifo_pipeline(pipe)
     fifo.set_progress_bar_config(disable=False)

@@ -37,32 +37,15 @@ from attnsteer.guidance.fifo import PromptSchedule, coherent_tail, context_slots
 from attnsteer.guidance.ouroboros import Ouroboros
 
 from .astar import check_flag
+from .frames import check_frames, parent_frames, trained_frames
 from .steer import CallDefaultsMixin
 from .tokens import word_indices
 
-WAN_TRAINED_FRAMES = 81  # Wan 2.1's clip length, for a model without a recorded one
 FIFO_PARTITIONS = 4  # windows in the queue
 OUROBOROS_MOMENTUM = 0.9  # of the subject bank's moving average
 OUROBOROS_GUIDANCE = 0.1  # self-recurrent guidance step, relative to the velocity (not tuned)
 PARENT_DEFAULTS = {name: p.default for name, p in inspect.signature(WanPipeline.__call__).parameters.items()}
 OUTPUT_TYPES = ("np", "pil", "pt", "latent")  # WanPipeline's
-
-
-def trained_frames(call_defaults: dict, factor: int = 4) -> int:
-    """The clip length a Wan model was trained on: the video frames WanPipeline makes for its folder's
-    call default num_frames with a VAE of temporal ``factor`` (Wan's 4 by default), else Wan 2.1's."""
-    return wan_frames(call_defaults.get("num_frames", WAN_TRAINED_FRAMES), factor)
-
-
-def wan_frames(num_frames: int, factor: int) -> int:
-    """The video frames WanPipeline makes for ``num_frames``: it rounds to k * factor + 1 unless
-    num_frames % factor == 1, which never holds for factor 1, where it adds a frame."""
-    return max(num_frames if num_frames % factor == 1 else num_frames // factor * factor + 1, 1)
-
-
-def parent_frames(frames: int, factor: int) -> int:
-    """The num_frames that makes WanPipeline generate ``frames`` (1 + k * factor) video frames."""
-    return frames - 1 if factor == 1 else frames
 
 
 @contextmanager
@@ -110,14 +93,6 @@ class StreamingDecoder:
             out = unpatchify(out, patch_size=vae.config.patch_size)
         return out.clamp(-1.0, 1.0)
 
-
-def check_frames(name: str, frames, factor: int) -> None:
-    """Refuses a frame count the VAE cannot make: 1 + k * its temporal ``factor`` (any count at factor 1)."""
-    if factor == 1 and (isinstance(frames, bool) or not isinstance(frames, int) or frames < 1):
-        raise ValueError(f"{name} {frames!r} must be a whole number of frames >= 1")
-    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1 or (frames - 1) % factor:
-        raise ValueError(f"{name} {frames!r} must be 1 + {factor}k frames (1, {1 + factor}, {1 + 2 * factor}, ...): "
-                         f"the VAE packs {factor} frames into each latent frame after the first")
 
 
 class WanFIFOPipeline(CallDefaultsMixin, WanPipeline):

@@ -8,6 +8,9 @@ The text keys of the denoiser are the pipeline's ``prompt_embeds`` sequence:
   part is ``max_sequence_length`` zero embeddings and carries no words.
 - FLUX: the T5 tokens of ``prompt_2`` (or ``prompt``) only, ``max_sequence_length`` of them.
 - Wan: the UMT5 tokens of ``prompt``, ``max_sequence_length`` of them (cross-attention keys).
+- Chroma: the T5 tokens of ``prompt``, ``max_sequence_length`` of them (joint attention, text first).
+- FLUX.2 and Qwen-Image encode the prompt inside a chat template whose tokens their pipelines cut
+  or keep by their own rules: no words are mapped there.
 
 A word (or several, "red circle") is found as its token ids, tokenised alone, inside the prompt's
 ids: the first occurrence, in every text part that carries words (SD3 with T5: both parts); a
@@ -19,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from diffusers import (
+    ChromaPipeline,
     FluxPipeline,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
@@ -26,7 +30,8 @@ from diffusers import (
     WanPipeline,
 )
 
-TEXT_PIPELINES = (StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline, WanPipeline)
+T5_PIPELINES = (WanPipeline, ChromaPipeline)  # one T5-like part: prompt, max_sequence_length
+TEXT_PIPELINES = (StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline, *T5_PIPELINES)
 
 
 @dataclass(frozen=True)
@@ -49,7 +54,7 @@ def text_parts(pipe, arguments: dict) -> list[TextPart]:
         return parts
     if isinstance(pipe, FluxPipeline):
         return [TextPart(pipe.tokenizer_2, "prompt_2", 0, msl)]
-    if isinstance(pipe, WanPipeline):
+    if isinstance(pipe, T5_PIPELINES):
         return [TextPart(pipe.tokenizer, "prompt", 0, msl)]
     if isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
         return [TextPart(pipe.tokenizer, "prompt", 0, pipe.tokenizer.model_max_length)]
@@ -64,7 +69,7 @@ def text_length(pipe, arguments: dict) -> int:
         return embeds.shape[1]
     if isinstance(pipe, StableDiffusion3Pipeline):
         return pipe.tokenizer_max_length + arguments["max_sequence_length"]
-    if isinstance(pipe, (FluxPipeline, WanPipeline)):
+    if isinstance(pipe, (FluxPipeline, *T5_PIPELINES)):
         return arguments["max_sequence_length"]
     return text_parts(pipe, arguments)[0].length
 

@@ -14,7 +14,8 @@ BENCHMARKS.md ("FIFO-Diffusion"). Minutes on a 2-core CPU.
 from common import call, load, options, save_video
 
 from attnsteer.guidance.shapes import caption_concepts, video_prompt_set
-from attnsteer.pipelines.fifo import OUROBOROS_GUIDANCE, fifo_pipeline, parent_frames, trained_frames
+from attnsteer.pipelines.fifo import OUROBOROS_GUIDANCE, fifo_pipeline
+from attnsteer.pipelines.frames import parent_frames, trained_frames
 
 
 def main(argv=None):

@@ -13,7 +13,7 @@ authors' warm-up). Speed on this CPU: BENCHMARKS.md ("Block-sparse attention"). 
 from common import call, load, options, save_video
 
 from attnsteer.guidance.shapes import video_prompt_set
-from attnsteer.pipelines.fifo import check_frames, parent_frames
+from attnsteer.pipelines.frames import check_frames, parent_frames
 
 CONFIGS = {"dense": {}, "draft 0.5": dict(sparsity=0.5), "draft 0.75": dict(sparsity=0.75),
            "draft 0.9": dict(sparsity=0.9), "radial": dict(sparse_mask="radial"), "tile": dict(sparse_mask="tile")}

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from diffusers import ChromaPipeline
 from transformers import T5Config, T5EncoderModel
 
 from attnsteer.attention_processors import AttentionMapCapture
@@ -12,12 +13,13 @@ from attnsteer.pipelines.steer import (
     StableDiffusion3SteerPipeline,
     StableDiffusionSteerPipeline,
     StableDiffusionXLSteerPipeline,
+    steer_pipeline,
 )
 from attnsteer.pipelines.tiny import _t5_kwargs, clip_tokenizer, tiny_components, tiny_pipeline
 from attnsteer.pipelines.tokens import content_indices, text_length, text_tokens, word_indices
 
 CLASSES = {"sd": StableDiffusionSteerPipeline, "sdxl": StableDiffusionXLSteerPipeline,
-           "sd3": StableDiffusion3SteerPipeline, "flux": FluxSteerPipeline}
+           "sd3": StableDiffusion3SteerPipeline, "flux": FluxSteerPipeline, "chroma": steer_pipeline(ChromaPipeline)}
 PROMPT = "a red circle and a blue square"
 _PIPES = {}
 
@@ -30,8 +32,8 @@ def pipe_of(kind):
 
 def generate(kind, seed=0, **extra):
     kwargs = dict(prompt=PROMPT, num_inference_steps=2, height=32, width=32, output_type="np")
-    if kind in ("sd3", "flux"):
-        kwargs["max_sequence_length"] = 16 if kind == "flux" else 8  # FLUX's words are in its T5 part
+    if kind in ("sd3", "flux", "chroma"):
+        kwargs["max_sequence_length"] = 8 if kind == "sd3" else 16  # FLUX's and Chroma's words are in their T5 part
     kwargs.update(extra)
     return pipe_of(kind)(**kwargs, generator=torch.Generator().manual_seed(seed)).images
 
@@ -159,6 +161,9 @@ def test_words_map_to_each_encoders_text_keys():
     flux = pipe_of("flux")  # T5 only (a CLIP tokenizer stands in for T5 in the tiny pipeline)
     assert word_indices(flux, dict(prompt="a dog", prompt_2=PROMPT, max_sequence_length=16), "square") == [7]
     assert text_length(flux, dict(prompt=PROMPT, max_sequence_length=16)) == 16
+    chroma = pipe_of("chroma")  # T5 (a CLIP tokenizer stands in), first in the joint sequence
+    assert word_indices(chroma, dict(prompt=PROMPT, max_sequence_length=16), "blue square") == [6, 7]
+    assert text_length(chroma, dict(prompt=PROMPT, max_sequence_length=16)) == 16
     with pytest.raises(ValueError, match=r"word 'square' is not in the prompt .* within its first 8 tokens"):
         word_indices(flux, dict(prompt=PROMPT, max_sequence_length=8), "square")  # truncated away
     sd3 = pipe_of("sd3")  # no T5: the CLIP part only; the joint text is 77 + max_sequence_length

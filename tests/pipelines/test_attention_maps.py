@@ -6,10 +6,14 @@ import torch
 from PIL import Image
 
 from attnsteer.pipelines import AttentionMaps, render_attention_maps
-from attnsteer.pipelines.steer import FluxSteerPipeline, StableDiffusion3SteerPipeline, StableDiffusionSteerPipeline
+from diffusers import ChromaPipeline
+
+from attnsteer.pipelines.steer import (FluxSteerPipeline, StableDiffusion3SteerPipeline, StableDiffusionSteerPipeline,
+                                       steer_pipeline)
 from attnsteer.pipelines.tiny import tiny_pipeline
 
-CLASSES = {"sd": StableDiffusionSteerPipeline, "sd3": StableDiffusion3SteerPipeline, "flux": FluxSteerPipeline}
+CLASSES = {"sd": StableDiffusionSteerPipeline, "sd3": StableDiffusion3SteerPipeline, "flux": FluxSteerPipeline,
+           "chroma": steer_pipeline(ChromaPipeline)}
 PROMPT = "a red circle and a blue square"
 _PIPES = {}
 
@@ -22,7 +26,7 @@ def pipe_of(kind):
 
 def call(kind, **extra):
     kwargs = dict(prompt=PROMPT, num_inference_steps=2, height=32, width=32, output_type="np")
-    if kind in ("sd3", "flux"):
+    if kind in ("sd3", "flux", "chroma"):
         kwargs["max_sequence_length"] = 16
     kwargs.update(extra)
     return pipe_of(kind)(**kwargs, generator=torch.Generator().manual_seed(0))

@@ -10,7 +10,8 @@ from diffusers import AutoencoderKLWan, WanPipeline
 from diffusers.models.attention_processor import AttnProcessor
 
 from attnsteer.pipelines import fifo as fifo_module
-from attnsteer.pipelines.fifo import StreamingDecoder, WanFIFOPipeline, trained_frames
+from attnsteer.pipelines.fifo import StreamingDecoder, WanFIFOPipeline
+from attnsteer.pipelines.frames import trained_frames
 from attnsteer.pipelines.tiny import tiny_components, tiny_pipeline
 
 _PIPE = []
