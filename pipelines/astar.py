@@ -58,11 +58,43 @@ def check_image_pipeline(pipe, name: str) -> None:
                          f"Chroma); {type(pipe).__name__} is a video pipeline, not supported yet")
 
 
+def check_latent_input(pipe) -> None:
+    """ValueError where the denoiser's input is not the latent alone (in channels: the VAE's, or 4x for
+    FLUX's 2 x 2 packing), e.g. a 9-channel inpainting UNet or FLUX Fill: A-STAR's update moves the latent."""
+    model, latent = denoiser(pipe), pipe.vae.config.latent_channels
+    if model.config.in_channels not in (latent, 4 * latent):
+        raise ValueError(f"astar_tokens: {type(pipe).__name__}'s {type(model).__name__} takes {model.config.in_channels} "
+                         f"input channels, the latent's {latent} and the picture's conditioning: A-STAR moves the "
+                         "latent alone and does not run on it yet")
+
+
+def _sizing_image(pipe, arguments: dict):
+    """The image an editing pipeline takes its size from when not given height and width: SD and SDXL
+    img2img (no height or width at all) and ControlNet pipelines (the control image; the picture to
+    inpaint in ControlNet inpainting). None where the size has a default."""
+    from .steer import parent_call  # steer imports this module
+
+    parameters = parent_call(type(pipe)).parameters
+    if "max_area" in parameters and not (arguments.get("height") and arguments.get("width")):
+        raise ValueError(f"{type(pipe).__name__} sizes its output by its image and max_area: give height and width "
+                         "for A-STAR, attention maps, IR-Diffusion or block-sparse attention")
+    if "height" in parameters and getattr(pipe, "controlnet", None) is None:
+        return None
+    name = "control_image" if "control_image" in parameters and "mask_image" not in parameters else "image"
+    image = arguments.get(name)
+    return image[0] if isinstance(image, list) else image
+
+
 def latent_size(pipe, arguments: dict) -> tuple[int, int]:
-    """Spatial size of the call's VAE latent (FLUX: before its 2 x 2 packing)."""
+    """Spatial size of the call's VAE latent (FLUX: before its 2 x 2 packing), as the pipeline sizes its
+    output: height and width, else its image's size (``_sizing_image``), else its default."""
     factor = pipe.vae_scale_factor
     default = getattr(pipe, "default_sample_size", None) or denoiser(pipe).config.sample_size
-    height, width = arguments.get("height") or default * factor, arguments.get("width") or default * factor
+    height, width = arguments.get("height"), arguments.get("width")
+    image = _sizing_image(pipe, arguments)
+    if image is not None and (height is None or width is None):
+        height, width = pipe.image_processor.get_default_height_width(image, height, width)
+    height, width = height or default * factor, width or default * factor
     if isinstance(pipe, FluxPipeline):
         return 2 * (height // (factor * 2)), 2 * (width // (factor * 2))
     return height // factor, width // factor
@@ -187,6 +219,7 @@ def astar_guidance(pipe, arguments: dict, options: dict) -> AStarGuidance | None
     if o["astar_tokens"] is None:
         return None
     check_image_pipeline(pipe, "astar_tokens")
+    check_latent_input(pipe)
     concepts, context = resolve_concepts(pipe, arguments, o["astar_tokens"])
     w_seg, w_ret = o["astar_weights"]
     if w_seg > 0:

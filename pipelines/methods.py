@@ -11,7 +11,7 @@ from .astar import ASTAR_DEFAULTS, astar_guidance, denoiser
 from .maps import MAPS_DEFAULTS, AttentionMaps, map_recorder
 from .sparse import SPARSE_DEFAULTS, sparse_steer
 from .story import STORY_DEFAULTS, segmented_masks, story_guidance
-from .tokens import TEXT_PIPELINES
+from .tokens import TEXT_FAMILIES, text_rule
 
 OPTIONS = {**ASTAR_DEFAULTS, **MAPS_DEFAULTS, **STORY_DEFAULTS, **SPARSE_DEFAULTS}
 
@@ -40,10 +40,9 @@ MAP_METHODS = {"astar_tokens": "A-STAR", "return_attention_maps": "return_attent
 def check_text_maps(pipe, options: dict) -> None:
     """ValueError naming the first asked method that reads text-token maps where ``pipe`` has none."""
     asked = [label for switch, label in MAP_METHODS.items() if options.get(switch) is not None]
-    if asked and not isinstance(pipe, TEXT_PIPELINES):
-        names = ", ".join(cls.__name__ for cls in TEXT_PIPELINES)
-        raise ValueError(f"{asked[0]} needs the attention maps of text tokens, which attnsteer reads on {names} "
-                         f"(and their subclasses), not on {type(pipe).__name__}")
+    if asked and text_rule(pipe) is None:
+        raise ValueError(f"{asked[0]} needs the attention maps of text tokens, which attnsteer reads on the "
+                         f"{TEXT_FAMILIES} pipelines (text-to-image and editing), not on {type(pipe).__name__}")
 
 
 class AttentionMethods:

@@ -12,7 +12,8 @@ The text keys of the denoiser are the pipeline's ``prompt_embeds`` sequence:
 - FLUX.2 and Qwen-Image encode the prompt inside a chat template whose tokens their pipelines cut
   or keep by their own rules: no words are mapped there.
 
-A word (or several, "red circle") is found as its token ids, tokenised alone, inside the prompt's
+The rules follow the denoiser, so a family's editing pipelines (img2img, inpainting, ControlNet) read
+their words as its text-to-image pipeline does. A word (or several, "red circle") is found as its token ids, tokenised alone, inside the prompt's
 ids: the first occurrence, in every text part that carries words (SD3 with T5: both parts); a
 concept's map is the sum of its tokens' maps. This needs the tokenizers, hence floor 3.
 """
@@ -22,16 +23,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from diffusers import (
-    ChromaPipeline,
-    FluxPipeline,
-    StableDiffusion3Pipeline,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
-    WanPipeline,
+    ChromaTransformer2DModel,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+    WanTransformer3DModel,
 )
 
-T5_PIPELINES = (WanPipeline, ChromaPipeline)  # one T5-like part: prompt, max_sequence_length
-TEXT_PIPELINES = (StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline, *T5_PIPELINES)
+# the denoisers whose text keys are mapped to words, and how: any pipeline on them (text-to-image or editing)
+TEXT_DENOISERS = {UNet2DConditionModel: "clip", SD3Transformer2DModel: "sd3", FluxTransformer2DModel: "flux",
+                  WanTransformer3DModel: "t5", ChromaTransformer2DModel: "t5"}
+TEXT_FAMILIES = "SD, SDXL, SD3, FLUX, Wan and Chroma"
 
 
 @dataclass(frozen=True)
@@ -44,22 +46,27 @@ class TextPart:
     length: int
 
 
+def text_rule(pipe) -> str | None:
+    """How ``pipe``'s denoiser sees text ("clip", "sd3", "flux", "t5"), None where words are not mapped."""
+    model = pipe.unet if getattr(pipe, "unet", None) is not None else getattr(pipe, "transformer", None)
+    return next((rule for cls, rule in TEXT_DENOISERS.items() if isinstance(model, cls)), None)
+
+
 def text_parts(pipe, arguments: dict) -> list[TextPart]:
     """The parts of ``pipe``'s text-key sequence that carry words, for a call's (bound) arguments."""
-    msl = arguments.get("max_sequence_length")
-    if isinstance(pipe, StableDiffusion3Pipeline):
+    msl, rule = arguments.get("max_sequence_length"), text_rule(pipe)
+    if rule == "sd3":
         parts = [TextPart(pipe.tokenizer, "prompt", 0, pipe.tokenizer_max_length)]
         if pipe.text_encoder_3 is not None and pipe.tokenizer_3 is not None:
             parts.append(TextPart(pipe.tokenizer_3, "prompt_3", pipe.tokenizer_max_length, msl))
         return parts
-    if isinstance(pipe, FluxPipeline):
+    if rule == "flux":
         return [TextPart(pipe.tokenizer_2, "prompt_2", 0, msl)]
-    if isinstance(pipe, T5_PIPELINES):
+    if rule == "t5":
         return [TextPart(pipe.tokenizer, "prompt", 0, msl)]
-    if isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
+    if rule == "clip":
         return [TextPart(pipe.tokenizer, "prompt", 0, pipe.tokenizer.model_max_length)]
-    names = ", ".join(cls.__name__ for cls in TEXT_PIPELINES)
-    raise ValueError(f"{type(pipe).__name__}: text-token maps are available on {names} (and their subclasses)")
+    raise ValueError(f"{type(pipe).__name__}: text-token maps are available on the {TEXT_FAMILIES} pipelines")
 
 
 def text_length(pipe, arguments: dict) -> int:
@@ -67,9 +74,9 @@ def text_length(pipe, arguments: dict) -> int:
     embeds = arguments.get("prompt_embeds")
     if embeds is not None:
         return embeds.shape[1]
-    if isinstance(pipe, StableDiffusion3Pipeline):
+    if text_rule(pipe) == "sd3":
         return pipe.tokenizer_max_length + arguments["max_sequence_length"]
-    if isinstance(pipe, (FluxPipeline, *T5_PIPELINES)):
+    if text_rule(pipe) in ("flux", "t5"):
         return arguments["max_sequence_length"]
     return text_parts(pipe, arguments)[0].length
 

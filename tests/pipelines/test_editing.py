@@ -20,7 +20,7 @@ from PIL import Image
 
 import attnsteer.pipelines as pipelines
 from attnsteer.pipelines import StableDiffusionSteerPipeline, steer_pipeline
-from attnsteer.pipelines.tiny import tiny_components
+from attnsteer.pipelines.tiny import PIPELINE_CLASSES, tiny_components
 
 SIDE = 32
 IMAGE = Image.fromarray(np.random.default_rng(0).integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8))
@@ -126,3 +126,52 @@ def test_flux_editing_pipelines_take_head_perturbation(parent, images):
     batched = run(**heads)
     assert np.abs(batched - plain).max() > 1e-3
     np.testing.assert_allclose(run(**heads, perturbation_batching="sequential"), batched, atol=1e-4)
+
+
+BIG = Image.fromarray(np.random.default_rng(1).integers(0, 256, (48, 48, 3), dtype=np.uint8))  # not the default 32 px
+# editing pipelines that size their output by an image (SD img2img, ControlNet) or by height and width
+MAPPED = {
+    "sd-img2img": ("sd", StableDiffusionImg2ImgPipeline, dict(image=BIG, strength=0.75)),
+    "sd-inpaint": ("sd", StableDiffusionInpaintPipeline, dict(image=BIG, mask_image=BIG, height=48, width=48, strength=1.0)),
+    "sd-controlnet": ("sd", StableDiffusionControlNetPipeline, dict(image=BIG)),
+    "sd3-img2img": ("sd3", StableDiffusion3Img2ImgPipeline, dict(image=BIG, height=48, width=48, strength=0.75)),
+    "flux-img2img": ("flux", FluxImg2ImgPipeline, dict(image=BIG, height=48, width=48, strength=0.75)),
+}
+
+
+@pytest.mark.parametrize("case", MAPPED)
+def test_editing_pipelines_take_attention_maps_and_astar_at_their_images_size(case):
+    """The maps of an editing call have the grid of a text-to-image call at the size the edit comes out
+    (48 px, from the image where the pipeline takes its size from it); A-STAR changes the edit, and at
+    scale 0 it is the plain edit."""
+    kind, parent, images = MAPPED[case]
+    pipe = build(steer_pipeline(parent), kind)
+    text = build(steer_pipeline(PIPELINE_CLASSES[kind]), kind)
+    words = dict(max_sequence_length=16) if kind == "flux" else {}
+    run = lambda p, **extra: p(**call(kind, images if p is pipe else dict(height=48, width=48),
+                                      prompt="a red circle and a blue square", num_inference_steps=2, **words, **extra),
+                               generator=torch.Generator().manual_seed(0))
+    plain = run(pipe)
+    assert plain.images.shape[1:3] == (48, 48)
+    maps = run(pipe, return_attention_maps=["circle", "square"]).attention_maps
+    assert maps.grid == run(text, return_attention_maps=["circle", "square"]).attention_maps.grid
+    assert maps.maps.shape == (1, 2, *maps.grid)
+    astar = dict(astar_tokens=["circle", "square"])
+    np.testing.assert_array_equal(run(pipe, **astar, astar_scale=0.0).images, plain.images)
+    assert np.abs(run(pipe, **astar, astar_scale=200.0).images - plain.images).max() > 1e-3
+
+
+def test_astar_is_refused_where_the_denoiser_takes_more_than_the_latent():
+    from diffusers import UNet2DConditionModel
+
+    components = dict(components_of("sd"))
+    components["unet"] = UNet2DConditionModel.from_config({**components["unet"].config, "in_channels": 9})
+    pipe = steer_pipeline(StableDiffusionInpaintPipeline)(**{k: v for k, v in components.items() if k != "controlnet"})
+    with pytest.raises(ValueError, match="astar_tokens: StableDiffusionInpaintSteerPipeline's UNet2DConditionModel takes 9 "
+                                         "input channels, the latent's 4 and the picture's conditioning"):
+        pipe.check_call(**call("sd", dict(image=IMAGE, mask_image=MASK), astar_tokens=["circle", "square"],
+                               prompt="a red circle and a blue square"))
+    kontext = build(steer_pipeline(FluxKontextPipeline), "flux")
+    with pytest.raises(ValueError, match="FluxKontextSteerPipeline sizes its output by its image and max_area: give "
+                                         "height and width for A-STAR"):
+        kontext.check_call(**call("flux", dict(image=IMAGE), return_attention_maps=["circle"], max_sequence_length=16))
