@@ -1,11 +1,13 @@
 """Block-sparse attention on shapes-wan against dense attention with the same prompts and seeds.
 
 Each held-out prompt of a video set x seed is generated dense and with each block mask; per video: the
-PSNR of each frame to the dense video (mean over frames), and the shapes video metrics, paired against
-the dense row on the same prompts and seeds. Rows: the draft map at each --sparsity, with the default
-dense warm-up (the first 30% of the steps and the first block dense) and without any; the Radial and
-sliding-tile masks (their density is fixed by the pattern and printed beside them). shapes-wan has 8 x 8
-tokens a frame and 5 latent frames: --pool 4 4 gives 4 blocks a frame, 20 in all.
+PSNR and SSIM of each frame to the dense video (means over frames; SSIM as scikit-image computes it,
+Wang et al. 2004's Gaussian window), and the shapes video metrics, paired against the dense row on the
+same prompts and seeds. Rows: the draft map at each --sparsity, with the default dense warm-up (the
+first 30% of the steps and the first block dense) and without any; the Radial and sliding-tile masks
+(their density is fixed by the pattern and printed beside them). shapes-wan has 8 x 8 tokens a frame
+and 17 latent frames (its VAE keeps every frame): the default --pool 4 4 makes 4 blocks a frame, 68 in
+all (at Wan's pool of 128 tokens a frame would be under one block). Needs ``pip install -e ".[bench]"``.
 
     python benchmarks/bench_sparse_quality.py --set one-moving --count 60 --seeds 2 --out sparse-quality.json
 """
@@ -21,7 +23,8 @@ import numpy as np
 import torch
 from measure import check_video_set, video_set_options
 
-METRICS = ("psnr", "binding", "identity", "smooth", "flicker")
+METRICS = ("psnr", "ssim", "binding", "identity", "smooth", "followed", "flicker")
+FIDELITY = ("psnr", "ssim")  # against the dense video, so not paired
 
 
 def parse_args():
@@ -70,6 +73,14 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(10 * np.log10(1 / np.maximum(mse, 1e-6))))
 
 
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean over frames of each frame's SSIM (frames [H, W, 3] in [0, 1]), Gaussian window of sigma 1.5."""
+    from skimage.metrics import structural_similarity
+
+    return float(np.mean([structural_similarity(x, y, channel_axis=-1, data_range=1.0, gaussian_weights=True,
+                                                sigma=1.5, use_sample_covariance=False) for x, y in zip(a, b)]))
+
+
 def main():
     args = parse_args()
     torch.set_num_threads(args.threads)
@@ -96,18 +107,20 @@ def main():
             for (prompt, seed), video, reference in zip(batch, frames, dense):
                 scores = score_video(list(video), prompt)
                 records.append({"row": row, "prompt": prompt, "seed": seed, "psnr": psnr(video, reference),
-                                **{m: scores[m] for m in VIDEO_METRICS if m != "followed"}})
+                                "ssim": ssim(video, reference), **{m: scores[m] for m in VIDEO_METRICS}})
     by_row = {row: [r for r in records if r["row"] == row] for row in rows(args)}
+    metrics = [m for m in METRICS if all(r[m] is not None for r in records)]  # followed: captions that name motion
     summary = {row: {"n_images": len(rs), **{m: mean_interval([r[m] for r in rs], [r["prompt"] for r in rs])
-                                             for m in METRICS}} for row, rs in by_row.items()}
+                                             for m in metrics}} for row, rs in by_row.items()}
     base = by_row["dense"]
     paired = {row: {m: paired_difference([r[m] for r in base], [r[m] for r in rs], [r["prompt"] for r in rs])
-                    for m in METRICS if m != "psnr"} for row, rs in by_row.items() if row != "dense"}
+                    for m in metrics if m not in FIDELITY} for row, rs in by_row.items() if row != "dense"}
     heading = (f"{args.model}, {args.set} {args.split} prompts x seeds 0..{args.seeds - 1} ({len(items)} videos), pool "
                f"{tuple(args.pool)}, backend {args.backend}; {time.time() - t:.0f} s; seconds per row: "
                + ", ".join(f"{row} {s:.0f}" for row, s in seconds.items()) + "; static mask densities: "
                + ", ".join(f"{k} {v:.2f}" for k, v in static_densities(pipe, call, args).items()))
-    print(f"{heading}\n\n{table(summary, METRICS)}\n\n{paired_table(paired, 'dense', METRICS[1:])}")
+    print(f"{heading}\n\n{table(summary, metrics)}\n\n"
+          f"{paired_table(paired, 'dense', [m for m in metrics if m not in FIDELITY])}")
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "summary": summary, "paired": paired,
                                               "seconds": seconds, "records": records}, indent=1))
