@@ -23,12 +23,11 @@ Formulas, defaults and sources: docs/methods.md, section 5.
 from __future__ import annotations
 
 import inspect
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 
 import torch
 from diffusers import WanPipeline
 from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
-from diffusers.pipelines.wan import pipeline_wan
 from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -37,7 +36,7 @@ from attnsteer.guidance.fifo import PromptSchedule, coherent_tail, context_slots
 from attnsteer.guidance.ouroboros import Ouroboros
 
 from .astar import check_flag
-from .frames import check_frames, parent_frames, trained_frames
+from .frames import check_frames, frame_rounding_quiet, parent_frames, trained_frames
 from .steer import CallDefaultsMixin
 from .tokens import word_indices
 
@@ -46,18 +45,6 @@ OUROBOROS_MOMENTUM = 0.9  # of the subject bank's moving average
 OUROBOROS_GUIDANCE = 0.1  # self-recurrent guidance step, relative to the velocity (not tuned)
 PARENT_DEFAULTS = {name: p.default for name, p in inspect.signature(WanPipeline.__call__).parameters.items()}
 OUTPUT_TYPES = ("np", "pil", "pt", "latent")  # WanPipeline's
-
-
-@contextmanager
-def frame_rounding_quiet():
-    """WanPipeline's notice that it rounds num_frames held back: with factor 1 it rounds every call,
-    the FIFO clip's included, whose num_frames is chosen for the rounding (``parent_frames``)."""
-    drop = lambda record: not record.getMessage().startswith("`num_frames - 1` has to be divisible by")
-    pipeline_wan.logger.addFilter(drop)
-    try:
-        yield
-    finally:
-        pipeline_wan.logger.removeFilter(drop)
 
 
 class StreamingDecoder:

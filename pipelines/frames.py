@@ -6,6 +6,10 @@ per-frame VAE, as shapes-wan's) always adds a frame; attnsteer's commands count 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
+from diffusers.pipelines.wan import pipeline_wan
+
 WAN_TRAINED_FRAMES = 81  # Wan 2.1's clip length, for a model without a recorded one
 
 
@@ -38,3 +42,15 @@ def check_frames(name: str, frames, factor: int) -> None:
 def temporal_factor(pipe) -> int | None:
     """Video frames per latent frame of a video pipeline's VAE (after the first), None for an image pipeline."""
     return getattr(pipe, "vae_scale_factor_temporal", None) or getattr(pipe, "vae_temporal_compression_ratio", None)
+
+
+@contextmanager
+def frame_rounding_quiet():
+    """WanPipeline's notice that it rounds num_frames held back: with factor 1 it rounds every call,
+    also one whose num_frames is chosen for the rounding (``parent_frames``)."""
+    drop = lambda record: not record.getMessage().startswith("`num_frames - 1` has to be divisible by")
+    pipeline_wan.logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        pipeline_wan.logger.removeFilter(drop)

@@ -28,6 +28,7 @@ from diffusers import (DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline
 from attnsteer.attention_processors import HeadSetFile, LayoutRecorder, list_layers, resolve_heads, steering
 from attnsteer.guidance.perturbation import BranchInfo, HeadPerturbationGuidance
 
+from .frames import frame_rounding_quiet
 from .methods import OPTIONS, AttentionMethods, pop_arguments
 from .story import expand_story
 
@@ -325,7 +326,15 @@ class FluxSteerMixin(SteerMixin):
 
 
 class WanSteerMixin(SteerMixin):
-    """The Wan family's branches: CFG as a separate call, Wan 2.2's second expert with its own scale."""
+    """The Wan family's branches: CFG as a separate call, Wan 2.2's second expert with its own scale.
+    With a per-frame VAE (temporal factor 1) WanPipeline's notice that it adds a frame, given on every
+    call, is held back: num_frames 16 making 17 frames is how such a model is called."""
+
+    def __call__(self, *args, **kwargs):
+        if self.vae_scale_factor_temporal != 1:
+            return super().__call__(*args, **kwargs)
+        with frame_rounding_quiet():
+            return super().__call__(*args, **kwargs)
 
     def branch_info(self, model, call_arguments):
         if not self.do_classifier_free_guidance:
