@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from attnsteer.pipelines.cli import GIF_FRAME_MS, load_pipeline
-from attnsteer.pipelines.evaluate import labelled_grid
+from attnsteer.pipelines.evaluate import contact_sheet, labelled_grid
 
 
 def options(doc: str, model: str, out: str) -> argparse.ArgumentParser:
@@ -48,13 +48,20 @@ def save(out: str | Path, stem: str, title: str, pictures: list, labels: list[st
     return grid
 
 
-def save_video(out: str | Path, stem: str, title: str, videos: list, labels: list[str], view: int = 128) -> Path:
+def save_video(out: str | Path, stem: str, title: str, videos: list, labels: list[str], view: int = 128,
+               shown: int = 6) -> Path:
     """Equally long videos (lists of PIL frames) side by side, labelled, as one animated GIF
-    ``stem.gif`` (its path is returned and printed)."""
+    ``stem.gif`` (its path is returned and printed), and ``stem_strip.png``: a row per video of
+    ``shown`` evenly spaced frames, to be seen without a GIF viewer."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     frames = [labelled_grid(list(step), labels, title, view) for step in zip(*videos)]
     path = out / f"{stem}.gif"
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=GIF_FRAME_MS, loop=0)
+    picks = [round(i * (len(videos[0]) - 1) / max(shown - 1, 1)) for i in range(min(shown, len(videos[0])))]
+    strip = contact_sheet({label: [video[k] for k in picks] for label, video in zip(labels, videos)},
+                          [f"frame {k + 1} of {len(videos[0])}" for k in picks], view)
+    strip.save(out / f"{stem}_strip.png")
     print(path)
+    print(out / f"{stem}_strip.png")
     return path

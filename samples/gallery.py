@@ -2,6 +2,7 @@
 seed 0 (fixed before looking at any result), baseline beside the method, written to docs/gallery and
 shown in README.md between the gallery markers, each picture linked to its script and to its
 BENCHMARKS.md section, with what the numbers there say, so that picture and table tell one story.
+Videos are shown as frame strips (a row per video, evenly spaced frames); their GIFs come from the scripts.
 
     python samples/gallery.py                      # every method, on the shipped models
     python samples/gallery.py --methods astar      # one method's row, the others kept
@@ -19,7 +20,6 @@ import head_perturbation
 import long_video
 import sparse_attention
 import story
-from PIL import Image
 
 from attnsteer.guidance.shapes import prompt_set, video_prompt_set
 
@@ -44,18 +44,6 @@ METHODS = {
              ["--prompt", MOVING[0]], "FIFO-Diffusion (issue 15): memory against video length",
              "memory flat from 65 to 1025 frames; quality not yet measured"),
 }
-
-
-def shrink(source: Path, dest: Path, every: int = 2) -> Path:
-    """Copy a PNG as it is, or a GIF with every ``every``-th frame (at the same speed)."""
-    if source.suffix != ".gif":
-        return Path(shutil.copyfile(source, dest))
-    gif, frames = Image.open(source), []
-    for i in range(0, gif.n_frames, every):
-        gif.seek(i)
-        frames.append(gif.convert("RGB"))
-    frames[0].save(dest, save_all=True, append_images=frames[1:], duration=gif.info.get("duration", 100) * every, loop=0)
-    return dest
 
 
 def anchor(heading: str) -> str:
@@ -95,8 +83,9 @@ def main(argv=None):
     for name in args.methods:
         _, script, options, _, _ = METHODS[name]
         with tempfile.TemporaryDirectory() as tmp:
-            made = script.main(options + ["--out", tmp])
-            rows[name] = row(name, [shrink(path, dest / f"{name}_{path.name}") for path in made])
+            made = [p.with_name(f"{p.stem}_strip.png") if p.suffix == ".gif" else p  # a video's frame strip
+                    for p in script.main(options + ["--out", tmp])]
+            rows[name] = row(name, [Path(shutil.copyfile(path, dest / f"{name}_{path.name}")) for path in made])
     readme = Path(args.readme)
     readme.write_text(replace_block(readme.read_text(), rows))
     total = sum(f.stat().st_size for f in dest.iterdir())
