@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from diffusers import WanPipeline
 
+from attnsteer.pipelines.frames import wan_frames
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "samples"))
 import train_shapes_wan as wan  # noqa: E402
 
@@ -33,7 +35,7 @@ def frame_influence(pipe, call: dict, clips: int, sigmas: list[float], seed: int
     ``clips`` clips of the trained size (``call``: attnsteer.json's call defaults; the clips have the frames
     WanPipeline makes for its num_frames), encoded with the model's per-frame VAE."""
     vae, transformer = pipe.vae, pipe.transformer
-    frames = wan.output_frames(call["num_frames"], vae.config.scale_factor_temporal)  # as WanPipeline makes them
+    frames = wan_frames(call["num_frames"], vae.config.scale_factor_temporal)  # as WanPipeline makes them
     size = str(call["height"])
     args = wan.parse_args(["--n-clips", str(clips), "--seed", str(seed), "--frames", str(frames), "--size", size,
                            "--vae-crop", size, "--short-frames", str(frames)])  # the training script's drawing options

@@ -335,14 +335,6 @@ def build_pipeline(vae, text_encoder, transformer, tokenizer, shift):
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=shift))
 
 
-def output_frames(num_frames, factor):
-    """The frames WanPipeline makes for ``num_frames`` with a VAE of temporal ``factor``: it rounds to
-    k * factor + 1, which with factor 1 adds a frame."""
-    if num_frames % factor != 1:
-        num_frames = num_frames // factor * factor + 1
-    return max(num_frames, 1)
-
-
 def pipeline_frames(frames):
     """The num_frames that makes WanPipeline generate ``frames`` frames with this per-frame VAE."""
     return frames - 1
