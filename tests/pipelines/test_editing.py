@@ -175,3 +175,25 @@ def test_astar_is_refused_where_the_denoiser_takes_more_than_the_latent():
     with pytest.raises(ValueError, match="FluxKontextSteerPipeline sizes its output by its image and max_area: give "
                                          "height and width for A-STAR"):
         kontext.check_call(**call("flux", dict(image=IMAGE), return_attention_maps=["circle"], max_sequence_length=16))
+
+
+def test_wan_image_to_video_takes_head_perturbation():
+    """Wan 2.2 TI2V's image-to-video (``expand_timesteps``: the image's latent is the first latent frame,
+    at timestep 0): u = 0 is the parent, the heads change the video, batched equals sequential. The
+    prompt goes in as embeddings (the I2V pipeline's prompt cleaning needs ftfy)."""
+    from diffusers import WanImageToVideoPipeline, WanPipeline
+
+    components = tiny_components("wan")
+    pipe = steer_pipeline(WanImageToVideoPipeline)(**components, image_encoder=None, image_processor=None,
+                                                   expand_timesteps=True)
+    pipe.set_progress_bar_config(disable=True)
+    embeds, negative = WanPipeline(**components).encode_prompt("a red circle", negative_prompt="", max_sequence_length=16)
+    run = lambda **extra: pipe(image=IMAGE, prompt_embeds=embeds, negative_prompt_embeds=negative, height=SIDE,
+                               width=SIDE, num_frames=5, num_inference_steps=2, output_type="np",
+                               generator=torch.Generator().manual_seed(0), **extra).frames
+    plain = run()
+    heads = dict(perturbed_heads="blocks.1.attn1:*", perturbation_scale=3.0)
+    np.testing.assert_allclose(run(**heads, softpag_u=0.0), plain, atol=1e-6)
+    batched = run(**heads)
+    assert plain.shape == (1, 5, SIDE, SIDE, 3) and np.abs(batched - plain).max() > 1e-3
+    np.testing.assert_allclose(run(**heads, perturbation_batching="sequential"), batched, atol=1e-4)
