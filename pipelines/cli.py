@@ -274,6 +274,8 @@ def generate(args) -> None:
     edit = {}
     if args.command == "edit":
         pipe, edit = _editing(args, pipe, is_video)
+    if args.command == "video" and args.image is not None:
+        edit = _first_frame(args, pipe)
     call = dict(_call(args, pipe, 28), prompt=args.prompt, negative_prompt=args.negative_prompt, output_type="pil",
                 **edit)
     method = _method(args)
@@ -323,6 +325,18 @@ def generate(args) -> None:
         grid = Path(args.out) / f"seed{args.seed}_grid.png"
         labelled_grid(firsts, [label for _, _, label in runs], args.prompt).save(grid)
         print(grid)
+
+
+def _first_frame(args, pipe) -> dict:
+    """Image-to-video's call argument: --image, on a pipeline that takes one (an image-to-video model)."""
+    from PIL import Image
+
+    from .steer import parent_call
+
+    if "image" not in parent_call(type(pipe)).parameters:
+        raise UsageError(f"--image: --model {args.model} ({type(pipe).__bases__[-1].__name__}) is a text-to-video "
+                         "model; image-to-video takes an image-to-video model, e.g. a WanImageToVideoPipeline folder")
+    return {"image": Image.open(args.image).convert("RGB")}
 
 
 def _editing(args, pipe, is_video: bool):
@@ -773,6 +787,9 @@ def parser() -> argparse.ArgumentParser:
                               "beyond the model's clip runs FIFO-Diffusion")
     model_options(v, DEFAULT_VIDEO_MODEL)
     generate_options(v, "video")
+    v.add_argument("--image", default=None,
+                   help="image-to-video: the first frame, on an image-to-video model (e.g. a WanImageToVideoPipeline "
+                        "folder) (default: none, text-to-video)")
     v.add_argument("--fifo-partitions", type=POSITIVE, default=None,
                    help="FIFO queue of n windows (--frames beyond the model's clip): each frame passes n x window levels "
                         "(default 4)")

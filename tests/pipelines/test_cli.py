@@ -488,3 +488,37 @@ def test_a_folder_of_a_pipeline_attnsteer_cannot_steer_is_refused_by_its_denoise
     message = refused(["layers", "--model", str(tmp_path)], capsys)
     assert (f"--model {tmp_path}: pipeline class SanaPipeline cannot be steered: SanaPipeline's denoiser "
             "SanaTransformer2DModel is not supported") in message
+
+
+def test_video_from_an_image_on_an_image_to_video_model(tmp_path, capsys, monkeypatch):
+    """--image reaches an image-to-video pipeline's call (here Wan 2.2 TI2V's first-frame conditioning):
+    the frames written are the pipeline's own for that image and seed; a text-to-video model refuses it."""
+    from types import SimpleNamespace
+
+    from diffusers import WanImageToVideoPipeline
+    from diffusers.pipelines.wan import pipeline_wan_i2v
+
+    import attnsteer.pipelines.cli as cli
+    from attnsteer.pipelines import steer_pipeline
+    from attnsteer.pipelines.tiny import tiny_components
+
+    monkeypatch.setattr(pipeline_wan_i2v, "ftfy", SimpleNamespace(fix_text=lambda text: text), raising=False)  # not installed here
+    pipe = steer_pipeline(WanImageToVideoPipeline)(**tiny_components("wan"), image_encoder=None, image_processor=None,
+                                                   expand_timesteps=True)
+    pipe.call_defaults = {"height": 32, "width": 32}
+    monkeypatch.setattr(cli, "load_pipeline", lambda *a, **k: (pipe, True))
+    picture = np.zeros((32, 32, 3), np.uint8)
+    picture[8:24, 8:24] = (220, 30, 30)
+    Image.fromarray(picture).save(tmp_path / "first.png")
+    video = ["video", "--model", "tiny-wan", "--prompt", "a red square", "--steps", "2", "--frames", "5"]
+    main([*video, "--image", str(tmp_path / "first.png"), "--out", str(tmp_path / "i2v")])
+    direct = pipe(image=Image.fromarray(picture), prompt="a red square", num_inference_steps=2, num_frames=5, height=32,
+                  width=32, generator=torch.Generator().manual_seed(0), output_type="pil").frames[0]
+    other = pipe(image=Image.fromarray(255 - picture), prompt="a red square", num_inference_steps=2, num_frames=5,
+                 height=32, width=32, generator=torch.Generator().manual_seed(0), output_type="pil").frames[0]
+    written = [np.asarray(Image.open(tmp_path / "i2v" / f"seed0_output_0_frame{k:04d}.png")) for k in range(5)]
+    assert all(np.array_equal(w, np.asarray(d)) for w, d in zip(written, direct))
+    assert not np.array_equal(written[0], np.asarray(other[0]))  # the picture shapes the video
+    monkeypatch.undo()
+    assert "--image: --model tiny-wan (WanPipeline) is a text-to-video model" in refused(
+        [*video, "--image", str(tmp_path / "first.png"), "--out", str(tmp_path / "o")], capsys)
