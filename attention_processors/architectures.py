@@ -335,6 +335,9 @@ UNSUPPORTED = {
                                 "attnsteer's layouts and batch forking read batched tensors (not described yet)",
     "HunyuanVideo15Transformer3DModel": "its blocks join the video tokens with refined text from several encoders "
                                         "whose joint length the call does not give (not described yet)",
+    "LTX2VideoTransformer3DModel": "its blocks run a video and an audio stream with attention between them "
+                                   "(audio-to-video and video-to-audio), which LTX-Video's entry does not describe "
+                                   "(not described yet)",
 }
 NOT_DESCRIBED = "its attention layout is not described"
 

@@ -195,3 +195,4 @@ def test_every_denoiser_class_is_steered_or_refused_with_its_reason():
                        "LTXVideoTransformer3DModel"}
     assert all((architecture_for(cls) is None) == bool(unsupported_reason(cls)) for cls in classes.values())
     assert unsupported_reason(classes["SanaTransformer2DModel"]).startswith("it uses linear attention")
+    assert unsupported_reason(classes["LTX2VideoTransformer3DModel"]).startswith("its blocks run a video and an audio stream")
