@@ -37,7 +37,8 @@ contact sheet of them written to --work).
 
 Frame counts: WanPipeline rounds num_frames to k * scale_factor_temporal + 1 frames, which with a
 factor of 1 always adds one, so 17-frame clips are generated with num_frames 16 (attnsteer.json's call
-default) and a single frame with num_frames 0: `pipeline_frames` gives the num_frames for a length.
+default) and a single frame with num_frames 0: `attnsteer.pipelines.frames.parent_frames` gives the
+num_frames for a length.
 
 Why 17 frames at 64x64: 64 px is the size the shapes detector is built and tested for, and 17 frames
 let a named motion travel 16-32 px. A clip is 17 x 8 x 8 = 1088 tokens (patch 1x2x2), an image 64.
@@ -86,6 +87,7 @@ from transformers import UMT5Config, UMT5EncoderModel
 from attnsteer.guidance.shapes import (detect, draw_video, prompt_set, score, score_video, summarize_videos,
                                        video_prompt_set)
 from attnsteer.guidance.shapes.scene import BACKGROUND
+from attnsteer.pipelines.frames import parent_frames
 from attnsteer.pipelines.tiny import clip_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -335,11 +337,6 @@ def build_pipeline(vae, text_encoder, transformer, tokenizer, shift):
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=shift))
 
 
-def pipeline_frames(frames):
-    """The num_frames that makes WanPipeline generate ``frames`` frames with this per-frame VAE."""
-    return frames - 1
-
-
 # ----------------------------------------------------------------------------- data
 
 def _draw_chunk(job):
@@ -575,8 +572,8 @@ def flow_loss(pred, target, weight):
 
 def call_defaults(args):
     """The call arguments generation needs as trained (WanPipeline's own defaults are 81 frames at 480x832):
-    attnsteer.json's "call". num_frames is one less than the clip (``pipeline_frames``)."""
-    return {"num_frames": pipeline_frames(args.frames), "height": args.size, "width": args.size,
+    attnsteer.json's "call". num_frames is one less than the clip (``parent_frames``)."""
+    return {"num_frames": parent_frames(args.frames, 1), "height": args.size, "width": args.size,
             "num_inference_steps": args.default_steps, "guidance_scale": args.default_cfg,
             "max_sequence_length": args.max_seq}
 
@@ -585,7 +582,7 @@ def call_defaults(args):
 def single_frame_binding(pipe, call, prompts, steps=20, batch=16):
     """The share of ``prompts`` (single objects) drawn right as one frame, one seed each (the prompt's
     position), ``steps`` steps at ``call``'s size and guidance (attnsteer.json's call defaults)."""
-    call = {**call, "num_frames": pipeline_frames(1), "num_inference_steps": steps}
+    call = {**call, "num_frames": parent_frames(1, 1), "num_inference_steps": steps}
     pipe.set_progress_bar_config(disable=True)
     right = 0
     for i in range(0, len(prompts), batch):
@@ -844,7 +841,7 @@ def write_record(args, out, trained, joint_from, watched, timings, eval_s, vae_c
         f"- clips: {args.n_clips} drawn clips of {args.frames} frames at {args.size}x{args.size} (object weights "
         f"{args.object_weights}, motion named with probability {args.named}); latents "
         f"{args.frames} x {latent} x {latent} x {args.z_dim} (one latent frame per frame)\n"
-        f"- generate with num_frames {pipeline_frames(args.frames)} for {args.frames} frames (WanPipeline adds one "
+        f"- generate with num_frames {parent_frames(args.frames, 1)} for {args.frames} frames (WanPipeline adds one "
         f"with this VAE's temporal factor 1; attnsteer.json holds the call defaults)\n"
         f"- image phase: steps 0-{joint_from if joint_from is not None else trained} of batch {args.image_batch} "
         f"single frames (captions without motion words); single-frame binding of {args.watch} tune images at its "

@@ -151,9 +151,11 @@ def test_the_vae_trains_on_single_frames_and_its_past_taps_stay_zero():
 
 
 def test_wanpipeline_frame_counts_and_the_call_default():
+    from attnsteer.pipelines.frames import parent_frames, wan_frames
+
     for frames in range(1, 20):
-        assert wan.output_frames(wan.pipeline_frames(frames), 1) == frames
-    assert [wan.output_frames(n, 4) for n in (17, 16, 13)] == [17, 17, 13]  # Wan 2.1's VAE: 1 + 4k
+        assert wan_frames(parent_frames(frames, 1), 1) == frames
+    assert [wan_frames(n, 4) for n in (17, 16, 13)] == [17, 17, 13]  # Wan 2.1's VAE: 1 + 4k
     assert wan.call_defaults(wan.parse_args([]))["num_frames"] == 16  # 17 frames come out
 
 
