@@ -88,7 +88,7 @@ def test_shapes_wan_loads_with_wan_pipeline_and_agrees_with_ours_on_its_frames(t
     """Plain WanPipeline at the folder's call defaults makes the 17-frame clip it was trained on (its
     num_frames 16 + the frame WanPipeline adds at temporal factor 1, with a notice); ours takes the same
     defaults, draws the same video and holds the notice back; single-object prompts come out with their
-    object in most frames."""
+    object in most frames. About 20 s: five 17-frame videos of 10 steps on the shipped model."""
     from diffusers import WanPipeline
     from diffusers.pipelines.wan import pipeline_wan
 
