@@ -87,6 +87,8 @@ def test_long_video_script_runs_direct_fifo_and_ouroboros(tmp_path, capsys):
     (sparse_attention, ["--model", "tiny-wan", "--steps", "-1"], "num_inference_steps -1 must be a positive integer"),
     (long_video, ["--model", "tiny-wan", "--frames", "6"], "num_frames 6 must be 1 \\+ 4k frames"),
     (sparse_attention, ["--model", "tiny-wan", "--frames", "6"], "--frames 6 must be 1 \\+ 4k frames"),
+    (sparse_attention, ["--model", "tiny-wan", "--pool", "0", "0"], "sparse_pool \\(0, 0\\) must be \\(rows, columns\\)"),
+    (sparse_attention, ["--model", "tiny-wan", "--tile", "0", "1", "1"], "tile window \\(0, 1, 1\\) must be 3 positive"),
     (long_video, ["--model", "tiny-wan", "--partitions", "0"], "fifo_partitions 0 must be a whole number"),
     (long_video, ["--model", "tiny-wan", "--partitions", "1"], "ouroboros_subjects needs fifo_partitions >= 2, got 1"),
 ])
