@@ -31,7 +31,7 @@ import math
 
 import numpy as np
 import torch
-from diffusers import FluxPipeline
+from diffusers import ChromaTransformer2DModel, FluxTransformer2DModel
 
 from attnsteer.attention_processors import map_layers
 from attnsteer.guidance.astar import NORMALIZE, SCHEDULES, AStarGuidance
@@ -86,7 +86,7 @@ def _sizing_image(pipe, arguments: dict):
 
 
 def latent_size(pipe, arguments: dict) -> tuple[int, int]:
-    """Spatial size of the call's VAE latent (FLUX: before its 2 x 2 packing), as the pipeline sizes its
+    """Spatial size of the call's VAE latent (FLUX and Chroma: before their 2 x 2 packing), as the pipeline sizes its
     output: height and width, else its image's size (``_sizing_image``), else its default."""
     factor = pipe.vae_scale_factor
     default = getattr(pipe, "default_sample_size", None) or denoiser(pipe).config.sample_size
@@ -95,7 +95,7 @@ def latent_size(pipe, arguments: dict) -> tuple[int, int]:
     if image is not None and (height is None or width is None):
         height, width = pipe.image_processor.get_default_height_width(image, height, width)
     height, width = height or default * factor, width or default * factor
-    if isinstance(pipe, FluxPipeline):
+    if isinstance(denoiser(pipe), (FluxTransformer2DModel, ChromaTransformer2DModel)):  # any of their pipelines
         return 2 * (height // (factor * 2)), 2 * (width // (factor * 2))
     return height // factor, width // factor
 

@@ -197,3 +197,15 @@ def test_wan_image_to_video_takes_head_perturbation():
     batched = run(**heads)
     assert plain.shape == (1, 5, SIDE, SIDE, 3) and np.abs(batched - plain).max() > 1e-3
     np.testing.assert_allclose(run(**heads, perturbation_batching="sequential"), batched, atol=1e-4)
+
+
+def test_flux_and_chroma_pipelines_round_the_latent_to_their_2x2_packing():
+    """Every pipeline on a packed denoiser rounds its latent to whole 2 x 2 patches (38 px / VAE 2 = 19 ->
+    18), as FLUX's own text-to-image pipeline does; an unpacked one does not."""
+    from attnsteer.pipelines.astar import latent_size
+
+    size = dict(height=38, width=38)
+    assert latent_size(build(steer_pipeline(FluxImg2ImgPipeline), "flux"), size) == (18, 18)
+    assert latent_size(build(steer_pipeline(PIPELINE_CLASSES["flux"]), "flux"), size) == (18, 18)
+    assert latent_size(build(steer_pipeline(PIPELINE_CLASSES["chroma"]), "chroma"), size) == (18, 18)
+    assert latent_size(build(steer_pipeline(StableDiffusionImg2ImgPipeline), "sd"), dict(image=IMAGE)) == (16, 16)
