@@ -80,7 +80,7 @@ def main():
     pipe, _ = load_pipeline(args.model, "cpu", "float32")
     pipe.set_progress_bar_config(disable=True)
     call = {"num_inference_steps": 20, **pipe.call_defaults, "output_type": "pil"}  # as attnsteer eval
-    from attnsteer.pipelines.astar import denoiser
+    from attnsteer.pipelines.parent import denoiser
     from attnsteer.pipelines.story import self_layers
 
     options = {"story_dropout": args.dropout}

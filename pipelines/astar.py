@@ -31,12 +31,13 @@ import math
 
 import numpy as np
 import torch
-from diffusers import ChromaTransformer2DModel, FluxTransformer2DModel
+from diffusers import ChromaTransformer2DModel, FluxKontextInpaintPipeline, FluxKontextPipeline, FluxTransformer2DModel
 
 from attnsteer.attention_processors import map_layers
 from attnsteer.guidance.astar import NORMALIZE, SCHEDULES, AStarGuidance
 
 from .frames import temporal_factor
+from .parent import denoiser, parent_call
 from .tokens import content_indices, prompts_of, text_length, word_indices
 
 ASTAR_DEFAULTS = dict(
@@ -45,17 +46,24 @@ ASTAR_DEFAULTS = dict(
     astar_smoothing=(3, 0.5), astar_binarization="otsu", astar_checkpointing=False,
 )
 
-
-def denoiser(pipe) -> torch.nn.Module:
-    return pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+REFERENCE_TOKENS = (FluxKontextPipeline, FluxKontextInpaintPipeline)  # their reference image's tokens follow the output's
 
 
 def check_image_pipeline(pipe, name: str) -> None:
     """ValueError naming ``name`` on a video pipeline (its VAE has a temporal factor), whose maps have
-    frames (not supported yet)."""
+    frames (not supported yet), or on one whose image tokens are no single grid (``check_one_grid``)."""
     if temporal_factor(pipe) is not None:
         raise ValueError(f"{name}: A-STAR and attention maps run on the image pipelines (SD, SDXL, SD3, FLUX, "
                          f"Chroma); {type(pipe).__name__} is a video pipeline, not supported yet")
+    check_one_grid(pipe, name)
+
+
+def check_one_grid(pipe, name: str) -> None:
+    """ValueError naming ``name`` where the pipeline appends a reference image's tokens to the output's
+    (FLUX Kontext): the maps, the latent's grid and the sparse blocks read one grid of output tokens."""
+    if isinstance(pipe, REFERENCE_TOKENS):
+        raise ValueError(f"{name}: {type(pipe).__name__} appends its reference image's tokens to the output's, so "
+                         "its image tokens are no single grid (not supported yet)")
 
 
 def check_latent_input(pipe) -> None:
@@ -72,12 +80,7 @@ def _sizing_image(pipe, arguments: dict):
     """The image an editing pipeline takes its size from when not given height and width: SD and SDXL
     img2img (no height or width at all) and ControlNet pipelines (the control image; the picture to
     inpaint in ControlNet inpainting). None where the size has a default."""
-    from .steer import parent_call  # steer imports this module
-
     parameters = parent_call(type(pipe)).parameters
-    if "max_area" in parameters and not (arguments.get("height") and arguments.get("width")):
-        raise ValueError(f"{type(pipe).__name__} sizes its output by its image and max_area: give height and width "
-                         "for A-STAR, attention maps, IR-Diffusion or block-sparse attention")
     if "height" in parameters and getattr(pipe, "controlnet", None) is None:
         return None
     name = "control_image" if "control_image" in parameters and "mask_image" not in parameters else "image"

@@ -331,7 +331,7 @@ def _first_frame(args, pipe) -> dict:
     """Image-to-video's call argument: --image, on a pipeline that takes one (an image-to-video model)."""
     from PIL import Image
 
-    from .steer import parent_call
+    from .parent import parent_call
 
     if "image" not in parent_call(type(pipe)).parameters:
         raise UsageError(f"--image: --model {args.model} ({type(pipe).__bases__[-1].__name__}) is a text-to-video "
@@ -495,7 +495,7 @@ def evaluate(args) -> None:
 def _used(args, pipe, call: dict) -> dict:
     """The values a run used where the command line left the default: steps, CFG scale, and the head
     perturbation's w, u and mode (None where no heads were given: nothing used them)."""
-    from .steer import parent_call
+    from .parent import parent_call
 
     used = {"steps": call["num_inference_steps"],
             "guidance_scale": call.get("guidance_scale", parent_call(type(pipe)).parameters["guidance_scale"].default)}
@@ -535,7 +535,7 @@ def _check_negative_prompt(args, pipe, call: dict) -> None:
     if isinstance(pipe, FluxPipeline):
         raise UsageError("--negative-prompt needs true CFG on FLUX (true_cfg_scale > 1, not on the command line); "
                          "FLUX's --guidance-scale is distilled guidance, which reads no negative prompt")
-    from .steer import parent_call
+    from .parent import parent_call
 
     scale = call.get("guidance_scale", parent_call(type(pipe)).parameters["guidance_scale"].default)
     if scale <= 1:

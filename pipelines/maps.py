@@ -25,7 +25,8 @@ from PIL import Image, ImageDraw
 from attnsteer.attention_processors import map_layers
 from attnsteer.guidance.maps import MapRecorder
 
-from .astar import check_image_pipeline, check_window, denoiser, latent_size, per_prompt, resolve_concepts
+from .astar import check_image_pipeline, check_window, latent_size, per_prompt, resolve_concepts
+from .parent import denoiser
 
 MAPS_DEFAULTS = dict(return_attention_maps=None, attention_maps_steps=(0.0, 1.0), attention_maps_layers=None,
                      attention_maps_grid=None)

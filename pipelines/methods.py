@@ -7,8 +7,9 @@ from contextlib import ExitStack, contextmanager
 
 from attnsteer.attention_processors import steering
 
-from .astar import ASTAR_DEFAULTS, astar_guidance, denoiser
+from .astar import ASTAR_DEFAULTS, astar_guidance
 from .maps import MAPS_DEFAULTS, AttentionMaps, map_recorder
+from .parent import denoiser
 from .sparse import SPARSE_DEFAULTS, sparse_steer
 from .story import STORY_DEFAULTS, segmented_masks, story_guidance
 from .tokens import TEXT_FAMILIES, text_rule

@@ -1,5 +1,5 @@
-"""Block-sparse attention as keyword arguments of the video (Wan, CogVideoX, LTX-Video), SD3 and FLUX steer
-pipelines, checked before compute.
+"""Block-sparse attention as keyword arguments of every steer pipeline on a Wan, CogVideoX, LTX-Video, SD3 or
+FLUX denoiser (their text-to-X, editing, ControlNet and image-to-video pipelines), checked before compute.
 
     frames = pipe("a red circle moving left", sparsity=0.75).frames[0]
 
@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import math
 
-from diffusers import CogVideoXPipeline, FluxPipeline, LTXPipeline, StableDiffusion3Pipeline, WanPipeline
+from diffusers import (CogVideoXTransformer3DModel, FluxTransformer2DModel, LTXVideoTransformer3DModel,
+                       SD3Transformer2DModel, WanTransformer3DModel)
 
 from attnsteer.attention_processors import JOINT, SELF, list_layers
 from attnsteer.attention_processors.heads import layer_name
@@ -34,23 +35,25 @@ from attnsteer.attention_processors.sparse import (DraftAttention, DraftMask, Ra
                                                    check_sparsity, frame_blocks, one_block_a_frame, resolve_backend,
                                                    tiling_pool)
 
-from .astar import denoiser, latent_size
+from .astar import check_one_grid, latent_size
+from .parent import denoiser
 
 SPARSE_DEFAULTS = dict(sparsity=None, sparse_mask="draft", sparse_pool=None, sparse_tile=(3, 3, 3),
                        sparse_backend="auto", sparse_dense_layers=None, sparse_dense_steps=None)
 MASKS = ("draft", "radial", "tile")
-VIDEO = (WanPipeline, CogVideoXPipeline, LTXPipeline)
-SUPPORTED = (*VIDEO, StableDiffusion3Pipeline, FluxPipeline)
+VIDEO = (WanTransformer3DModel, CogVideoXTransformer3DModel, LTXVideoTransformer3DModel)
+SUPPORTED = (*VIDEO, SD3Transformer2DModel, FluxTransformer2DModel)
 WARMUP = 0.3
 
 
 def token_grid(pipe, arguments: dict) -> tuple[int, int]:
     """(rows, columns) of image tokens per frame of the call."""
-    c = pipe.transformer.config
-    if isinstance(pipe, VIDEO):
-        if isinstance(pipe, WanPipeline):
+    model = denoiser(pipe)
+    c = model.config
+    if isinstance(model, VIDEO):
+        if isinstance(model, WanTransformer3DModel):
             factor, (ph, pw) = pipe.vae_scale_factor_spatial, c.patch_size[1:]
-        elif isinstance(pipe, CogVideoXPipeline):
+        elif isinstance(model, CogVideoXTransformer3DModel):
             factor, ph, pw = pipe.vae_scale_factor_spatial, c.patch_size, c.patch_size
         else:
             factor, ph, pw = pipe.vae_spatial_compression_ratio, c.patch_size, c.patch_size
@@ -58,7 +61,7 @@ def token_grid(pipe, arguments: dict) -> tuple[int, int]:
         width = arguments["width"] or c.sample_width * factor
         return height // factor // ph, width // factor // pw
     h, w = latent_size(pipe, arguments)
-    patch = 2 if isinstance(pipe, FluxPipeline) else pipe.transformer.config.patch_size
+    patch = 2 if isinstance(model, FluxTransformer2DModel) else c.patch_size
     return h // patch, w // patch
 
 
@@ -75,11 +78,12 @@ def sparse_steer(pipe, arguments: dict, options: dict) -> DraftAttention | None:
                              "pattern: give sparsity=None with it")
     if sparsity is None and kind == "draft":
         return None
-    if not isinstance(pipe, SUPPORTED):
-        raise ValueError(f"block-sparse attention runs on the Wan, CogVideoX, LTX-Video, SD3 and FLUX steer "
-                         f"pipelines, not {type(pipe).__name__}")
-    check_backend(o["sparse_backend"], "sparse_backend")
     model = denoiser(pipe)
+    if not isinstance(model, SUPPORTED):
+        raise ValueError(f"block-sparse attention runs on the Wan, CogVideoX, LTX-Video, SD3 and FLUX denoisers, not on "
+                         f"{type(pipe).__name__}'s {type(model).__name__}")
+    check_one_grid(pipe, "sparsity" if sparsity is not None else "sparse_mask")
+    check_backend(o["sparse_backend"], "sparse_backend")
     layers = list_layers(model)
     names = [n for n, info in layers.items() if info.kind in (SELF, JOINT)]
     dense = o["sparse_dense_layers"]
@@ -92,7 +96,7 @@ def sparse_steer(pipe, arguments: dict, options: dict) -> DraftAttention | None:
             or pool[0] > grid[0] or pool[1] > grid[1]):
         raise ValueError(f"sparse_pool {pool!r} must be (rows, columns) of tokens that fit in the call's "
                          f"{grid[0]} x {grid[1]} tokens per frame")
-    if not isinstance(pipe, VIDEO) and frame_blocks(grid, pool) == 1:
+    if not isinstance(model, VIDEO) and frame_blocks(grid, pool) == 1:
         raise ValueError(f"sparse_pool: {one_block_a_frame(grid, pool)}")
     resolve_backend(o["sparse_backend"], model.device, tuple(pool))
     steps = o["sparse_dense_steps"]

@@ -30,6 +30,7 @@ from attnsteer.guidance.perturbation import BranchInfo, HeadPerturbationGuidance
 
 from .frames import frame_rounding_quiet
 from .methods import OPTIONS, AttentionMethods, pop_arguments
+from .parent import parent_call
 from .story import expand_story
 
 DEFAULT_SCALE = 5.0  # HeadHunter paper, SD3-medium
@@ -41,12 +42,6 @@ PERTURBATION_ARGUMENTS = ("perturbed_heads", "perturbation_scale", "softpag_u", 
 CALL_DEFAULTS = "attnsteer.json"  # in a model folder: {"call": {parent call keyword arguments the model needs}}
 OURS = (*PERTURBATION_ARGUMENTS, *OPTIONS)
 PREFIXES = ("perturb", "softpag", "astar", "story", "sparse", "fifo", "ouroboros", "attention_maps")
-
-
-def parent_call(cls) -> inspect.Signature:
-    """The signature of the diffusers pipeline's ``__call__`` that ``cls`` extends."""
-    parent = next(c for c in cls.__mro__ if c.__module__.startswith("diffusers.") and "__call__" in c.__dict__)
-    return inspect.signature(parent.__call__)
 
 
 def check_call_defaults(cls, defaults, path) -> dict:

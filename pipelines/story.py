@@ -39,13 +39,15 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import (SD3Transformer2DModel, StableDiffusion3Pipeline, StableDiffusionPipeline,
+                       StableDiffusionXLPipeline, UNet2DConditionModel)
 
 from attnsteer.attention_processors import CROSS, JOINT, SELF, list_layers, map_layers
 from attnsteer.attention_processors.subjects import check_subject_layers
 from attnsteer.guidance.story import SubjectConsistency
 
-from .astar import check_flag, denoiser, latent_size
+from .astar import check_flag, latent_size
+from .parent import denoiser
 from .tokens import word_indices
 
 STORY_DEFAULTS = dict(
@@ -140,9 +142,15 @@ def story_guidance(pipe, arguments: dict, options: dict) -> SubjectConsistency |
     subjects = o["story_subjects"]
     if subjects is None:
         return None
+    model = denoiser(pipe)
+    if not isinstance(model, (UNet2DConditionModel, SD3Transformer2DModel)):
+        raise ValueError(f"story_subjects: IR-Diffusion runs on the SD, SDXL and SD3 denoisers, not on "
+                         f"{type(pipe).__name__}'s {type(model).__name__} (its rotary positions would make "
+                         "repositioned keys wrong)")
     if not isinstance(pipe, SUPPORTED):
-        raise ValueError(f"story_subjects: IR-Diffusion runs on the SD, SDXL and SD3 steer pipelines, not "
-                         f"{type(pipe).__name__} (its rotary positions would make repositioned keys wrong)")
+        raise ValueError(f"story_subjects: IR-Diffusion runs on the text-to-image pipelines, not on "
+                         f"{type(pipe).__name__} (it draws its references from noise beside the scenes, in one "
+                         "batch, where an editing or ControlNet pipeline ties every row to one input picture)")
     prompts = arguments["prompt"]
     count, rows = len(subjects), len(prompts)
     words = o["story_words"] or [default_word(s) for s in subjects]
@@ -163,7 +171,6 @@ def story_guidance(pipe, arguments: dict, options: dict) -> SubjectConsistency |
                 raise ValueError(f"story_words: the word {word!r} of subject {s} is not in {where} {prompt!r}; "
                                  f"name each subject with words its prompt and every scene contain (story_words)") from None
         groups.append(found)
-    model = denoiser(pipe)
     isolate = o["story_isolate_layers"] or self_layers(model)
     read = (o["story_read_layers"] or decoder_layers(model)) if o["story_read"] else []
     crossed = [n for n, info in list_layers(model).items() if info.kind == CROSS] if o["story_read"] and mutual else []

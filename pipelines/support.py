@@ -17,7 +17,17 @@ METHODS = {  # the column, and the least keyword arguments that turn the method 
     "IR-Diffusion": dict(story_subjects=["a red circle", "a blue square"]),
     "block-sparse attention": dict(sparsity=0.5, sparse_pool=(2, 2)),
 }
-TASKS = {"": {}, "Img2Img": {"strength": 0.75}, "Inpaint": {"strength": 1.0}}  # task -> its call's extra arguments
+EDITING = {  # per kind, the editing, ControlNet and image-to-video pipelines the table lists (the tests build them too)
+    "sd": ("StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline", "StableDiffusionControlNetPipeline",
+           "StableDiffusionControlNetImg2ImgPipeline", "StableDiffusionControlNetInpaintPipeline"),
+    "sdxl": ("StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline", "StableDiffusionXLControlNetPipeline",
+             "StableDiffusionXLControlNetImg2ImgPipeline", "StableDiffusionXLControlNetInpaintPipeline"),
+    "sd3": ("StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline", "StableDiffusion3ControlNetPipeline",
+            "StableDiffusion3ControlNetInpaintingPipeline"),
+    "flux": ("FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxFillPipeline", "FluxKontextPipeline",
+             "FluxControlNetPipeline", "FluxControlNetImg2ImgPipeline", "FluxControlNetInpaintPipeline"),
+    "wan": ("WanImageToVideoPipeline", "WanVideoToVideoPipeline"),
+}
 
 
 def method_support(pipe, call: dict) -> dict[str, str]:
@@ -29,39 +39,43 @@ def method_support(pipe, call: dict) -> dict[str, str]:
             out[name] = "yes"
         except ValueError as error:
             why = str(error).split(": ", 1)[-1] if str(error).startswith(tuple(kwargs)) else str(error)
-            out[name] = "no: " + why.split(" (")[0].split("; ")[0]
+            out[name] = "no: " + why.split("; ")[0]
     return out
 
 
 def support_table() -> str:
-    """The markdown table of every steer pipeline kind attnsteer tests (tiny random pipelines) x method; the
-    newer families (Chroma, CogVideoX, LTX-Video) in their text-to-image or text-to-video pipeline only."""
+    """The markdown table of every steer pipeline kind attnsteer tests (tiny random pipelines) x method: each
+    family's text-to-X pipeline and its ``EDITING`` ones; the newer families in their text-to-X pipeline only."""
+    import inspect
+
     import diffusers
 
+    from .parent import denoiser, parent_call
     from .steer import steer_pipeline
-    from .tiny import FAMILY_KINDS, KINDS, PIPELINE_CLASSES, tiny_pipeline
+    from .tiny import FAMILY_KINDS, KINDS, PIPELINE_CLASSES, editing_parts, tiny_components
 
     side = 64
     image = Image.fromarray(np.full((side, side, 3), 128, np.uint8))
     mask = Image.fromarray(np.full((side, side), 255, np.uint8))
+    inputs = {"image": image, "control_image": image, "mask_image": mask, "control_mask": mask, "video": [image] * 5,
+              "strength": 0.75}
     lines, reasons = ["| pipeline | " + " | ".join(METHODS) + " |", "|---" * (len(METHODS) + 1) + "|"], []
     for kind in KINDS + FAMILY_KINDS:
-        base = tiny_pipeline(kind, steer_pipeline(PIPELINE_CLASSES[kind]))
-        for task, extra in TASKS.items() if kind in KINDS else [("", {})]:  # newer families: text-to-X only
-            parent = getattr(diffusers, PIPELINE_CLASSES[kind].__name__.removesuffix("Pipeline") + task + "Pipeline", None)
-            if parent is None:
-                continue
-            pipe = steer_pipeline(parent).from_pipe(base) if task else base
-            call = dict(prompt=PROMPT, num_inference_steps=2, **extra)
-            if kind in ("wan", "cogvideox", "ltx"):
+        components = tiny_components(kind)
+        for parent in (PIPELINE_CLASSES[kind], *(getattr(diffusers, name) for name in EDITING.get(kind, ()))):
+            allowed = inspect.signature(parent.__init__).parameters
+            pipe = steer_pipeline(parent)(**{**{k: v for k, v in components.items() if k in allowed},
+                                             **editing_parts(parent, components)})
+            parameters = parent_call(type(pipe)).parameters
+            call = dict(prompt=PROMPT, num_inference_steps=2, **{k: v for k, v in inputs.items() if k in parameters})
+            if "num_frames" in parameters:
                 call.update(num_frames=5, height=side // 2, width=side // 2)
-            elif task == "Img2Img":  # the image sets the size
-                call.update(image=image)
-            else:
-                call.update(height=side, width=side, **({"image": image, "mask_image": mask} if task else {}))
+            elif "height" in parameters:
+                call.update(height=side, width=side)
             cells = []
             for cell in method_support(pipe, call).values():
-                why = cell.removeprefix("no: ").replace(type(pipe).__name__, "this pipeline")
+                why = cell.removeprefix("no: ").replace(f"{type(pipe).__name__}'s {type(denoiser(pipe)).__name__}",
+                                                        "this pipeline's denoiser").replace(type(pipe).__name__, "this pipeline")
                 if cell != "yes" and why not in reasons:
                     reasons.append(why)
                 cells.append("yes" if cell == "yes" else f"no ({reasons.index(why) + 1})")

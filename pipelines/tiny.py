@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import inspect
 import json
 import shutil
 import tempfile
@@ -29,9 +30,11 @@ from diffusers import (
     CogVideoXDDIMScheduler,
     CogVideoXPipeline,
     CogVideoXTransformer3DModel,
+    ControlNetModel,
     DDIMScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxControlNetModel,
     FluxPipeline,
     Flux2KleinPipeline,
     Flux2Transformer2DModel,
@@ -40,6 +43,7 @@ from diffusers import (
     LTXVideoTransformer3DModel,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
+    SD3ControlNetModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
@@ -59,7 +63,8 @@ from transformers import (
     UMT5EncoderModel,
 )
 
-__all__ = ["FAMILY_KINDS", "KINDS", "PIPELINE_CLASSES", "clip_tokenizer", "tiny_components", "tiny_pipeline"]
+__all__ = ["FAMILY_KINDS", "KINDS", "PIPELINE_CLASSES", "clip_tokenizer", "editing_parts", "tiny_components",
+           "tiny_pipeline"]
 
 KINDS = ("sd", "sdxl", "sd3", "flux", "wan")  # the families the shapes models, the CLI and the method tests cover
 FAMILY_KINDS = ("chroma", "flux2", "qwenimage", "cogvideox", "ltx")  # newer families: head perturbation and block-sparse attention
@@ -605,3 +610,44 @@ def tiny_pipeline(kind: str, pipeline_class=None, seed: int = 0):
     pipe = cls(**tiny_components(kind, seed))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _live(controlnet: torch.nn.Module) -> torch.nn.Module:
+    """``controlnet`` with the parameters diffusers starts at zero (its zero convolutions and projections)
+    drawn small and random, so that the control branch changes the picture as a trained one does."""
+    with torch.no_grad():
+        for parameter in controlnet.parameters():
+            if not parameter.any():
+                parameter.normal_(std=0.05)
+    return controlnet.eval()
+
+
+def editing_parts(parent, components: dict, seed: int = 0) -> dict:
+    """What the diffusers pipeline class ``parent`` (an editing, ControlNet or image-to-video pipeline of
+    a kind) takes beyond the kind's tiny ``components``, built from them: a ControlNet copied from the
+    denoiser as diffusers' ``from_unet`` / ``from_transformer`` do (one block; SD3's inpainting one with
+    the mask's extra channel), FLUX Fill's transformer that also reads the masked picture's latent and the
+    mask, and Wan's image-to-video without a CLIP image encoder (Wan 2.2 TI2V's first-frame conditioning)."""
+    allowed = inspect.signature(parent.__init__).parameters
+    name, parts = parent.__name__, {}
+    model = components.get("unet") or components.get("transformer")
+    if "controlnet" in allowed and isinstance(model, UNet2DConditionModel):
+        parts["controlnet"] = _seeded(seed, lambda: _live(ControlNetModel.from_unet(
+            model, conditioning_embedding_out_channels=(8, 16))))
+    elif "controlnet" in allowed and isinstance(model, SD3Transformer2DModel):
+        extra = int("Inpaint" in name)  # the control mask rides along the control image's latent
+        parts["controlnet"] = _seeded(seed, lambda: _live(SD3ControlNetModel.from_transformer(
+            model, num_layers=1, num_extra_conditioning_channels=extra)))
+    elif "controlnet" in allowed and isinstance(model, FluxTransformer2DModel):
+        c = model.config
+        parts["controlnet"] = _seeded(seed, lambda: _live(FluxControlNetModel.from_transformer(
+            model, num_layers=1, num_single_layers=1, attention_head_dim=c.attention_head_dim,
+            num_attention_heads=c.num_attention_heads)))
+    if name.startswith("FluxFill"):  # packed latent + packed masked-picture latent + the mask, 8 x 8 -> 2 x 2 packed
+        latent, factor = components["vae"].config.latent_channels, 2 ** (len(components["vae"].config.block_out_channels) - 1)
+        config = {k: v for k, v in model.config.items() if not k.startswith("_")}
+        config.update(in_channels=8 * latent + 4 * factor**2, out_channels=4 * latent)
+        parts["transformer"] = _seeded(seed, lambda: FluxTransformer2DModel(**config)).eval()
+    if "image_encoder" in allowed and "expand_timesteps" in allowed:
+        parts.update(image_encoder=None, image_processor=None, expand_timesteps=True)
+    return parts

@@ -30,6 +30,8 @@ from diffusers import (
     WanTransformer3DModel,
 )
 
+from .parent import denoiser
+
 # the denoisers whose text keys are mapped to words, and how: any pipeline on them (text-to-image or editing)
 TEXT_DENOISERS = {UNet2DConditionModel: "clip", SD3Transformer2DModel: "sd3", FluxTransformer2DModel: "flux",
                   WanTransformer3DModel: "t5", ChromaTransformer2DModel: "t5"}
@@ -48,7 +50,7 @@ class TextPart:
 
 def text_rule(pipe) -> str | None:
     """How ``pipe``'s denoiser sees text ("clip", "sd3", "flux", "t5"), None where words are not mapped."""
-    model = pipe.unet if getattr(pipe, "unet", None) is not None else getattr(pipe, "transformer", None)
+    model = denoiser(pipe)
     return next((rule for cls, rule in TEXT_DENOISERS.items() if isinstance(model, cls)), None)
 
 

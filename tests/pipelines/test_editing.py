@@ -7,10 +7,11 @@ import inspect
 import numpy as np
 import pytest
 import torch
-from diffusers import (ControlNetModel, FluxImg2ImgPipeline, FluxInpaintPipeline, FluxKontextPipeline, SanaPipeline,
+from diffusers import (FluxControlNetPipeline, FluxFillPipeline, FluxImg2ImgPipeline, FluxInpaintPipeline, FluxKontextPipeline, SanaPipeline,
                        StableDiffusionControlNetInpaintPipeline, StableDiffusionControlNetPAGInpaintPipeline,
                        StableDiffusionXLControlNetImg2ImgPipeline, StableDiffusionXLControlNetPAGImg2ImgPipeline,
-                       StableDiffusionXLControlNetPAGPipeline, StableDiffusionXLControlNetPipeline, StableDiffusion3Img2ImgPipeline, StableDiffusion3PAGImg2ImgPipeline,
+                       StableDiffusionXLControlNetPAGPipeline, StableDiffusionXLControlNetPipeline, StableDiffusion3ControlNetPipeline,
+                       StableDiffusion3Img2ImgPipeline, StableDiffusion3PAGImg2ImgPipeline,
                        StableDiffusionControlNetPAGPipeline, StableDiffusionControlNetPipeline,
                        StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline,
                        StableDiffusionPAGImg2ImgPipeline, StableDiffusionPAGInpaintPipeline, StableDiffusionPipeline,
@@ -20,7 +21,7 @@ from PIL import Image
 
 import attnsteer.pipelines as pipelines
 from attnsteer.pipelines import StableDiffusionSteerPipeline, steer_pipeline
-from attnsteer.pipelines.tiny import PIPELINE_CLASSES, tiny_components
+from attnsteer.pipelines.tiny import PIPELINE_CLASSES, editing_parts, tiny_components
 
 SIDE = 32
 IMAGE = Image.fromarray(np.random.default_rng(0).integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8))
@@ -55,16 +56,16 @@ CASES = {
 def components_of(kind):
     """One tiny pipeline's components per kind, shared by every pipeline class of a test (each leaves
     the models as it found them)."""
-    components = tiny_components(kind)
-    if kind in ("sd", "sdxl"):  # a tiny ControlNet whose conditioning embedding downsamples as the tiny VAE (2x)
-        components["controlnet"] = ControlNetModel.from_unet(components["unet"], conditioning_embedding_out_channels=(8, 16))
-    return components
+    return tiny_components(kind)
 
 
 def build(cls, kind, **extra):
+    """A tiny ``cls`` on the kind's components and the parts its class adds (``editing_parts``: a
+    ControlNet, ...), the same for the same class."""
     components = components_of(kind)
     allowed = inspect.signature(cls.__init__).parameters
-    pipe = cls(**{k: v for k, v in components.items() if k in allowed}, **extra)
+    parts = editing_parts(cls, components)
+    pipe = cls(**{k: v for k, v in components.items() if k in allowed and k not in parts}, **parts, **extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -110,6 +111,7 @@ def test_steer_classes_by_name_from_pipe_and_refusals():
 @pytest.mark.parametrize("parent,images", [
     (FluxImg2ImgPipeline, dict(image=IMAGE, strength=0.75)),
     (FluxInpaintPipeline, dict(image=IMAGE, mask_image=MASK, height=SIDE, width=SIDE, strength=1.0)),
+    (FluxFillPipeline, dict(image=IMAGE, mask_image=MASK, height=SIDE, width=SIDE)),  # its transformer reads the mask too
     (FluxKontextPipeline, dict(image=IMAGE, height=SIDE, width=SIDE, max_area=SIDE * SIDE,
                                _auto_resize=False)),  # its reference image: tokens after the image's
 ])
@@ -126,6 +128,43 @@ def test_flux_editing_pipelines_take_head_perturbation(parent, images):
     batched = run(**heads)
     assert np.abs(batched - plain).max() > 1e-3
     np.testing.assert_allclose(run(**heads, perturbation_batching="sequential"), batched, atol=1e-4)
+
+
+@pytest.mark.parametrize("parent,heads", [(StableDiffusion3ControlNetPipeline, "transformer_blocks.1.attn:*"),
+                                          (FluxControlNetPipeline, "transformer_blocks.0.attn:*")])
+def test_controlnet_pipelines_steer_the_denoiser_and_leave_the_control_branch_alone(parent, heads):
+    """SD3's and FLUX's ControlNet pipelines (SD's and SDXL's: equal to diffusers' PAG above): u = 0 is the
+    parent, the heads change the picture, and while they do, the ControlNet runs with its own attention
+    (nothing installed on it), though its layers bear the same names as the steered ones."""
+    pipe = build(steer_pipeline(parent), "sd3" if parent is StableDiffusion3ControlNetPipeline else "flux")
+    control = pipe.controlnet
+    touched = []
+    hook = control.register_forward_pre_hook(lambda module, args: touched.append(
+        "forward" in module.__dict__ or any(type(p).__name__.startswith("Steered") for p in module.attn_processors.values())))
+
+    def run(**extra):
+        torch.manual_seed(0)  # SD3's ControlNet pipeline samples the control image's latent from the global generator
+        return pipe(**call("sd3", dict(control_image=IMAGE, height=SIDE, width=SIDE), num_inference_steps=2,
+                           max_sequence_length=8, **extra), generator=torch.Generator().manual_seed(0)).images
+
+    try:
+        plain = run(controlnet_conditioning_scale=0.0)
+        assert np.abs(run() - plain).max() > 1e-3  # the control branch acts
+        plain = run()
+        np.testing.assert_allclose(run(perturbed_heads=heads, perturbation_scale=3.0, softpag_u=0.0), plain, atol=1e-6)
+        touched.clear()
+        assert np.abs(run(perturbed_heads=heads, perturbation_scale=3.0) - plain).max() > 1e-3
+    finally:
+        hook.remove()
+    assert touched and not any(touched)
+
+
+def test_ir_diffusion_is_refused_on_editing_pipelines_by_reason():
+    pipe = build(steer_pipeline(StableDiffusionImg2ImgPipeline), "sd")
+    with pytest.raises(ValueError, match=r"story_subjects: IR-Diffusion runs on the text-to-image pipelines, not on "
+                                         r"StableDiffusionImg2ImgSteerPipeline \(it draws its references from noise"):
+        pipe.check_call(**call("sd", dict(image=IMAGE), prompt="a red circle and a blue square",
+                               story_subjects=["a red circle", "a blue square"]))
 
 
 BIG = Image.fromarray(np.random.default_rng(1).integers(0, 256, (48, 48, 3), dtype=np.uint8))  # not the default 32 px
@@ -171,26 +210,13 @@ def test_astar_is_refused_where_the_denoiser_takes_more_than_the_latent():
                                          "input channels, the latent's 4 and the picture's conditioning"):
         pipe.check_call(**call("sd", dict(image=IMAGE, mask_image=MASK), astar_tokens=["circle", "square"],
                                prompt="a red circle and a blue square"))
-    kontext = build(steer_pipeline(FluxKontextPipeline), "flux")
-    with pytest.raises(ValueError, match="FluxKontextSteerPipeline sizes its output by its image and max_area: give "
-                                         "height and width for A-STAR"):
-        kontext.check_call(**call("flux", dict(image=IMAGE), return_attention_maps=["circle"], max_sequence_length=16))
 
 
 def test_wan_image_to_video_takes_head_perturbation():
     """Wan 2.2 TI2V's image-to-video (``expand_timesteps``: the image's latent is the first latent frame,
-    at timestep 0): u = 0 is the parent, the heads change the video, batched equals sequential. The
-    prompt goes in as embeddings (the I2V pipeline's prompt cleaning needs ftfy)."""
-    from diffusers import WanImageToVideoPipeline, WanPipeline
-
-    components = tiny_components("wan")
-    pipe = steer_pipeline(WanImageToVideoPipeline)(**components, image_encoder=None, image_processor=None,
-                                                   expand_timesteps=True)
-    pipe.set_progress_bar_config(disable=True)
-    embeds, negative = WanPipeline(**components).encode_prompt("a red circle", negative_prompt="", max_sequence_length=16)
-    run = lambda **extra: pipe(image=IMAGE, prompt_embeds=embeds, negative_prompt_embeds=negative, height=SIDE,
-                               width=SIDE, num_frames=5, num_inference_steps=2, output_type="np",
-                               generator=torch.Generator().manual_seed(0), **extra).frames
+    at timestep 0): u = 0 is the parent, the heads change the video, batched equals sequential."""
+    pipe, kwargs = wan_image_to_video()
+    run = lambda **extra: pipe(**kwargs, generator=torch.Generator().manual_seed(0), **extra).frames
     plain = run()
     heads = dict(perturbed_heads="blocks.1.attn1:*", perturbation_scale=3.0)
     np.testing.assert_allclose(run(**heads, softpag_u=0.0), plain, atol=1e-6)
@@ -209,3 +235,50 @@ def test_flux_and_chroma_pipelines_round_the_latent_to_their_2x2_packing():
     assert latent_size(build(steer_pipeline(PIPELINE_CLASSES["flux"]), "flux"), size) == (18, 18)
     assert latent_size(build(steer_pipeline(PIPELINE_CLASSES["chroma"]), "chroma"), size) == (18, 18)
     assert latent_size(build(steer_pipeline(StableDiffusionImg2ImgPipeline), "sd"), dict(image=IMAGE)) == (16, 16)
+
+
+def wan_image_to_video():
+    """Wan 2.2 TI2V's image-to-video on the tiny Wan, and a call of it (the prompt as embeddings: the I2V
+    pipeline's prompt cleaning needs ftfy)."""
+    from diffusers import WanImageToVideoPipeline, WanPipeline
+
+    components = tiny_components("wan")
+    pipe = steer_pipeline(WanImageToVideoPipeline)(**components, image_encoder=None, image_processor=None,
+                                                   expand_timesteps=True)
+    pipe.set_progress_bar_config(disable=True)
+    embeds, negative = WanPipeline(**components).encode_prompt("a red circle", negative_prompt="", max_sequence_length=16)
+    return pipe, dict(image=IMAGE, prompt_embeds=embeds, negative_prompt_embeds=negative, height=SIDE, width=SIDE,
+                      num_frames=5, num_inference_steps=2, output_type="np")
+
+
+@pytest.mark.parametrize("case", ["flux-inpaint", "sd3-img2img", "wan-i2v"])
+def test_editing_pipelines_take_block_sparse_attention(case):
+    """Block-sparse attention follows the denoiser, so an edit takes it as its text-to-X pipeline does: keeping
+    every block is the plain edit, skipping 90% of them changes it, the same way every time."""
+    if case == "wan-i2v":
+        pipe, kwargs = wan_image_to_video()
+    else:
+        kind, parent, images = {"flux-inpaint": ("flux", FluxInpaintPipeline, dict(image=BIG, mask_image=BIG, strength=1.0)),
+                                "sd3-img2img": ("sd3", StableDiffusion3Img2ImgPipeline, dict(image=BIG, strength=0.75))}[case]
+        pipe = build(steer_pipeline(parent), kind)
+        kwargs = call(kind, dict(images, height=48, width=48), num_inference_steps=2, max_sequence_length=8)
+    run = lambda **extra: getattr(pipe(**kwargs, **extra, generator=torch.Generator().manual_seed(0)),
+                                  "frames" if case == "wan-i2v" else "images")
+    sparse = dict(sparse_pool=(2, 2), sparse_backend="gather", sparse_dense_steps=0)
+    plain = run()
+    np.testing.assert_allclose(run(sparsity=0.0, **sparse), plain, atol=1e-5)
+    skipped = run(sparsity=0.9, **sparse)
+    assert np.abs(skipped - plain).max() > 1e-4
+    np.testing.assert_array_equal(run(sparsity=0.9, **sparse), skipped)
+
+
+@pytest.mark.parametrize("method", [dict(sparsity=0.5), dict(return_attention_maps=["circle"]),
+                                    dict(astar_tokens=["circle", "square"])])
+def test_methods_that_read_the_image_grid_are_refused_where_reference_tokens_follow_it(method):
+    """FLUX Kontext's tokens are the output's grid and then its reference image's: maps, A-STAR and sparse
+    blocks, which read one grid, are refused before compute (they failed inside the first step)."""
+    kontext = build(steer_pipeline(FluxKontextPipeline), "flux")
+    with pytest.raises(ValueError, match=f"{next(iter(method))}: FluxKontextSteerPipeline appends its reference "
+                                         r"image's tokens to the output's, so its image tokens are no single grid"):
+        kontext.check_call(**call("flux", dict(image=IMAGE, height=SIDE, width=SIDE), **method,
+                                  prompt="a red circle and a blue square", max_sequence_length=8))

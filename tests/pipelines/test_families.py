@@ -201,7 +201,7 @@ def test_block_sparse_keep_all_is_dense_and_sparsity_acts(kind):
 REFUSED = [  # Chroma's T5 words are mapped (tests/pipelines/test_attention_maps.py, test_astar_pipeline.py)
     (dict(astar_tokens=["circle"]), "A-STAR needs the attention maps of text tokens"),
     (dict(return_attention_maps=["circle"]), "return_attention_maps needs the attention maps of text tokens"),
-    (dict(story_subjects=["a circle", "a square"]), "IR-Diffusion runs on the SD, SDXL and SD3 steer pipelines"),
+    (dict(story_subjects=["a circle", "a square"]), "IR-Diffusion runs on the SD, SDXL and SD3 denoisers"),
 ]
 
 

@@ -152,8 +152,8 @@ def test_bad_input_is_refused_before_any_denoising(bad, message):
 
 
 def test_flux_is_refused_and_generator_lists_must_cover_every_row():
-    with pytest.raises(ValueError, match=r"story_subjects: IR-Diffusion runs on the SD, SDXL and SD3 steer pipelines, "
-                                         r"not FluxSteerPipeline"):
+    with pytest.raises(ValueError, match=r"story_subjects: IR-Diffusion runs on the SD, SDXL and SD3 denoisers, not "
+                                         r"on FluxSteerPipeline's FluxTransformer2DModel \(its rotary positions"):
         generate("flux", story_subjects=SUBJECTS)
     with pytest.raises(ValueError, match=r"generator must be one generator or a list of 3 \(2 references \+ 1 scenes\), got 2"):
         pipe_of("sd")(SCENE, story_subjects=SUBJECTS, generator=[torch.Generator()] * 2, num_inference_steps=1)
