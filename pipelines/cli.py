@@ -340,8 +340,8 @@ def _first_frame(args, pipe) -> dict:
 
 
 def _editing(args, pipe, is_video: bool):
-    """(the img2img steer pipeline, or with --mask the inpainting one, on the loaded pipeline's components;
-    the call's image arguments)."""
+    """(the img2img steer pipeline, or with --mask the inpainting one, with --controlnet their ControlNet
+    variant, on the loaded pipeline's components; the call's image arguments)."""
     import diffusers
     from PIL import Image
 
@@ -350,17 +350,49 @@ def _editing(args, pipe, is_video: bool):
     if is_video:
         raise UsageError(f"--model {args.model} is a video model; `attnsteer edit` edits pictures")
     parent = type(pipe).__bases__[-1]
-    task = "Inpaint" if args.mask else "Img2Img"
+    task = ("ControlNet" if args.controlnet else "") + ("Inpaint" if args.mask else "Img2Img")
     cls = getattr(diffusers, parent.__name__.removesuffix("Pipeline") + task + "Pipeline", None)
     if cls is None:
-        raise UsageError(f"--model {args.model} ({parent.__name__}) has no {task.lower()} pipeline in diffusers")
-    editing = steer_pipeline(cls).from_pipe(pipe)
+        what = {"Img2Img": "img2img", "Inpaint": "inpainting"}[task.removeprefix("ControlNet")]
+        raise UsageError(f"--model {args.model} ({parent.__name__}) has no {'ControlNet ' * bool(args.controlnet)}"
+                         f"{what} pipeline in diffusers")
+    extra = {"controlnet": _controlnet(args, pipe)} if args.controlnet else {}
+    editing = steer_pipeline(cls).from_pipe(pipe, **extra)
     editing.set_progress_bar_config(disable=False)
     image = Image.open(args.image).convert("RGB")
     extra = {"image": image, **({"strength": args.strength} if args.strength is not None else {})}
     if args.mask:
         extra.update(mask_image=Image.open(args.mask).convert("L"), height=image.height, width=image.width)
+    if args.controlnet:
+        extra["control_image"] = Image.open(args.control).convert("RGB").resize(image.size)
     return editing, extra
+
+
+def _controlnet(args, pipe):
+    """The ControlNet of --controlnet (a diffusers ControlNet folder, or a hub id), in the pipeline's dtype
+    and device, or a UsageError naming what does not fit."""
+    import diffusers
+
+    source = controlnet_path(args.controlnet)
+    try:
+        name = diffusers.ControlNetModel.load_config(source).get("_class_name", "")  # any model folder's config.json
+    except OSError as error:
+        raise UsageError(f"--controlnet {args.controlnet}: could not be loaded: {error}") from None
+    cls = getattr(diffusers, name, None)
+    if cls is None or "ControlNet" not in name:
+        raise UsageError(f"--controlnet {args.controlnet} holds a {name or 'model of no class'}, not a diffusers "
+                         "ControlNet model")
+    return cls.from_pretrained(source).to(pipe.device, pipe.dtype)
+
+
+def controlnet_path(value: str) -> str:
+    """The folder or hub id to load --controlnet from, refused without hub access where it is neither."""
+    path = Path(value).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise UsageError(f"--controlnet {value}: the folder has no config.json, so it is not a diffusers model")
+    if not path.is_dir() and (path.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", value) or value.startswith((".", "/", "~"))):
+        raise UsageError(f"--controlnet {value!r} is neither a ControlNet folder nor a hub id of the form org/name")
+    return str(path) if path.is_dir() else value
 
 
 def long_video(args, pipe, call: dict) -> None:
@@ -781,6 +813,10 @@ def parser() -> argparse.ArgumentParser:
     ed.add_argument("--mask", default=None, help="inpainting: a picture white where to redraw (default: none, img2img)")
     ed.add_argument("--strength", type=STRENGTH, default=None,
                     help="how far the result may move from the picture, in (0, 1] (default: the pipeline's)")
+    ed.add_argument("--control", default=None, help="the control picture (pose, depth, edges, ...) for --controlnet, "
+                                                   "resized to --image's size")
+    ed.add_argument("--controlnet", default=None, help="a diffusers ControlNet folder (or hub id) of the model's "
+                                                      "family; with --control (default: none)")
     generate_options(ed, "edit")
 
     v = command("video", help="generate a video (frames as PNG and an animated GIF), optionally steered; --frames "
@@ -921,9 +957,13 @@ def check(args) -> None:
             raise UsageError(f"--device {args.device}: no CUDA GPU is visible to torch here; use --device cpu")
     if not args.model.startswith(TINY_PREFIX):
         model_path(args.model)
-    for name in ("image", "mask"):
+    for name in ("image", "mask", "control"):
         if getattr(args, name, None) and not Path(getattr(args, name)).is_file():
             raise UsageError(f"--{name} {getattr(args, name)!r} does not exist")
+    if args.command == "edit" and bool(args.control) != bool(args.controlnet):
+        raise UsageError("--control and --controlnet go together: the control picture and the ControlNet that reads it")
+    if getattr(args, "controlnet", None):
+        controlnet_path(args.controlnet)
     if args.command == "edit" and (args.height or args.width):
         raise UsageError("--height and --width: `attnsteer edit` draws at the size of --image")
     if getattr(args, "prompts", None) and not Path(args.prompts).is_file():

@@ -424,6 +424,33 @@ def test_edit_draws_over_a_picture_with_and_without_a_mask(tmp_path, capsys):
     assert "argument --strength: 0 is not allowed: a fraction in (0, 1]" in refused([*edit, "--strength", "0"], capsys)
 
 
+def test_edit_with_a_controlnet_follows_the_control_picture(tmp_path, capsys):
+    """--control with --controlnet runs the family's ControlNet img2img (or inpainting) pipeline with that
+    ControlNet: another control picture gives another edit."""
+    from diffusers import StableDiffusionControlNetImg2ImgPipeline
+
+    from attnsteer.pipelines.tiny import editing_parts, tiny_components
+
+    editing_parts(StableDiffusionControlNetImg2ImgPipeline, tiny_components("sd"))["controlnet"].save_pretrained(tmp_path / "cn")
+    picture, left, right = (tmp_path / f"{n}.png" for n in ("picture", "left", "right"))
+    Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(picture)
+    Image.fromarray(np.pad(np.full((32, 16, 3), 255, np.uint8), ((0, 0), (0, 16), (0, 0)))).save(left)
+    Image.fromarray(np.pad(np.full((32, 16, 3), 255, np.uint8), ((0, 0), (16, 0), (0, 0)))).save(right)
+    edit = ["edit", "--model", "tiny-sd", "--image", str(picture), "--prompt", "a red circle", "--steps", "2",
+            "--controlnet", str(tmp_path / "cn")]
+    outs = []
+    for control in (left, right):
+        main([*edit, "--control", str(control), "--out", str(tmp_path / control.stem)])
+        outs.append(np.asarray(Image.open(tmp_path / control.stem / "seed0_output_0.png"), np.int16))
+    assert outs[0].shape == (32, 32, 3) and np.abs(outs[0] - outs[1]).max() > 0
+    assert "--control and --controlnet go together" in refused(edit, capsys)
+    assert "--controlnet 'nowhere' is neither a ControlNet folder nor a hub id" in refused(
+        [*edit[:-1], "nowhere", "--control", str(left)], capsys)
+    assert "has no ControlNet img2img pipeline in diffusers" in refused(
+        ["edit", "--model", "tiny-sd3", "--image", str(picture), "--prompt", "a circle", "--controlnet",
+         str(tmp_path / "cn"), "--control", str(left), "--out", str(tmp_path / "o")], capsys)
+
+
 def test_video_frames_are_the_frames_out_with_a_per_frame_vae(tmp_path, monkeypatch):
     """With a VAE of temporal factor 1, WanPipeline makes num_frames + 1 frames: --frames N still gives N,
     by the model's clip (5 here: its call default num_frames 4) directly, beyond it by FIFO."""
