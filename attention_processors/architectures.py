@@ -203,14 +203,16 @@ class FluxArchitecture(Architecture):
 
 
 class WanArchitecture(Architecture):
-    """WanTransformer3DModel: attn1 video self-attention (frame-major), attn2 cross-attention."""
+    """WanTransformer3DModel: attn1 video self-attention (frame-major), attn2 cross-attention. VACE's
+    (WanVACETransformer3DModel) control branch, its ``vace_blocks`` that turn the control video into hints
+    added after some main blocks, is not listed: never steered, as a ControlNet is not."""
 
-    model_classes = ("WanTransformer3DModel",)
+    model_classes = ("WanTransformer3DModel", "WanVACETransformer3DModel")
 
     def kind(self, name, module):
         from diffusers.models.transformers.transformer_wan import WanAttention
 
-        if not isinstance(module, WanAttention):
+        if not isinstance(module, WanAttention) or name.startswith("vace_blocks."):
             return None
         return CROSS if module.is_cross_attention else SELF
 

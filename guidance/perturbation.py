@@ -34,7 +34,7 @@ from attnsteer.attention_processors import (MODES, HeadPerturbation, HeadSet, Sh
 from .auxiliary import in_auxiliary_call
 
 BATCHING = ("batched", "sequential")
-UNBATCHED_ARGUMENTS = frozenset({"txt_ids", "img_ids"})
+UNBATCHED_ARGUMENTS = frozenset({"txt_ids", "img_ids", "control_hidden_states_scale"})  # per call, not per row
 
 
 @dataclass(frozen=True)

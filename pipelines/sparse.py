@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 
 from diffusers import (CogVideoXTransformer3DModel, FluxTransformer2DModel, LTXVideoTransformer3DModel,
-                       SD3Transformer2DModel, WanTransformer3DModel)
+                       SD3Transformer2DModel, WanTransformer3DModel, WanVACETransformer3DModel)
 
 from attnsteer.attention_processors import JOINT, SELF, list_layers
 from attnsteer.attention_processors.heads import layer_name
@@ -41,7 +41,8 @@ from .parent import denoiser
 SPARSE_DEFAULTS = dict(sparsity=None, sparse_mask="draft", sparse_pool=None, sparse_tile=(3, 3, 3),
                        sparse_backend="auto", sparse_dense_layers=None, sparse_dense_steps=None)
 MASKS = ("draft", "radial", "tile")
-VIDEO = (WanTransformer3DModel, CogVideoXTransformer3DModel, LTXVideoTransformer3DModel)
+WAN = (WanTransformer3DModel, WanVACETransformer3DModel)
+VIDEO = (*WAN, CogVideoXTransformer3DModel, LTXVideoTransformer3DModel)
 SUPPORTED = (*VIDEO, SD3Transformer2DModel, FluxTransformer2DModel)
 WARMUP = 0.3
 
@@ -51,7 +52,7 @@ def token_grid(pipe, arguments: dict) -> tuple[int, int]:
     model = denoiser(pipe)
     c = model.config
     if isinstance(model, VIDEO):
-        if isinstance(model, WanTransformer3DModel):
+        if isinstance(model, WAN):
             factor, (ph, pw) = pipe.vae_scale_factor_spatial, c.patch_size[1:]
         elif isinstance(model, CogVideoXTransformer3DModel):
             factor, ph, pw = pipe.vae_scale_factor_spatial, c.patch_size, c.patch_size

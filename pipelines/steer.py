@@ -400,6 +400,7 @@ STEER_PIPELINES = {
 # The denoiser class of a pipeline -> the branch rules its steer class takes
 FAMILIES = {"UNet2DConditionModel": SteerMixin, "SD3Transformer2DModel": SteerMixin,
             "FluxTransformer2DModel": FluxSteerMixin, "WanTransformer3DModel": WanSteerMixin,
+            "WanVACETransformer3DModel": WanSteerMixin,
             "ChromaTransformer2DModel": ChromaSteerMixin, "Flux2Transformer2DModel": Flux2SteerMixin,
             "QwenImageTransformer2DModel": QwenImageSteerMixin, "CogVideoXTransformer3DModel": CogVideoXSteerMixin,
             "LTXVideoTransformer3DModel": SteerMixin}

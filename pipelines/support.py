@@ -26,7 +26,7 @@ EDITING = {  # per kind, the editing, ControlNet and image-to-video pipelines th
             "StableDiffusion3ControlNetInpaintingPipeline"),
     "flux": ("FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxFillPipeline", "FluxKontextPipeline",
              "FluxControlNetPipeline", "FluxControlNetImg2ImgPipeline", "FluxControlNetInpaintPipeline"),
-    "wan": ("WanImageToVideoPipeline", "WanVideoToVideoPipeline"),
+    "wan": ("WanImageToVideoPipeline", "WanVideoToVideoPipeline", "WanVACEPipeline"),
 }
 
 

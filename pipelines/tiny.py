@@ -51,6 +51,7 @@ from diffusers import (
     UNet2DConditionModel,
     WanPipeline,
     WanTransformer3DModel,
+    WanVACETransformer3DModel,
 )
 from transformers import (
     CLIPTextConfig,
@@ -648,6 +649,13 @@ def editing_parts(parent, components: dict, seed: int = 0) -> dict:
         config = {k: v for k, v in model.config.items() if not k.startswith("_")}
         config.update(in_channels=8 * latent + 4 * factor**2, out_channels=4 * latent)
         parts["transformer"] = _seeded(seed, lambda: FluxTransformer2DModel(**config)).eval()
+    if name.startswith("WanVACE"):  # one VACE block, its hints added after block 0; it reads the control video's
+        # inactive and reactive latents and the mask folded to the latent grid (spatial factor^2 channels)
+        config = {k: v for k, v in model.config.items() if not k.startswith("_")}
+        vae = components["vae"].config
+        factor = 2 ** len(vae.temperal_downsample)
+        config.update(vace_layers=[0], vace_in_channels=2 * vae.z_dim + factor**2)
+        parts["transformer"] = _seeded(seed, lambda: WanVACETransformer3DModel(**config)).eval()
     if "image_encoder" in allowed and "expand_timesteps" in allowed:
         parts.update(image_encoder=None, image_processor=None, expand_timesteps=True)
     return parts

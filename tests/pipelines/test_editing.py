@@ -282,3 +282,37 @@ def test_methods_that_read_the_image_grid_are_refused_where_reference_tokens_fol
                                          r"image's tokens to the output's, so its image tokens are no single grid"):
         kontext.check_call(**call("flux", dict(image=IMAGE, height=SIDE, width=SIDE), **method,
                                   prompt="a red circle and a blue square", max_sequence_length=8))
+
+
+def test_wan_vace_steers_its_main_blocks_and_never_its_control_branch():
+    """VACE (a control video and its mask read by VACE blocks, whose hints join after main block 0): its
+    layers are the main blocks' alone; u = 0 is the parent, the heads change the video, keeping every
+    sparse block is the plain video, and while steered the VACE blocks run with their own attention."""
+    from diffusers import WanPipeline, WanVACEPipeline
+
+    from attnsteer.attention_processors import list_layers
+
+    pipe = build(steer_pipeline(WanVACEPipeline), "wan")
+    assert list(list_layers(pipe.transformer)) == ["blocks.0.attn1", "blocks.0.attn2", "blocks.1.attn1", "blocks.1.attn2"]
+    embeds, negative = WanPipeline(**components_of("wan")).encode_prompt("a red circle", negative_prompt="",
+                                                                          max_sequence_length=16)
+    touched = []
+    hooks = [block.register_forward_pre_hook(lambda module, args: touched.append(any(
+        type(m.processor).__name__.startswith("Steered") for m in (module.attn1, module.attn2))))
+        for block in pipe.transformer.vace_blocks]
+    run = lambda **extra: pipe(video=[IMAGE] * 5, mask=[MASK] * 5, prompt_embeds=embeds, negative_prompt_embeds=negative,
+                               height=SIDE, width=SIDE, num_frames=5, num_inference_steps=2, output_type="np",
+                               generator=torch.Generator().manual_seed(0), **extra).frames
+    try:
+        plain = run()
+        heads = dict(perturbed_heads="blocks.1.attn1:*", perturbation_scale=3.0)
+        np.testing.assert_allclose(run(**heads, softpag_u=0.0), plain, atol=1e-6)
+        touched.clear()
+        steered = run(**heads)
+        sparse = dict(sparse_pool=(2, 2), sparse_backend="gather", sparse_dense_steps=0)
+        np.testing.assert_allclose(run(sparsity=0.0, **sparse), plain, atol=1e-5)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert plain.shape == (1, 5, SIDE, SIDE, 3) and np.abs(steered - plain).max() > 1e-3
+    assert touched and not any(touched)
