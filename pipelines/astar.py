@@ -31,7 +31,8 @@ import math
 
 import numpy as np
 import torch
-from diffusers import ChromaTransformer2DModel, FluxKontextInpaintPipeline, FluxKontextPipeline, FluxTransformer2DModel
+from diffusers import (ChromaTransformer2DModel, FluxKontextInpaintPipeline, FluxKontextPipeline, FluxTransformer2DModel,
+                       QwenImageTransformer2DModel)
 
 from attnsteer.attention_processors import map_layers
 from attnsteer.guidance.astar import NORMALIZE, SCHEDULES, AStarGuidance
@@ -46,6 +47,7 @@ ASTAR_DEFAULTS = dict(
     astar_smoothing=(3, 0.5), astar_binarization="otsu", astar_checkpointing=False,
 )
 
+PACKED = (FluxTransformer2DModel, ChromaTransformer2DModel, QwenImageTransformer2DModel)  # 2 x 2 latent pixels a token
 REFERENCE_TOKENS = (FluxKontextPipeline, FluxKontextInpaintPipeline)  # their reference image's tokens follow the output's
 
 
@@ -54,7 +56,7 @@ def check_image_pipeline(pipe, name: str) -> None:
     frames (not supported yet), or on one whose image tokens are no single grid (``check_one_grid``)."""
     if temporal_factor(pipe) is not None:
         raise ValueError(f"{name}: A-STAR and attention maps run on the image pipelines (SD, SDXL, SD3, FLUX, "
-                         f"Chroma); {type(pipe).__name__} is a video pipeline, not supported yet")
+                         f"Chroma, Qwen-Image); {type(pipe).__name__} is a video pipeline, not supported yet")
     check_one_grid(pipe, name)
 
 
@@ -69,7 +71,8 @@ def check_one_grid(pipe, name: str) -> None:
 def check_latent_input(pipe) -> None:
     """ValueError where the denoiser's input is not the latent alone (in channels: the VAE's, or 4x for
     FLUX's 2 x 2 packing), e.g. a 9-channel inpainting UNet or FLUX Fill: A-STAR's update moves the latent."""
-    model, latent = denoiser(pipe), pipe.vae.config.latent_channels
+    model, config = denoiser(pipe), pipe.vae.config
+    latent = config.get("latent_channels") or config["z_dim"]  # the Wan and Qwen-Image VAEs name it z_dim
     if model.config.in_channels not in (latent, 4 * latent):
         raise ValueError(f"astar_tokens: {type(pipe).__name__}'s {type(model).__name__} takes {model.config.in_channels} "
                          f"input channels, the latent's {latent} and the picture's conditioning: A-STAR moves the "
@@ -89,7 +92,7 @@ def _sizing_image(pipe, arguments: dict):
 
 
 def latent_size(pipe, arguments: dict) -> tuple[int, int]:
-    """Spatial size of the call's VAE latent (FLUX and Chroma: before their 2 x 2 packing), as the pipeline sizes its
+    """Spatial size of the call's VAE latent (FLUX, Chroma, Qwen-Image: before their 2 x 2 packing), as the pipeline sizes its
     output: height and width, else its image's size (``_sizing_image``), else its default."""
     factor = pipe.vae_scale_factor
     default = getattr(pipe, "default_sample_size", None) or denoiser(pipe).config.sample_size
@@ -98,7 +101,7 @@ def latent_size(pipe, arguments: dict) -> tuple[int, int]:
     if image is not None and (height is None or width is None):
         height, width = pipe.image_processor.get_default_height_width(image, height, width)
     height, width = height or default * factor, width or default * factor
-    if isinstance(denoiser(pipe), (FluxTransformer2DModel, ChromaTransformer2DModel)):  # any of their pipelines
+    if isinstance(denoiser(pipe), PACKED):  # any of their pipelines
         return 2 * (height // (factor * 2)), 2 * (width // (factor * 2))
     return height // factor, width // factor
 

@@ -121,9 +121,8 @@ def load_pipeline(model: str, device: str, dtype: str, prompts: bool = True):
         except OSError as error:
             raise UsageError(f"--model {model}: could not be loaded: {error}") from None
     if prompts and getattr(pipe, "text_encoder", False) is None:
-        raise UsageError(f"--model {model} has no text encoder, so it cannot read a prompt (the tiny FLUX.2 and "
-                         "Qwen-Image have none: their text models have no tiny stand-in); `attnsteer layers` "
-                         "without --layout lists its layers")
+        raise UsageError(f"--model {model} has no text encoder, so it cannot read a prompt (the tiny FLUX.2 has "
+                         "none: its text model has no tiny stand-in); `attnsteer layers` without --layout lists its layers")
     if device == "cuda":  # under accelerate / torchrun, each process its own GPU
         from attnsteer.guidance.distributed import process_state
 
@@ -814,7 +813,7 @@ def parser() -> argparse.ArgumentParser:
     ed.add_argument("--strength", type=STRENGTH, default=None,
                     help="how far the result may move from the picture, in (0, 1] (default: the pipeline's)")
     ed.add_argument("--control", default=None, help="the control picture (pose, depth, edges, ...) for --controlnet, "
-                                                   "resized to --image's size")
+                                                   "resized to --image's size (default: none)")
     ed.add_argument("--controlnet", default=None, help="a diffusers ControlNet folder (or hub id) of the model's "
                                                       "family; with --control (default: none)")
     generate_options(ed, "edit")

@@ -158,6 +158,62 @@ def _clip_text_config(hidden_act: str = "quick_gelu", projection_dim: int = 32) 
     )
 
 
+QWEN_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+                r"\s+(?!\S)|\s+")  # Qwen2's pre-tokenizer split
+QWEN_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+QWEN_CORPUS = (  # the text the tiny byte-level BPE learns its merges from: Qwen-Image's system prompt and test words
+    "Describe the image by detailing the color, shape, size, texture, quantity, text, spatial relationships of the "
+    "objects and background:\nsystem\nuser\nassistant\n"
+    "a photo of a cat on a beach, a red circle and a blue square, an orange star with stripes in a green house, a "
+    "yellow triangle moving left, a purple cross moving right, a black dog moving up, a white car moving down, a "
+    "small tree and a large plain circle with dots"
+)
+
+
+@functools.cache
+def _qwen_tokenizer_json() -> str:
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=list(QWEN_SPECIAL), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator([QWEN_CORPUS] * 8, trainer)
+    return tokenizer.to_str()
+
+
+def qwen_tokenizer():
+    """A Qwen2Tokenizer of the real class and pre-tokenizer (Qwen2's split, byte-level BPE, its chat special
+    tokens) whose merges are learnt in code from ``QWEN_CORPUS`` (Qwen's own vocabulary cannot be had offline):
+    Qwen-Image's system prompt comes out as its 34 tokens, as with the real one."""
+    from tokenizers import Tokenizer
+    from transformers import Qwen2Tokenizer
+
+    return Qwen2Tokenizer(tokenizer_object=Tokenizer.from_str(_qwen_tokenizer_json()), unk_token=None,
+                          eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                          additional_special_tokens=list(QWEN_SPECIAL[1:]))
+
+
+def _qwen_text_encoder():
+    """A tiny Qwen2.5-VL (the text model is what Qwen-Image reads; a one-block vision tower rides along)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    special = {t: i for i, t in enumerate(QWEN_SPECIAL)}  # BpeTrainer puts the special tokens first
+    config = Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=1024, max_position_embeddings=2048,
+                         rope_scaling={"type": "mrope", "mrope_section": [4, 2, 2]},
+                         bos_token_id=special["<|endoftext|>"], eos_token_id=special["<|im_end|>"],
+                         pad_token_id=special["<|endoftext|>"]),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[0]),
+        bos_token_id=special["<|endoftext|>"], eos_token_id=special["<|im_end|>"], pad_token_id=special["<|endoftext|>"])
+    return Qwen2_5_VLForConditionalGeneration(config)
+
+
 def _t5_kwargs() -> dict:
     return dict(
         vocab_size=VOCAB_SIZE,
@@ -470,8 +526,8 @@ def _flux2(seed: int) -> dict:
 
 
 def _qwenimage(seed: int) -> dict:
-    """Qwen-Image's pipeline without a text encoder (its Qwen2.5-VL has no tiny stand-in here): calls give
-    ``prompt_embeds`` of width 32 and their ``prompt_embeds_mask``."""
+    """Qwen-Image's pipeline with a tiny Qwen2.5-VL and ``qwen_tokenizer`` (its prompt template and the 34
+    tokens it drops as the real one's)."""
     vae = _seeded(
         seed,
         lambda: AutoencoderKLQwenImage(
@@ -493,7 +549,7 @@ def _qwenimage(seed: int) -> dict:
         ),
     )
     return {"transformer": transformer, "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0), "vae": vae,
-            "text_encoder": None, "tokenizer": None}
+            "text_encoder": _seeded(seed, _qwen_text_encoder), "tokenizer": qwen_tokenizer()}
 
 
 def _cogvideox(seed: int) -> dict:

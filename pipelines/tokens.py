@@ -9,13 +9,17 @@ The text keys of the denoiser are the pipeline's ``prompt_embeds`` sequence:
 - FLUX: the T5 tokens of ``prompt_2`` (or ``prompt``) only, ``max_sequence_length`` of them.
 - Wan: the UMT5 tokens of ``prompt``, ``max_sequence_length`` of them (cross-attention keys).
 - Chroma: the T5 tokens of ``prompt``, ``max_sequence_length`` of them (joint attention, text first).
-- FLUX.2 and Qwen-Image encode the prompt inside a chat template whose tokens their pipelines cut
-  or keep by their own rules: no words are mapped there.
+- Qwen-Image: the Qwen2.5-VL tokens of ``prompt`` inside the pipeline's chat template, the template's
+  first ``prompt_template_encode_start_idx`` tokens (its system prompt) dropped, the rest (the prompt and
+  the template's closing tokens) up to ``max_sequence_length``; a batch is padded to its longest.
+- FLUX.2 encodes the prompt inside a chat template whose tokens its pipelines cut or keep by their own
+  rules: no words are mapped there.
 
 The rules follow the denoiser, so a family's editing pipelines (img2img, inpainting, ControlNet) read
-their words as its text-to-image pipeline does. A word (or several, "red circle") is found as its token ids, tokenised alone, inside the prompt's
-ids: the first occurrence, in every text part that carries words (SD3 with T5: both parts); a
-concept's map is the sum of its tokens' maps. This needs the tokenizers, hence floor 3.
+their words as its text-to-image pipeline does. A word (or several, "red circle") is found as its token
+ids, tokenised alone (with a leading space too, as a byte-level BPE such as Qwen's sees a word inside a
+sentence), inside the prompt's ids: the first occurrence, in every text part that carries words (SD3 with
+T5: both parts); a concept's map is the sum of its tokens' maps. This needs the tokenizers, hence floor 3.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from dataclasses import dataclass
 from diffusers import (
     ChromaTransformer2DModel,
     FluxTransformer2DModel,
+    QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     UNet2DConditionModel,
     WanTransformer3DModel,
@@ -34,8 +39,8 @@ from .parent import denoiser
 
 # the denoisers whose text keys are mapped to words, and how: any pipeline on them (text-to-image or editing)
 TEXT_DENOISERS = {UNet2DConditionModel: "clip", SD3Transformer2DModel: "sd3", FluxTransformer2DModel: "flux",
-                  WanTransformer3DModel: "t5", ChromaTransformer2DModel: "t5"}
-TEXT_FAMILIES = "SD, SDXL, SD3, FLUX, Wan and Chroma"
+                  WanTransformer3DModel: "t5", ChromaTransformer2DModel: "t5", QwenImageTransformer2DModel: "qwen"}
+TEXT_FAMILIES = "SD, SDXL, SD3, FLUX, Wan, Chroma and Qwen-Image"
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,19 @@ class TextPart:
     prompt_argument: str  # the call argument holding this part's prompt ("prompt", "prompt_2", ...)
     offset: int
     length: int
+    template: str = "{}"  # what the tokenizer is given, the prompt in place of {}
+    drop: int = 0  # the template's leading tokens the pipeline drops
+
+    def ids(self, text: str) -> list[int]:
+        """The token ids this part gives the denoiser for prompt ``text``."""
+        if self.template == "{}":
+            return _ids(self.tokenizer, text, self.length)
+        return self.tokenizer(self.template.format(text)).input_ids[self.drop:][: self.length]
+
+    def prompt_tokens(self, text: str) -> int:
+        """How many of ``ids(text)`` are the prompt's own (before the template's closing tokens)."""
+        opening = self.template.split("{}")[0]
+        return min(len(self.tokenizer(opening + text).input_ids) - self.drop, self.length)
 
 
 def text_rule(pipe) -> str | None:
@@ -66,6 +84,8 @@ def text_parts(pipe, arguments: dict) -> list[TextPart]:
         return [TextPart(pipe.tokenizer_2, "prompt_2", 0, msl)]
     if rule == "t5":
         return [TextPart(pipe.tokenizer, "prompt", 0, msl)]
+    if rule == "qwen":
+        return [TextPart(pipe.tokenizer, "prompt", 0, msl, pipe.prompt_template_encode, pipe.prompt_template_encode_start_idx)]
     if rule == "clip":
         return [TextPart(pipe.tokenizer, "prompt", 0, pipe.tokenizer.model_max_length)]
     raise ValueError(f"{type(pipe).__name__}: text-token maps are available on the {TEXT_FAMILIES} pipelines")
@@ -80,7 +100,10 @@ def text_length(pipe, arguments: dict) -> int:
         return pipe.tokenizer_max_length + arguments["max_sequence_length"]
     if text_rule(pipe) in ("flux", "t5"):
         return arguments["max_sequence_length"]
-    return text_parts(pipe, arguments)[0].length
+    part = text_parts(pipe, arguments)[0]
+    if text_rule(pipe) == "qwen":  # the batch's prompts padded to the longest
+        return max(len(part.ids(p)) for p in prompts_of(arguments, part.prompt_argument))
+    return part.length
 
 
 def prompts_of(arguments: dict, name: str) -> list[str] | None:
@@ -98,7 +121,7 @@ def text_tokens(pipe, arguments: dict, index: int = 0) -> list[tuple[int, str]]:
     """(text-key index, token) of prompt ``index``'s tokens in every part: what token indices mean."""
     tokens = []
     for part in text_parts(pipe, arguments):
-        ids = _ids(part.tokenizer, prompts_of(arguments, part.prompt_argument)[index], part.length)
+        ids = part.ids(prompts_of(arguments, part.prompt_argument)[index])
         tokens += [(part.offset + i, t) for i, t in enumerate(part.tokenizer.convert_ids_to_tokens(ids))]
     return tokens
 
@@ -107,11 +130,12 @@ def word_indices(pipe, arguments: dict, word: str, index: int = 0) -> list[int]:
     """Text-key indices of the first occurrence of ``word`` in prompt ``index``, in every part."""
     found = []
     for part in text_parts(pipe, arguments):
-        ids = _ids(part.tokenizer, prompts_of(arguments, part.prompt_argument)[index], part.length)
-        target = _ids(part.tokenizer, word, part.length, special=False)
-        start = next((s for s in range(len(ids) - len(target) + 1) if target and ids[s : s + len(target)] == target), None)
-        if start is not None:
-            found += [part.offset + s for s in range(start, start + len(target))]
+        ids = part.ids(prompts_of(arguments, part.prompt_argument)[index])
+        targets = [t for t in (_ids(part.tokenizer, text, part.length, special=False) for text in (word, " " + word)) if t]
+        hits = [(s, len(t)) for t in targets for s in range(len(ids) - len(t) + 1) if ids[s : s + len(t)] == t]
+        if hits:
+            start, size = min(hits)
+            found += [part.offset + s for s in range(start, start + size)]
     if not found:
         prompt = prompts_of(arguments, text_parts(pipe, arguments)[0].prompt_argument)[index]
         raise ValueError(f"word {word!r} is not in the prompt {prompt!r} (as tokenised, within its first "
@@ -123,7 +147,10 @@ def content_indices(pipe, arguments: dict, index: int = 0) -> list[int]:
     """Text-key indices of prompt ``index``'s word tokens (no start, end or padding token)."""
     found = []
     for part in text_parts(pipe, arguments):
-        ids = _ids(part.tokenizer, prompts_of(arguments, part.prompt_argument)[index], part.length)
+        prompt = prompts_of(arguments, part.prompt_argument)[index]
+        if part.template != "{}":
+            found += [part.offset + i for i in range(part.prompt_tokens(prompt))]
+            continue
         special = set(part.tokenizer.all_special_ids)
-        found += [part.offset + i for i, t in enumerate(ids) if t not in special]
+        found += [part.offset + i for i, t in enumerate(part.ids(prompt)) if t not in special]
     return found

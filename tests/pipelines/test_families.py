@@ -11,6 +11,7 @@ from attnsteer.attention_processors import (CROSS, JOINT, SELF, HeadPerturbation
                                             list_layers, steering)
 from attnsteer.pipelines.steer import steer_pipeline
 from attnsteer.pipelines.tiny import FAMILY_KINDS, PIPELINE_CLASSES, tiny_pipeline
+from attnsteer.pipelines.tokens import content_indices, text_length, word_indices
 
 TEXT = 6  # text tokens of the direct model calls below
 _PIPES = {}
@@ -23,8 +24,8 @@ def pipe_of(kind):
 
 
 def prompt(kind, **extra) -> dict:
-    """A call's text: the tiny FLUX.2 and Qwen-Image pipelines have no text encoder and take embeddings (width 32),
-    a negative one too (CFG on)."""
+    """A call's text: the tiny FLUX.2 pipeline has no text encoder and takes embeddings (width 32), a negative
+    one too (CFG on); Qwen-Image is given them too, its rows as FLUX.2's."""
     if kind not in ("flux2", "qwenimage"):
         return dict(prompt="a red circle", max_sequence_length=16, **extra)
     g = torch.Generator().manual_seed(5)
@@ -198,7 +199,40 @@ def test_block_sparse_keep_all_is_dense_and_sparsity_acts(kind):
     assert np.abs(generate(kind, **call, sparsity=0.9) - dense).max() > 1e-3
 
 
-REFUSED = [  # Chroma's T5 words are mapped (tests/pipelines/test_attention_maps.py, test_astar_pipeline.py)
+def test_qwen_image_words_are_the_text_keys_its_pipeline_gives_the_transformer():
+    """Qwen-Image's text keys are the Qwen2.5-VL states of the templated prompt after the template's first 34
+    tokens: the keys at a word's indices are the encoder's states at that word's tokens in the whole
+    templated sequence, found here by the tokens' text, and the prompt's own tokens come before the closing
+    ones."""
+    pipe = pipe_of("qwenimage")
+    prompt = "a red circle and a blue square"
+    arguments = dict(prompt=prompt, max_sequence_length=512)
+    embeds, _ = pipe.encode_prompt(prompt, max_sequence_length=512)
+    ids = pipe.tokenizer(pipe.prompt_template_encode.format(prompt), return_tensors="pt").input_ids
+    states = pipe.text_encoder(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True).hidden_states[-1]
+    tokens = pipe.tokenizer.convert_ids_to_tokens(ids[0])
+    assert tokens[:2] == ["<|im_start|>", "system"] and tokens[32:34] == ["user", "Ċ"]  # the real template's 34
+    for word, pieces in (("circle", ["Ġcircle"]), ("blue square", ["Ġblue", "Ġsquare"]), ("a", ["a"])):
+        at = next(i for i in range(len(tokens)) if tokens[i:i + len(pieces)] == pieces)
+        indices = word_indices(pipe, arguments, word)
+        assert indices == list(range(at - 34, at - 34 + len(pieces)))
+        torch.testing.assert_close(embeds[0, indices], states[0, at:at + len(pieces)])
+    assert content_indices(pipe, arguments) == list(range(7)) and text_length(pipe, arguments) == embeds.shape[1] == 12
+
+
+def test_qwen_image_takes_attention_maps_and_astar():
+    pipe = pipe_of("qwenimage")
+    run = lambda **extra: pipe(prompt="a red circle and a blue square", num_inference_steps=2, height=32, width=32,
+                               output_type="np", generator=torch.Generator().manual_seed(0), **extra)
+    plain = run().images
+    maps = run(return_attention_maps=["circle", "square"]).attention_maps
+    assert maps.grid == (8, 8) and maps.maps.shape == (1, 2, 8, 8)  # 32 px / VAE 2 / 2 x 2 packing
+    astar = dict(astar_tokens=["circle", "square"])
+    np.testing.assert_array_equal(run(**astar, astar_scale=0.0).images, plain)
+    assert np.abs(run(**astar, astar_scale=200.0).images - plain).max() > 1e-3
+
+
+REFUSED = [  # Chroma's and Qwen-Image's words are mapped (here, test_attention_maps.py, test_astar_pipeline.py)
     (dict(astar_tokens=["circle"]), "A-STAR needs the attention maps of text tokens"),
     (dict(return_attention_maps=["circle"]), "return_attention_maps needs the attention maps of text tokens"),
     (dict(story_subjects=["a circle", "a square"]), "IR-Diffusion runs on the SD, SDXL and SD3 denoisers"),
@@ -207,7 +241,7 @@ REFUSED = [  # Chroma's T5 words are mapped (tests/pipelines/test_attention_maps
 
 @pytest.mark.parametrize("kind,method,message", [(kind, method, message) for kind in FAMILY_KINDS
                                                   for method, message in REFUSED
-                                                  if kind != "chroma" or "story_subjects" in method])
+                                                  if kind not in ("chroma", "qwenimage") or "story_subjects" in method])
 def test_methods_that_do_not_apply_are_refused_by_name(kind, method, message):
     call = dict(prompt="a red circle", height=32, width=32, **method)
     with pytest.raises(ValueError, match=message):
