@@ -212,10 +212,12 @@ def test_astar_is_refused_where_the_denoiser_takes_more_than_the_latent():
                                prompt="a red circle and a blue square"))
 
 
-def test_wan_image_to_video_takes_head_perturbation():
+@pytest.mark.parametrize("encoder", [False, True], ids=["wan2.2-ti2v", "wan2.1-clip"])
+def test_wan_image_to_video_takes_head_perturbation(encoder):
     """Wan 2.2 TI2V's image-to-video (``expand_timesteps``: the image's latent is the first latent frame,
-    at timestep 0): u = 0 is the parent, the heads change the video, batched equals sequential."""
-    pipe, kwargs = wan_image_to_video()
+    at timestep 0) and Wan 2.1's (a CLIP image encoder, the image's latent as extra channels): u = 0 is the
+    parent, the heads change the video, batched equals sequential."""
+    pipe, kwargs = wan_image_to_video(encoder)
     run = lambda **extra: pipe(**kwargs, generator=torch.Generator().manual_seed(0), **extra).frames
     plain = run()
     heads = dict(perturbed_heads="blocks.1.attn1:*", perturbation_scale=3.0)
@@ -237,16 +239,29 @@ def test_flux_and_chroma_pipelines_round_the_latent_to_their_2x2_packing():
     assert latent_size(build(steer_pipeline(StableDiffusionImg2ImgPipeline), "sd"), dict(image=IMAGE)) == (16, 16)
 
 
-def wan_image_to_video():
-    """Wan 2.2 TI2V's image-to-video on the tiny Wan, and a call of it (the prompt as embeddings: the I2V
-    pipeline's prompt cleaning needs ftfy)."""
-    from diffusers import WanImageToVideoPipeline, WanPipeline
+def wan_image_to_video(encoder: bool = False):
+    """Wan's image-to-video on the tiny Wan, and a call of it (the prompt as embeddings: the I2V pipeline's
+    prompt cleaning needs ftfy): Wan 2.2 TI2V's first-frame conditioning, or with ``encoder`` Wan 2.1's (the
+    image's latent and mask beside the noise, 16 + 16 + 4 input channels, and a tiny CLIP vision encoder
+    whose image tokens join the text in every cross-attention)."""
+    from diffusers import WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     components = tiny_components("wan")
-    pipe = steer_pipeline(WanImageToVideoPipeline)(**components, image_encoder=None, image_processor=None,
-                                                   expand_timesteps=True)
-    pipe.set_progress_bar_config(disable=True)
     embeds, negative = WanPipeline(**components).encode_prompt("a red circle", negative_prompt="", max_sequence_length=16)
+    if encoder:
+        torch.manual_seed(0)
+        config = {k: v for k, v in components["transformer"].config.items() if not k.startswith("_")}
+        components["transformer"] = WanTransformer3DModel(**{**config, "in_channels": 36, "image_dim": 16,
+                                                             "added_kv_proj_dim": 24}).eval()
+        vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  image_size=SIDE, patch_size=8, projection_dim=16)
+        parts = dict(image_encoder=CLIPVisionModelWithProjection(vision).eval(),
+                     image_processor=CLIPImageProcessor(crop_size=SIDE, size={"shortest_edge": SIDE}))
+    else:
+        parts = dict(image_encoder=None, image_processor=None, expand_timesteps=True)
+    pipe = steer_pipeline(WanImageToVideoPipeline)(**components, **parts)
+    pipe.set_progress_bar_config(disable=True)
     return pipe, dict(image=IMAGE, prompt_embeds=embeds, negative_prompt_embeds=negative, height=SIDE, width=SIDE,
                       num_frames=5, num_inference_steps=2, output_type="np")
 
