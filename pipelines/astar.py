@@ -31,8 +31,8 @@ import math
 
 import numpy as np
 import torch
-from diffusers import (ChromaTransformer2DModel, FluxKontextInpaintPipeline, FluxKontextPipeline, FluxTransformer2DModel,
-                       QwenImageTransformer2DModel)
+from diffusers import (ChromaTransformer2DModel, Flux2Transformer2DModel, FluxKontextInpaintPipeline, FluxKontextPipeline,
+                       FluxTransformer2DModel, QwenImageTransformer2DModel)
 
 from attnsteer.attention_processors import map_layers
 from attnsteer.guidance.astar import NORMALIZE, SCHEDULES, AStarGuidance
@@ -47,7 +47,7 @@ ASTAR_DEFAULTS = dict(
     astar_smoothing=(3, 0.5), astar_binarization="otsu", astar_checkpointing=False,
 )
 
-PACKED = (FluxTransformer2DModel, ChromaTransformer2DModel, QwenImageTransformer2DModel)  # 2 x 2 latent pixels a token
+PACKED = (FluxTransformer2DModel, ChromaTransformer2DModel, Flux2Transformer2DModel, QwenImageTransformer2DModel)  # 2 x 2 latent pixels a token
 REFERENCE_TOKENS = (FluxKontextPipeline, FluxKontextInpaintPipeline)  # their reference image's tokens follow the output's
 
 
@@ -92,7 +92,7 @@ def _sizing_image(pipe, arguments: dict):
 
 
 def latent_size(pipe, arguments: dict) -> tuple[int, int]:
-    """Spatial size of the call's VAE latent (FLUX, Chroma, Qwen-Image: before their 2 x 2 packing), as the pipeline sizes its
+    """Spatial size of the call's VAE latent (FLUX, FLUX.2, Chroma, Qwen-Image: before their 2 x 2 packing), as the pipeline sizes its
     output: height and width, else its image's size (``_sizing_image``), else its default."""
     factor = pipe.vae_scale_factor
     default = getattr(pipe, "default_sample_size", None) or denoiser(pipe).config.sample_size

@@ -87,9 +87,9 @@ def model_path(model: str) -> str:
     return model
 
 
-def load_pipeline(model: str, device: str, dtype: str, prompts: bool = True):
+def load_pipeline(model: str, device: str, dtype: str):
     """(An attnsteer pipeline for a model id, a local diffusers folder, or ``tiny-<kind>`` (random weights),
-    whether it makes videos); with ``prompts``, refuses a pipeline that cannot encode a prompt."""
+    whether it makes videos)."""
     import torch
     from diffusers import DiffusionPipeline
 
@@ -120,9 +120,6 @@ def load_pipeline(model: str, device: str, dtype: str, prompts: bool = True):
             pipe = cls.from_pretrained(source, dtype=getattr(torch, dtype))
         except OSError as error:
             raise UsageError(f"--model {model}: could not be loaded: {error}") from None
-    if prompts and getattr(pipe, "text_encoder", False) is None:
-        raise UsageError(f"--model {model} has no text encoder, so it cannot read a prompt (the tiny FLUX.2 has "
-                         "none: its text model has no tiny stand-in); `attnsteer layers` without --layout lists its layers")
     if device == "cuda":  # under accelerate / torchrun, each process its own GPU
         from attnsteer.guidance.distributed import process_state
 
@@ -644,7 +641,7 @@ def maps(args) -> None:
 
 
 def layers(args) -> None:
-    pipe, is_video = load_pipeline(args.model, args.device, args.dtype, prompts=args.layout)
+    pipe, is_video = load_pipeline(args.model, args.device, args.dtype)
     listed = pipe.steer_layers()
     call = {k: v for k, v in _call(args, pipe, 1).items() if k in ("height", "width", "max_sequence_length", "num_frames")}
     seen = pipe.token_layouts(prompt="a photo", **call) if args.layout else {}

@@ -160,10 +160,16 @@ def _clip_text_config(hidden_act: str = "quick_gelu", projection_dim: int = 32) 
 
 QWEN_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
                 r"\s+(?!\S)|\s+")  # Qwen2's pre-tokenizer split
-QWEN_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+QWEN_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
+QWEN_CHAT_TEMPLATE = (  # Qwen3's chat template, the parts FLUX.2 Klein uses (messages, generation prompt, no thinking)
+    "{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
 QWEN_CORPUS = (  # the text the tiny byte-level BPE learns its merges from: Qwen-Image's system prompt and test words
     "Describe the image by detailing the color, shape, size, texture, quantity, text, spatial relationships of the "
-    "objects and background:\nsystem\nuser\nassistant\n"
+    "objects and background:\nsystem\nuser\nassistant\n\n"
     "a photo of a cat on a beach, a red circle and a blue square, an orange star with stripes in a green house, a "
     "yellow triangle moving left, a purple cross moving right, a black dog moving up, a white car moving down, a "
     "small tree and a large plain circle with dots"
@@ -187,14 +193,15 @@ def _qwen_tokenizer_json() -> str:
 
 def qwen_tokenizer():
     """A Qwen2Tokenizer of the real class and pre-tokenizer (Qwen2's split, byte-level BPE, its chat special
-    tokens) whose merges are learnt in code from ``QWEN_CORPUS`` (Qwen's own vocabulary cannot be had offline):
-    Qwen-Image's system prompt comes out as its 34 tokens, as with the real one."""
+    tokens and Qwen3's chat template) whose merges are learnt in code from ``QWEN_CORPUS`` (Qwen's own
+    vocabulary cannot be had offline): Qwen-Image's system prompt comes out as its 34 tokens, as with the
+    real one."""
     from tokenizers import Tokenizer
     from transformers import Qwen2Tokenizer
 
     return Qwen2Tokenizer(tokenizer_object=Tokenizer.from_str(_qwen_tokenizer_json()), unk_token=None,
                           eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                          additional_special_tokens=list(QWEN_SPECIAL[1:]))
+                          additional_special_tokens=list(QWEN_SPECIAL[1:]), chat_template=QWEN_CHAT_TEMPLATE)
 
 
 def _qwen_text_encoder():
@@ -212,6 +219,17 @@ def _qwen_text_encoder():
                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[0]),
         bos_token_id=special["<|endoftext|>"], eos_token_id=special["<|im_end|>"], pad_token_id=special["<|endoftext|>"])
     return Qwen2_5_VLForConditionalGeneration(config)
+
+
+def _qwen3_text_encoder():
+    """A tiny Qwen3 with the 27 layers FLUX.2 Klein reads (the states of layers 9, 18 and 27 side by side)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    pad = QWEN_SPECIAL.index("<|endoftext|>")
+    return Qwen3ForCausalLM(Qwen3Config(vocab_size=1024, hidden_size=16, intermediate_size=32, num_hidden_layers=27,
+                                        num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                        max_position_embeddings=1024, pad_token_id=pad, bos_token_id=pad,
+                                        eos_token_id=QWEN_SPECIAL.index("<|im_end|>")))
 
 
 def _t5_kwargs() -> dict:
@@ -492,8 +510,7 @@ def _chroma(seed: int) -> dict:
 
 
 def _flux2(seed: int) -> dict:
-    """FLUX.2 Klein's pipeline without a text encoder (its Qwen3 has no tiny stand-in here): calls give
-    ``prompt_embeds`` of width 32."""
+    """FLUX.2 Klein's pipeline with a tiny Qwen3 (prompt embeddings of width 3 x 16) and ``qwen_tokenizer``."""
     vae = _seeded(
         seed,
         lambda: AutoencoderKLFlux2(
@@ -515,14 +532,14 @@ def _flux2(seed: int) -> dict:
             num_single_layers=2,
             attention_head_dim=16,
             num_attention_heads=2,
-            joint_attention_dim=32,
+            joint_attention_dim=48,  # Qwen3's three read layers of width 16 side by side
             timestep_guidance_channels=32,
             axes_dims_rope=(4, 4, 4, 4),  # (t, h, w, l), summing to attention_head_dim
             guidance_embeds=False,  # Klein base
         ),
     )
     return {"transformer": transformer, "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0), "vae": vae,
-            "text_encoder": None, "tokenizer": None}
+            "text_encoder": _seeded(seed, _qwen3_text_encoder), "tokenizer": qwen_tokenizer()}
 
 
 def _qwenimage(seed: int) -> dict:

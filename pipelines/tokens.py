@@ -12,8 +12,10 @@ The text keys of the denoiser are the pipeline's ``prompt_embeds`` sequence:
 - Qwen-Image: the Qwen2.5-VL tokens of ``prompt`` inside the pipeline's chat template, the template's
   first ``prompt_template_encode_start_idx`` tokens (its system prompt) dropped, the rest (the prompt and
   the template's closing tokens) up to ``max_sequence_length``; a batch is padded to its longest.
-- FLUX.2 encodes the prompt inside a chat template whose tokens its pipelines cut or keep by their own
-  rules: no words are mapped there.
+- FLUX.2 Klein (its Qwen3 text encoder): the tokens of the prompt as the tokenizer's chat template
+  gives it (a user message and the generation prompt, thinking off), ``max_sequence_length`` of them;
+  the template's opening tokens come first. FLUX.2 with Mistral has a system message of its own: no
+  words are mapped there.
 
 The rules follow the denoiser, so a family's editing pipelines (img2img, inpainting, ControlNet) read
 their words as its text-to-image pipeline does. A word (or several, "red circle") is found as its token
@@ -24,10 +26,12 @@ T5: both parts); a concept's map is the sum of its tokens' maps. This needs the 
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 from diffusers import (
     ChromaTransformer2DModel,
+    Flux2Transformer2DModel,
     FluxTransformer2DModel,
     QwenImageTransformer2DModel,
     SD3Transformer2DModel,
@@ -40,7 +44,8 @@ from .parent import denoiser
 # the denoisers whose text keys are mapped to words, and how: any pipeline on them (text-to-image or editing)
 TEXT_DENOISERS = {UNet2DConditionModel: "clip", SD3Transformer2DModel: "sd3", FluxTransformer2DModel: "flux",
                   WanTransformer3DModel: "t5", ChromaTransformer2DModel: "t5", QwenImageTransformer2DModel: "qwen"}
-TEXT_FAMILIES = "SD, SDXL, SD3, FLUX, Wan, Chroma and Qwen-Image"
+TEXT_FAMILIES = "SD, SDXL, SD3, FLUX, FLUX.2 Klein, Wan, Chroma and Qwen-Image"
+PLACE = "\x00prompt\x00"  # stands for the prompt while a chat template is rendered
 
 
 @dataclass(frozen=True)
@@ -60,15 +65,26 @@ class TextPart:
             return _ids(self.tokenizer, text, self.length)
         return self.tokenizer(self.template.format(text)).input_ids[self.drop:][: self.length]
 
-    def prompt_tokens(self, text: str) -> int:
-        """How many of ``ids(text)`` are the prompt's own (before the template's closing tokens)."""
+    def prompt_range(self, text: str) -> range:
+        """Which of ``ids(text)`` are the prompt's own: after the template's opening, before its closing."""
         opening = self.template.split("{}")[0]
-        return min(len(self.tokenizer(opening + text).input_ids) - self.drop, self.length)
+        start = len(self.tokenizer(opening).input_ids) - self.drop
+        return range(max(start, 0), min(len(self.tokenizer(opening + text).input_ids) - self.drop, self.length))
+
+
+def chat_template(tokenizer) -> str:
+    """The text FLUX.2 Klein tokenizes for a prompt, "{}" where the prompt goes (other braces doubled)."""
+    messages = [{"role": "user", "content": PLACE}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    return text.replace("{", "{{").replace("}", "}}").replace(PLACE, "{}")
 
 
 def text_rule(pipe) -> str | None:
     """How ``pipe``'s denoiser sees text ("clip", "sd3", "flux", "t5"), None where words are not mapped."""
     model = denoiser(pipe)
+    if isinstance(model, Flux2Transformer2DModel):  # FLUX.2's words follow its pipelines' text encoder: Klein's Qwen3
+        encoder = inspect.signature(type(pipe).__init__).parameters.get("text_encoder")
+        return "chat" if encoder is not None and getattr(encoder.annotation, "__name__", "") == "Qwen3ForCausalLM" else None
     return next((rule for cls, rule in TEXT_DENOISERS.items() if isinstance(model, cls)), None)
 
 
@@ -84,6 +100,8 @@ def text_parts(pipe, arguments: dict) -> list[TextPart]:
         return [TextPart(pipe.tokenizer_2, "prompt_2", 0, msl)]
     if rule == "t5":
         return [TextPart(pipe.tokenizer, "prompt", 0, msl)]
+    if rule == "chat":
+        return [TextPart(pipe.tokenizer, "prompt", 0, msl, chat_template(pipe.tokenizer))]
     if rule == "qwen":
         return [TextPart(pipe.tokenizer, "prompt", 0, msl, pipe.prompt_template_encode, pipe.prompt_template_encode_start_idx)]
     if rule == "clip":
@@ -98,7 +116,7 @@ def text_length(pipe, arguments: dict) -> int:
         return embeds.shape[1]
     if text_rule(pipe) == "sd3":
         return pipe.tokenizer_max_length + arguments["max_sequence_length"]
-    if text_rule(pipe) in ("flux", "t5"):
+    if text_rule(pipe) in ("flux", "t5", "chat"):
         return arguments["max_sequence_length"]
     part = text_parts(pipe, arguments)[0]
     if text_rule(pipe) == "qwen":  # the batch's prompts padded to the longest
@@ -149,7 +167,7 @@ def content_indices(pipe, arguments: dict, index: int = 0) -> list[int]:
     for part in text_parts(pipe, arguments):
         prompt = prompts_of(arguments, part.prompt_argument)[index]
         if part.template != "{}":
-            found += [part.offset + i for i in range(part.prompt_tokens(prompt))]
+            found += [part.offset + i for i in part.prompt_range(prompt)]
             continue
         special = set(part.tokenizer.all_special_ids)
         found += [part.offset + i for i, t in enumerate(part.ids(prompt)) if t not in special]

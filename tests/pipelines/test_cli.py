@@ -483,15 +483,6 @@ def test_layers_lists_the_newer_families_with_their_layouts(kind, layer, layout,
     assert layout in row
 
 
-def test_a_tiny_family_without_text_encoder_lists_layers_but_reads_no_prompt(tmp_path, capsys):
-    main(["layers", "--model", "tiny-qwenimage"])
-    assert [line.split()[1] for line in capsys.readouterr().out.splitlines()[1:]] == [
-        "transformer_blocks.0.attn", "transformer_blocks.1.attn"]
-    for argv in (["layers", "--model", "tiny-flux2", "--layout"],
-                 ["generate", "--model", "tiny-flux2", "--prompt", "a", "--out", str(tmp_path)]):
-        assert "--model tiny-flux2 has no text encoder, so it cannot read a prompt" in refused(argv, capsys)
-
-
 def test_video_on_a_newer_video_family_counts_its_own_frames(tmp_path, capsys):
     """CogVideoX's num_frames is passed as given (1 + 4k; WanPipeline's rounding does not apply) and every
     frame the pipeline makes is written; FIFO-Diffusion is Wan's only."""

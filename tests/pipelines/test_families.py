@@ -24,16 +24,9 @@ def pipe_of(kind):
 
 
 def prompt(kind, **extra) -> dict:
-    """A call's text: the tiny FLUX.2 pipeline has no text encoder and takes embeddings (width 32), a negative
-    one too (CFG on); Qwen-Image is given them too, its rows as FLUX.2's."""
-    if kind not in ("flux2", "qwenimage"):
-        return dict(prompt="a red circle", max_sequence_length=16, **extra)
-    g = torch.Generator().manual_seed(5)
-    call = dict(prompt_embeds=torch.randn(1, 8, 32, generator=g), negative_prompt_embeds=torch.randn(1, 8, 32, generator=g))
-    if kind == "qwenimage":
-        call.update(prompt_embeds_mask=torch.ones(1, 8, dtype=torch.long),
-                    negative_prompt_embeds_mask=torch.ones(1, 8, dtype=torch.long))
-    return call
+    """A call's text (Qwen-Image runs CFG only with a negative prompt: given one, as the other families run it)."""
+    return dict(prompt="a red circle", max_sequence_length=16,
+                **({"negative_prompt": "blurry"} if kind == "qwenimage" else {}), **extra)
 
 
 def generate(kind, seed=0, **extra):
@@ -179,7 +172,7 @@ def test_the_perturbed_rows_ride_on_the_conditional_call(kind, rows):
     hook = pipe_of(kind).transformer.proj_out.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
     try:
         generate(kind, perturbed_heads="0:0", guidance_scale=4.0,
-                 **({"negative_prompt": "blurry"} if kind in ("chroma", "flux2") else {}))
+                 **({"negative_prompt": "blurry"} if kind == "chroma" else {}))
     finally:
         hook.remove()
     assert seen == rows
@@ -220,8 +213,32 @@ def test_qwen_image_words_are_the_text_keys_its_pipeline_gives_the_transformer()
     assert content_indices(pipe, arguments) == list(range(7)) and text_length(pipe, arguments) == embeds.shape[1] == 12
 
 
-def test_qwen_image_takes_attention_maps_and_astar():
-    pipe = pipe_of("qwenimage")
+def test_flux2_klein_words_are_the_text_keys_of_its_chat_templated_prompt():
+    """FLUX.2 Klein's text keys are Qwen3's states (layers 9, 18, 27 side by side) of the prompt as the chat
+    template gives it, padded to max_sequence_length: the keys at a word's indices are those states at that
+    word's tokens, found here by the tokens' text; the template's opening tokens come before the prompt's."""
+    pipe = pipe_of("flux2")
+    prompt = "a red circle and a blue square"
+    arguments = dict(prompt=prompt, max_sequence_length=32)
+    embeds, _ = pipe.encode_prompt(prompt, max_sequence_length=32)
+    text = pipe.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                              add_generation_prompt=True, enable_thinking=False)
+    ids = pipe.tokenizer(text, return_tensors="pt", padding="max_length", max_length=32)
+    states = pipe.text_encoder(**ids, output_hidden_states=True).hidden_states
+    read = torch.cat([states[k] for k in (9, 18, 27)], -1)
+    tokens = pipe.tokenizer.convert_ids_to_tokens(ids.input_ids[0])
+    assert tokens[:4] == ["<|im_start|>", "user", "Ċ", "a"]
+    for word, pieces in (("circle", ["Ġcircle"]), ("blue square", ["Ġblue", "Ġsquare"])):
+        at = next(i for i in range(len(tokens)) if tokens[i:i + len(pieces)] == pieces)
+        indices = word_indices(pipe, arguments, word)
+        assert indices == list(range(at, at + len(pieces)))
+        torch.testing.assert_close(embeds[0, indices], read[0, at:at + len(pieces)])
+    assert content_indices(pipe, arguments) == list(range(3, 10)) and text_length(pipe, arguments) == embeds.shape[1] == 32
+
+
+@pytest.mark.parametrize("kind", ["qwenimage", "flux2"])
+def test_qwen_image_and_flux2_klein_take_attention_maps_and_astar(kind):
+    pipe = pipe_of(kind)
     run = lambda **extra: pipe(prompt="a red circle and a blue square", num_inference_steps=2, height=32, width=32,
                                output_type="np", generator=torch.Generator().manual_seed(0), **extra)
     plain = run().images
@@ -232,7 +249,7 @@ def test_qwen_image_takes_attention_maps_and_astar():
     assert np.abs(run(**astar, astar_scale=200.0).images - plain).max() > 1e-3
 
 
-REFUSED = [  # Chroma's and Qwen-Image's words are mapped (here, test_attention_maps.py, test_astar_pipeline.py)
+REFUSED = [  # Chroma's, FLUX.2 Klein's and Qwen-Image's words are mapped (here, test_attention_maps.py, ...)
     (dict(astar_tokens=["circle"]), "A-STAR needs the attention maps of text tokens"),
     (dict(return_attention_maps=["circle"]), "return_attention_maps needs the attention maps of text tokens"),
     (dict(story_subjects=["a circle", "a square"]), "IR-Diffusion runs on the SD, SDXL and SD3 denoisers"),
@@ -241,7 +258,7 @@ REFUSED = [  # Chroma's and Qwen-Image's words are mapped (here, test_attention_
 
 @pytest.mark.parametrize("kind,method,message", [(kind, method, message) for kind in FAMILY_KINDS
                                                   for method, message in REFUSED
-                                                  if kind not in ("chroma", "qwenimage") or "story_subjects" in method])
+                                                  if kind in ("cogvideox", "ltx") or "story_subjects" in method])
 def test_methods_that_do_not_apply_are_refused_by_name(kind, method, message):
     call = dict(prompt="a red circle", height=32, width=32, **method)
     with pytest.raises(ValueError, match=message):
@@ -258,7 +275,7 @@ def test_flux2_dev_has_one_call_a_step_and_it_gets_the_copy():
     seen = []
     hook = pipe.transformer.proj_out.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
     try:
-        pipe(prompt_embeds=prompt("flux2")["prompt_embeds"], num_inference_steps=2, height=32, width=32,
+        pipe(prompt_embeds=torch.randn(1, 8, 48, generator=torch.Generator().manual_seed(5)), num_inference_steps=2, height=32, width=32,
              output_type="latent", perturbed_heads="0:0")
     finally:
         hook.remove()
