@@ -21,13 +21,12 @@ same captions and seeds (seeds grouped by caption).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 import zlib
-from pathlib import Path
 
 import numpy as np
 import torch
+from measure import paired_report
 
 ROWS = {"plain": {}, "heads": dict(perturbed_heads="2:*", perturbation_scale=3.0, softpag_u=1.0),
         "astar": dict(astar_scale=5.0)}
@@ -83,10 +82,8 @@ def main():
     from diffusers import StableDiffusionInpaintPipeline
     from PIL import Image
 
-    from attnsteer.guidance.shapes import mean_interval, parse_caption, prompt_set
-    from attnsteer.guidance.stats import paired_difference
+    from attnsteer.guidance.shapes import parse_caption, prompt_set
     from attnsteer.pipelines.cli import load_pipeline
-    from attnsteer.pipelines.evaluate import paired_table, table
     from attnsteer.pipelines.steer import steer_pipeline
 
     pipe = steer_pipeline(StableDiffusionInpaintPipeline).from_pipe(load_pipeline("shapes-sd", "cpu", "float32")[0])
@@ -107,16 +104,7 @@ def main():
     heading = (f"shapes-sd inpainting, two-object {args.split} captions {args.first}..{args.first + len(captions) - 1} "
                f"x seeds 0..{args.seeds - 1}, {call['num_inference_steps']} steps, mask margin {args.margin} px; "
                f"{time.time() - t:.0f} s")
-    by_row = {row: [r for r in records if r["row"] == row] for row in args.rows}
-    summary = {row: {"n_images": len(rs), **{m: mean_interval([r[m] for r in rs], [r["prompt"] for r in rs])
-                                             for m in METRICS}} for row, rs in by_row.items()}
-    base = by_row["plain"]
-    paired = {row: {m: paired_difference([r[m] for r in base], [r[m] for r in rs], [r["prompt"] for r in rs])
-                    for m in METRICS} for row, rs in by_row.items() if row != "plain"}
-    print(f"{heading}\n\n{table(summary, METRICS)}\n\n{paired_table(paired, 'plain', METRICS)}")
-    if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "summary": summary, "paired": paired,
-                                              "records": records}, indent=1))
+    paired_report(records, args.rows, "plain", METRICS, heading, args.out, args)
 
 
 if __name__ == "__main__":

@@ -22,11 +22,10 @@ from how well the maps find the subjects.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
+from measure import paired_report
 
 ROWS = {"independent": None, "shared": dict(story_isolation=False, story_reposition=False, story_mutual=0.0),
         "isolation": dict(story_read=False), "ir": {}}
@@ -72,10 +71,8 @@ def scored(references, target, scene: str) -> dict:
 def main():
     args = parse_args()
     torch.set_num_threads(args.threads)
-    from attnsteer.guidance.shapes import mean_interval, parse_caption, prompt_set, segment_subjects
-    from attnsteer.guidance.stats import paired_difference
+    from attnsteer.guidance.shapes import parse_caption, prompt_set, segment_subjects
     from attnsteer.pipelines.cli import load_pipeline
-    from attnsteer.pipelines.evaluate import paired_table, table
 
     pipe, _ = load_pipeline(args.model, "cpu", "float32")
     pipe.set_progress_bar_config(disable=True)
@@ -109,16 +106,7 @@ def main():
     heading = (f"{args.model}, two-object {args.split} scenes {args.first}..{args.first + len(scenes) - 1} x seeds "
                f"0..{args.seeds - 1}, {call.get('num_inference_steps')} steps, read layers {args.read_layers}, "
                f"dropout {args.dropout}, {args.masks} masks; {time.time() - t:.0f} s")
-    by_row = {row: [r for r in records if r["row"] == row] for row in args.rows}
-    summary = {row: {"n_images": len(rs), **{m: mean_interval([r[m] for r in rs], [r["prompt"] for r in rs])
-                                             for m in METRICS}} for row, rs in by_row.items()}
-    base = by_row["independent"]
-    paired = {row: {m: paired_difference([r[m] for r in base], [r[m] for r in rs], [r["prompt"] for r in rs])
-                    for m in METRICS} for row, rs in by_row.items() if row != "independent"}
-    print(f"{heading}\n\n{table(summary, METRICS)}\n\n{paired_table(paired, 'independent', METRICS)}")
-    if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "summary": summary, "paired": paired,
-                                              "records": records}, indent=1))
+    paired_report(records, args.rows, "independent", METRICS, heading, args.out, args)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""What the benchmark scripts share: their device options, and peak memory of one run beyond what was
-held before it, measured in a fresh process."""
+"""What the benchmark scripts share: their device options, peak memory of one run beyond what was held
+before it, measured in a fresh process, and the report of per-picture scores paired against a reference row."""
 
 import argparse
 import json
@@ -96,3 +96,23 @@ def peak_bytes(run, device: str) -> int:
         before = _rss("VmRSS")
     run()
     return (torch.cuda.max_memory_allocated() if device.startswith("cuda") else _rss("VmHWM")) - before
+
+
+def paired_report(records: list[dict], rows, reference: str, metrics: tuple, heading: str, out: str | None,
+                  args: argparse.Namespace) -> None:
+    """Print each row's means and each other row minus ``reference`` on the same prompts and seeds (95%
+    intervals, seeds grouped by prompt); with ``out``, write them and the records as JSON."""
+    from attnsteer.guidance.shapes import mean_interval
+    from attnsteer.guidance.stats import paired_difference
+    from attnsteer.pipelines.evaluate import paired_table, table
+
+    by_row = {row: [r for r in records if r["row"] == row] for row in rows}
+    summary = {row: {"n_images": len(rs), **{m: mean_interval([r[m] for r in rs], [r["prompt"] for r in rs])
+                                             for m in metrics}} for row, rs in by_row.items()}
+    base = by_row[reference]
+    paired = {row: {m: paired_difference([r[m] for r in base], [r[m] for r in rs], [r["prompt"] for r in rs])
+                    for m in metrics} for row, rs in by_row.items() if row != reference}
+    print(f"{heading}\n\n{table(summary, metrics)}\n\n{paired_table(paired, reference, metrics)}")
+    if out:
+        with open(out, "w") as f:
+            json.dump({"args": vars(args), "summary": summary, "paired": paired, "records": records}, f, indent=1)
