@@ -1,18 +1,16 @@
 """The inpainting benchmark's scene and scores: the picture holds the first object alone, the mask covers
 where the second goes, and the scores tell a picture with the second object drawn in from one without."""
 
-import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from attnsteer.guidance.shapes import parse_caption
-from attnsteer.guidance.shapes.scene import draw_objects, render
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import bench_inpaint_quality as bench  # noqa: E402
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_inpaint_quality.py"
-spec = importlib.util.spec_from_file_location("bench_inpaint_quality", SCRIPT)
-bench = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench)
+from attnsteer.guidance.shapes import parse_caption  # noqa: E402
+from attnsteer.guidance.shapes.scene import draw_objects, render  # noqa: E402
 
 
 def test_the_scene_and_the_scores_tell_the_asked_object_drawn_in_the_mask():
