@@ -272,8 +272,8 @@ def generate(args) -> None:
         pipe, edit = _editing(args, pipe, is_video)
     if args.command == "video" and args.image is not None:
         edit = _first_frame(args, pipe)
-    call = dict(_call(args, pipe, 28), prompt=args.prompt, negative_prompt=args.negative_prompt, output_type="pil",
-                **edit)
+    call = dict(_call(args, pipe, 28), prompt=args.prompt, output_type="pil", **edit)
+    call.update(_negative_prompt(args, pipe, call))
     method = _method(args)
     from .frames import WAN_TRAINED_FRAMES, trained_frames, wan_frames
 
@@ -295,7 +295,6 @@ def generate(args) -> None:
     if args.baseline and method is None and not long:
         raise UsageError("--baseline draws the unsteered output beside a steered one: give a method too (--heads, "
                          "--astar, --sparsity or --sparse-mask), or --frames beyond the model's clip (FIFO)")
-    _check_negative_prompt(args, pipe, call)
     if long:
         if method is not None:
             raise UsageError(f"--frames {call['num_frames']} is longer than the model's clip, which runs FIFO-Diffusion; "
@@ -457,8 +456,8 @@ def story(args) -> None:
     pipe, is_video = load_pipeline(args.model, args.device, args.dtype)
     if is_video:
         raise UsageError(f"--model {args.model} is a video model; `attnsteer story` draws images (SD, SDXL, SD3)")
-    call = dict(_call(args, pipe, 28), prompt=args.scene, negative_prompt=args.negative_prompt, output_type="pil")
-    _check_negative_prompt(args, pipe, call)
+    call = dict(_call(args, pipe, 28), prompt=args.scene, output_type="pil")
+    call.update(_negative_prompt(args, pipe, call))
     segmenter = keeping_images(segment_subjects) if args.masks == "detector" else None
     options = dict(story_subjects=args.subject, story_isolation=not args.no_isolation,
                    story_reposition=not args.no_reposition, story_read=not args.no_read,
@@ -554,21 +553,26 @@ def _check_captions(prompts: list[str], why: str) -> None:
         raise UsageError(f"prompt {bad!r} names no shapes object (a colour and a shape, e.g. 'a red circle'): {why}")
 
 
-def _check_negative_prompt(args, pipe, call: dict) -> None:
-    """UsageError for a negative prompt that the call's guidance would ignore."""
+def _negative_prompt(args, pipe, call: dict) -> dict:
+    """The call's negative prompt argument (none for a pipeline that takes none), or a UsageError for one
+    the pipeline or the call's guidance would ignore."""
+    from .parent import parent_call
+
+    takes = "negative_prompt" in parent_call(type(pipe)).parameters
     if not args.negative_prompt:
-        return
+        return {"negative_prompt": None} if takes else {}
+    if not takes:
+        raise UsageError(f"--negative-prompt: {type(pipe).__bases__[-1].__name__} takes no negative prompt")
     from diffusers import FluxPipeline
 
     if isinstance(pipe, FluxPipeline):
         raise UsageError("--negative-prompt needs true CFG on FLUX (true_cfg_scale > 1, not on the command line); "
                          "FLUX's --guidance-scale is distilled guidance, which reads no negative prompt")
-    from .parent import parent_call
-
     scale = call.get("guidance_scale", parent_call(type(pipe)).parameters["guidance_scale"].default)
     if scale <= 1:
         raise UsageError(f"--negative-prompt acts through CFG, which is off at --guidance-scale {scale:g}; "
                          "give a scale above 1")
+    return {"negative_prompt": args.negative_prompt}
 
 
 def search(args) -> None:

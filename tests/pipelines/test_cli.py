@@ -389,6 +389,8 @@ AFTER_LOADING = [
      "--negative-prompt acts through CFG, which is off at --guidance-scale 1; give a scale above 1"),
     (["generate", "--model", "tiny-flux", "--prompt", "a red circle", "--negative-prompt", "blue"],
      "--negative-prompt needs true CFG on FLUX"),
+    (["generate", "--model", "tiny-flux2", "--prompt", "a red circle", "--negative-prompt", "blue"],
+     "--negative-prompt: Flux2KleinPipeline takes no negative prompt"),
     (["story", "--model", "tiny-sd", "--subject", "a red circle", "--subject", "a red circle", "--scene", "a red circle"],
      "--subject gives 'a red circle' twice"),
 ]
@@ -398,6 +400,15 @@ AFTER_LOADING = [
 def test_options_that_cannot_act_on_the_model_are_refused_before_compute(argv, message, tmp_path, capsys):
     assert message in refused([*argv, "--out", str(tmp_path / "o")], capsys)
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+@pytest.mark.parametrize("kind", ["qwenimage", "flux2"])
+def test_generate_with_astar_on_the_chat_template_families(kind, tmp_path):
+    """Qwen-Image and FLUX.2 Klein (no negative prompt argument) from the command line, steered by their words."""
+    main(["generate", "--model", f"tiny-{kind}", "--prompt", "a red circle and a blue square", "--astar", "circle,square",
+          "--steps", "2", "--baseline", "--out", str(tmp_path)])
+    baseline, steered = (np.asarray(Image.open(tmp_path / f"seed0_{n}_0.png"), np.int16) for n in ("baseline", "steered"))
+    assert baseline.shape == (32, 32, 3) and np.abs(baseline - steered).max() > 0
 
 
 def test_edit_draws_over_a_picture_with_and_without_a_mask(tmp_path, capsys):
