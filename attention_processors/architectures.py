@@ -328,15 +328,42 @@ class LTXArchitecture(Architecture):
         return (latent[0] // c.patch_size_t, latent[1] // c.patch_size, latent[2] // c.patch_size)
 
 
+class HunyuanVideo15Architecture(Architecture):
+    """HunyuanVideo15Transformer3DModel (HunyuanVideo 1.5): each block's attention joins [video, conditioning]
+    tokens, the video frame-major; the conditioning is the SigLIP image tokens (zeros and masked out in
+    text-to-video), the ByT5 glyph tokens and the refined Qwen2.5-VL tokens, valid ones first, their joint
+    length the sum of the three inputs'. The text refiner's own attention is not listed."""
+
+    model_classes = ("HunyuanVideo15Transformer3DModel",)
+
+    def kind(self, name, module):
+        from diffusers.models.attention_processor import Attention
+
+        return JOINT if isinstance(module, Attention) and name.startswith("transformer_blocks.") else None
+
+    def call_info(self, model, bound):
+        sample = bound.arguments.get("hidden_states")
+        if sample is None:
+            return {}
+        parts = (bound.arguments.get(name) for name in ("encoder_hidden_states", "encoder_hidden_states_2", "image_embeds"))
+        c, (f, h, w) = model.config, sample.shape[-3:]
+        return {"text_len": sum(p.shape[1] for p in parts if p is not None),
+                "grid": (f // c.patch_size_t, h // c.patch_size, w // c.patch_size)}
+
+    image_grid = WanArchitecture.image_grid
+
+    def input_grid(self, model, latent):
+        c = model.config
+        return (latent[0] // c.patch_size_t, latent[1] // c.patch_size, latent[2] // c.patch_size)
+
+
 ARCHITECTURES = (UNetArchitecture(), SD3Architecture(), FluxArchitecture(), WanArchitecture(), Flux2Architecture(),
-                 QwenImageArchitecture(), CogVideoXArchitecture(), LTXArchitecture())
+                 QwenImageArchitecture(), CogVideoXArchitecture(), LTXArchitecture(), HunyuanVideo15Architecture())
 LINEAR = "it uses linear attention, which has no softmax attention map to steer"
 UNSUPPORTED = {
     **dict.fromkeys(("SanaTransformer2DModel", "SanaVideoTransformer3DModel"), LINEAR),
     "ZImageTransformer2DModel": "it takes lists of per-image tensors that it pads into per-sample sequences, where "
                                 "attnsteer's layouts and batch forking read batched tensors (not described yet)",
-    "HunyuanVideo15Transformer3DModel": "its blocks join the video tokens with refined text from several encoders "
-                                        "whose joint length the call does not give (not described yet)",
     "LTX2VideoTransformer3DModel": "its blocks run a video and an audio stream with attention between them "
                                    "(audio-to-video and video-to-audio), which LTX-Video's entry does not describe "
                                    "(not described yet)",

@@ -34,6 +34,9 @@ from attnsteer.attention_processors import (MODES, HeadPerturbation, HeadSet, Sh
 from .auxiliary import in_auxiliary_call
 
 BATCHING = ("batched", "sequential")
+# the names pipelines give their conditional and unconditional denoiser calls (``cache_context``): CogVideoX's and
+# LTX's batched CFG call is "cond_uncond", diffusers' guiders name theirs "pred_cond" and "pred_uncond"
+COND_CALLS, UNCOND_CALLS = ("cond", "cond_uncond", "pred_cond"), ("uncond", "pred_uncond")
 UNBATCHED_ARGUMENTS = frozenset({"txt_ids", "img_ids", "control_hidden_states_scale"})  # per call, not per row
 
 
@@ -158,9 +161,9 @@ class HeadPerturbationGuidance:
                 if name is None:
                     name = info.unnamed_calls[unnamed[0] % len(info.unnamed_calls)]
                     unnamed[0] += 1
-                if name == "uncond":
+                if name in UNCOND_CALLS:
                     return _shifted(forward(*args, **kwargs), carried.pop("uncond", None))
-                if name not in ("cond", "cond_uncond"):  # CogVideoX and LTX name their batched CFG call
+                if name not in COND_CALLS:
                     return forward(*args, **kwargs)
                 carried.clear()
                 step, self.step = self.step, self.step + 1

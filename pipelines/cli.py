@@ -16,9 +16,9 @@ import tempfile
 from pathlib import Path
 
 TINY_PREFIX = "tiny-"
-TINY_KINDS = ("sd", "sdxl", "sd3", "flux", "wan", "chroma", "flux2", "qwenimage", "cogvideox", "ltx")  # tiny.KINDS + FAMILY_KINDS, without importing diffusers
+TINY_KINDS = ("sd", "sdxl", "sd3", "flux", "wan", "chroma", "flux2", "qwenimage", "cogvideox", "ltx", "hunyuanvideo15")  # tiny.KINDS + FAMILY_KINDS, without importing diffusers
 TINY_CALL = {"height": 32, "width": 32}  # a size every tiny model draws quickly
-TINY_FRAMES = {"wan": 9, "cogvideox": 5, "ltx": 5}  # frames of a tiny video model's call
+TINY_FRAMES = {"wan": 9, "cogvideox": 5, "ltx": 5, "hunyuanvideo15": 5}  # frames of a tiny video model's call
 SHIPPED = ("shapes-sd", "shapes-sd3", "shapes-wan")  # small models trained on drawn shapes, in samples/models
 SHIPPED_DIR = Path(__file__).resolve().parents[1] / "samples" / "models"
 DEFAULT_MODEL, DEFAULT_VIDEO_MODEL = "shapes-sd", "shapes-wan"

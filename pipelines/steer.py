@@ -367,6 +367,27 @@ class QwenImageSteerMixin(SteerMixin):
         return BranchInfo(False, a["true_cfg_scale"] if true_cfg else 1.0, self._num_timesteps)
 
 
+class GuiderSteerMixin(SteerMixin):
+    """The branches of a pipeline that guides through a diffusers guider (HunyuanVideo 1.5): its
+    classifier-free guidance runs the conditional and unconditional calls apart ("pred_cond", "pred_uncond")
+    and combines them with the guider's scale, where the guider has CFG on for the step."""
+
+    def branch_info(self, model, call_arguments):
+        guider = self.guider
+        on = guider._is_cfg_enabled()
+        scale = guider.guidance_scale + guider.use_original_formulation  # cond + s (cond - uncond): g = s + 1
+        return BranchInfo(False, scale if on else 1.0, self._num_timesteps)
+
+    def _prepare(self, args, kwargs, perturbation):
+        prepared = super()._prepare(args, kwargs, perturbation)
+        rescale = getattr(self.guider, "guidance_rescale", 0.0)
+        if prepared[2].enabled and (type(self.guider).__name__ != "ClassifierFreeGuidance" or rescale):
+            raise ValueError(f"head perturbation adds its term to the conditional prediction before the guider's "
+                             f"classifier-free guidance, and {type(self.guider).__name__} (guidance_rescale {rescale}) "
+                             "is not that plain combination; use ClassifierFreeGuidance without rescale")
+        return prepared
+
+
 class CogVideoXSteerMixin(SteerMixin):
     """CogVideoX's branches: one batched CFG call when guidance_scale > 1 (it has no
     ``do_classifier_free_guidance`` property). Its dynamic CFG sets the scale after each model call, where
@@ -403,7 +424,7 @@ FAMILIES = {"UNet2DConditionModel": SteerMixin, "SD3Transformer2DModel": SteerMi
             "WanVACETransformer3DModel": WanSteerMixin,
             "ChromaTransformer2DModel": ChromaSteerMixin, "Flux2Transformer2DModel": Flux2SteerMixin,
             "QwenImageTransformer2DModel": QwenImageSteerMixin, "CogVideoXTransformer3DModel": CogVideoXSteerMixin,
-            "LTXVideoTransformer3DModel": SteerMixin}
+            "LTXVideoTransformer3DModel": SteerMixin, "HunyuanVideo15Transformer3DModel": GuiderSteerMixin}
 
 
 @functools.cache

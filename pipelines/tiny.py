@@ -33,7 +33,11 @@ from diffusers import (
     ControlNetModel,
     DDIMScheduler,
     EulerDiscreteScheduler,
+    ClassifierFreeGuidance,
     FlowMatchEulerDiscreteScheduler,
+    HunyuanVideo15Pipeline,
+    HunyuanVideo15Transformer3DModel,
+    AutoencoderKLHunyuanVideo15,
     FluxControlNetModel,
     FluxPipeline,
     Flux2KleinPipeline,
@@ -68,7 +72,7 @@ __all__ = ["FAMILY_KINDS", "KINDS", "PIPELINE_CLASSES", "clip_tokenizer", "editi
            "tiny_pipeline"]
 
 KINDS = ("sd", "sdxl", "sd3", "flux", "wan")  # the families the shapes models, the CLI and the method tests cover
-FAMILY_KINDS = ("chroma", "flux2", "qwenimage", "cogvideox", "ltx")  # newer families: head perturbation and block-sparse attention
+FAMILY_KINDS = ("chroma", "flux2", "qwenimage", "cogvideox", "ltx", "hunyuanvideo15")  # newer families: head perturbation and block-sparse attention
 
 PIPELINE_CLASSES = {
     "sd": StableDiffusionPipeline,
@@ -81,6 +85,7 @@ PIPELINE_CLASSES = {
     "qwenimage": QwenImagePipeline,
     "cogvideox": CogVideoXPipeline,
     "ltx": LTXPipeline,
+    "hunyuanvideo15": HunyuanVideo15Pipeline,
 }
 
 BPE_PATH = Path(__file__).parent / "data" / "bpe_simple_vocab_16e6.txt.gz"
@@ -658,8 +663,37 @@ def _ltx(seed: int) -> dict:
     }
 
 
+def _hunyuanvideo15(seed: int) -> dict:
+    """HunyuanVideo 1.5's text-to-video pipeline: VAE factors 4 (spatial) and 4 (temporal), so 5 frames at 32 px
+    give 2 x 8 x 8 latents; a tiny Qwen2.5-VL text model and ``qwen_tokenizer`` (its 108-token system prompt
+    is longer here), a tiny T5 with ByT5's byte tokenizer for the glyph text, CFG through the guider."""
+    from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel
+
+    vae = _seeded(seed, lambda: AutoencoderKLHunyuanVideo15(
+        latent_channels=4, block_out_channels=(8, 8, 16), layers_per_block=1, spatial_compression_ratio=4,
+        temporal_compression_ratio=4))
+    transformer = _seeded(seed, lambda: HunyuanVideo15Transformer3DModel(
+        in_channels=2 * 4 + 1,  # the latent, the conditioning frames' latent and their mask
+        out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2, num_refiner_layers=1,
+        text_embed_dim=32, text_embed_2_dim=32, image_embed_dim=16, rope_axes_dim=(4, 6, 6), target_size=32,
+        task_type="t2v"))
+    text = Qwen2_5_VLTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                                num_key_value_heads=1, vocab_size=1024, max_position_embeddings=2048,
+                                rope_scaling={"type": "mrope", "mrope_section": [4, 2, 2]})
+    return {
+        "transformer": transformer,
+        "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0),
+        "vae": vae,
+        "text_encoder": _seeded(seed, lambda: Qwen2_5_VLTextModel(text)),
+        "tokenizer": qwen_tokenizer(),
+        "text_encoder_2": _seeded(seed, lambda: T5EncoderModel(T5Config(**{**_t5_kwargs(), "vocab_size": 384}))),
+        "tokenizer_2": ByT5Tokenizer(),
+        "guider": ClassifierFreeGuidance(guidance_scale=4.0),
+    }
+
+
 _BUILDERS = {"sd": _sd, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux, "wan": _wan, "chroma": _chroma, "flux2": _flux2,
-             "qwenimage": _qwenimage, "cogvideox": _cogvideox, "ltx": _ltx}
+             "qwenimage": _qwenimage, "cogvideox": _cogvideox, "ltx": _ltx, "hunyuanvideo15": _hunyuanvideo15}
 
 
 def _check_kind(kind: str) -> None:

@@ -1,4 +1,4 @@
-"""The newer families (Chroma, FLUX.2, Qwen-Image, CogVideoX, LTX-Video): addresses, token layouts, head perturbation
+"""The newer families (Chroma, FLUX.2, Qwen-Image, CogVideoX, LTX-Video, HunyuanVideo 1.5): addresses, token layouts, head perturbation
 against a masked-attention reference, their branch rules, block-sparse attention, and what is refused on them."""
 
 import numpy as np
@@ -14,6 +14,8 @@ from attnsteer.pipelines.tiny import FAMILY_KINDS, PIPELINE_CLASSES, tiny_pipeli
 from attnsteer.pipelines.tokens import content_indices, text_length, word_indices
 
 TEXT = 6  # text tokens of the direct model calls below
+VIDEO_KINDS = ("cogvideox", "ltx", "hunyuanvideo15")
+TEXT_LAST = ("hunyuanvideo15",)  # joint layers with the text after the image
 _PIPES = {}
 
 
@@ -25,7 +27,7 @@ def pipe_of(kind):
 
 def prompt(kind, **extra) -> dict:
     """A call's text (Qwen-Image runs CFG only with a negative prompt: given one, as the other families run it)."""
-    return dict(prompt="a red circle", max_sequence_length=16,
+    return dict(prompt="a red circle", **({"max_sequence_length": 16} if kind != "hunyuanvideo15" else {}),
                 **({"negative_prompt": "blurry"} if kind == "qwenimage" else {}), **extra)
 
 
@@ -33,10 +35,10 @@ def generate(kind, seed=0, **extra):
     call = dict(num_inference_steps=2, height=32, width=32, output_type="latent",
                 **prompt(kind, **{k: extra.pop(k) for k in ["negative_prompt"] if k in extra}))
     call.update(extra)
-    if kind in ("cogvideox", "ltx"):
+    if kind in VIDEO_KINDS:
         call.setdefault("num_frames", 5)
     out = pipe_of(kind)(**call, generator=torch.Generator().manual_seed(seed))
-    return (out.frames if kind in ("cogvideox", "ltx") else out.images).numpy()
+    return (out.frames if kind in VIDEO_KINDS else out.images).numpy()
 
 
 def model_call(kind):
@@ -56,6 +58,12 @@ def model_call(kind):
         ids = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(h * w, -1)
         return dict(hidden_states=randn(1, h * w, c.in_channels), encoder_hidden_states=randn(1, TEXT, c.joint_attention_dim),
                     timestep=torch.tensor([0.5]), img_ids=ids, txt_ids=torch.zeros(TEXT, ids.shape[1])), (h, w)
+    if kind == "hunyuanvideo15":  # text: 2 image-encoder tokens, 2 glyph tokens and TEXT - 4 prompt tokens
+        f, h, w = 2, 4, 6
+        return dict(hidden_states=randn(1, c.in_channels, f, h, w), timestep=torch.tensor([500.0]),
+                    encoder_hidden_states=randn(1, TEXT - 4, c.text_embed_dim), encoder_attention_mask=torch.ones(1, TEXT - 4),
+                    encoder_hidden_states_2=randn(1, 2, c.text_embed_2_dim), encoder_attention_mask_2=torch.ones(1, 2),
+                    image_embeds=randn(1, 2, c.image_embed_dim)), (f, h, w)
     if kind == "cogvideox":
         f, h, w = 2, 8, 12
         return dict(hidden_states=randn(1, f, c.in_channels, h, w), encoder_hidden_states=randn(1, TEXT, c.text_embed_dim),
@@ -88,7 +96,9 @@ def test_token_layouts_come_from_the_call(kind):
     for name, (layout, q, _) in recorder.seen.items():
         kind_of = list_layers(model)[name].kind
         assert layout.grid == grid and layout.image.stop - layout.image.start == np.prod(grid), name
-        if kind_of == JOINT:  # both families put the text first
+        if kind_of == JOINT and kind in TEXT_LAST:
+            assert layout.image == slice(0, q[2] - TEXT) and layout.text == slice(q[2] - TEXT, q[2]), name
+        elif kind_of == JOINT:
             assert layout.text == slice(0, TEXT) and layout.image == slice(TEXT, q[2]), name
         else:
             assert layout.text is None and q[2] == np.prod(grid), name
@@ -96,19 +106,20 @@ def test_token_layouts_come_from_the_call(kind):
 
 class PAGIdentity(TorchFunctionMode):
     """PAG's image identity as a mask on the layer's own attention call: image queries see the text keys and
-    their own image key; text queries see everything. ``text`` tokens come first."""
+    their own image key; text queries see everything. ``text`` tokens come first, or with ``last`` last."""
 
-    def __init__(self, text):
+    def __init__(self, text, last=False):
         super().__init__()
-        self.text = text
+        self.text, self.last = text, last
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
         if func is F.scaled_dot_product_attention:
             length = (args[0] if args else kwargs["query"]).shape[-2]
             allowed = torch.eye(length, dtype=torch.bool)
-            allowed[:, : self.text] = True
-            allowed[: self.text] = True
+            text = slice(length - self.text, length) if self.last else slice(0, self.text)
+            allowed[:, text] = True
+            allowed[text] = True
             given = args[3] if len(args) > 3 else kwargs.get("attn_mask")
             assert given is None or bool(given.all()), "the reference takes calls that mask nothing"
             args = args[:3]
@@ -124,7 +135,7 @@ def test_whole_layer_image_identity_equals_the_masked_reference(kind):
     for name in (layers[0], layers[-1]):
         layer = list_layers(model)[name]
         text = TEXT if layer.kind == JOINT else 0
-        mode = PAGIdentity(text)
+        mode = PAGIdentity(text, kind in TEXT_LAST)
         def enter(*_):
             mode.__enter__()
 
@@ -163,19 +174,41 @@ def test_heads_act_batched_equals_sequential_and_prefix_reuse_is_exact(kind):
 
 
 @pytest.mark.parametrize("kind,rows", [("chroma", [2, 1, 2, 1]), ("flux2", [2, 1, 2, 1]), ("qwenimage", [2, 1, 2, 1]),
-                                       ("cogvideox", [3, 3]), ("ltx", [3, 3])])
+                                       ("cogvideox", [3, 3]), ("ltx", [3, 3]), ("hunyuanvideo15", [2, 1, 2, 1])])
 def test_the_perturbed_rows_ride_on_the_conditional_call(kind, rows):
     """Chroma runs CFG as two unnamed calls a step, conditional first, FLUX.2 Klein and Qwen-Image as "cond" and
-    "uncond" calls: only the conditional one gets the perturbed copy; CogVideoX and LTX-Video run one batched call
-    ("cond_uncond"): [uncond, cond] plus the copy."""
+    "uncond" calls, HunyuanVideo 1.5's guider as "pred_cond" and "pred_uncond": only the conditional one gets the
+    perturbed copy; CogVideoX and LTX-Video run one batched call ("cond_uncond"): [uncond, cond] plus the copy."""
     seen = []
     hook = pipe_of(kind).transformer.proj_out.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
     try:
-        generate(kind, perturbed_heads="0:0", guidance_scale=4.0,
+        generate(kind, perturbed_heads="0:0", **({"guidance_scale": 4.0} if kind != "hunyuanvideo15" else {}),
                  **({"negative_prompt": "blurry"} if kind == "chroma" else {}))
     finally:
         hook.remove()
     assert seen == rows
+
+
+def test_hunyuanvideo15_guidance_follows_its_guider():
+    """The perturbation term is added to the conditional prediction before the guider's CFG, so the scale it
+    divides by is the guider's: g = s, or s + 1 with the original formulation (cond + s (cond - uncond)), 1 where
+    the guider's CFG is off for the step; a rescaling guider is no plain combination and is refused."""
+    from diffusers import ClassifierFreeGuidance
+
+    pipe = pipe_of("hunyuanvideo15")
+    guider = pipe.guider
+    try:
+        for options, scale in ((dict(guidance_scale=4.0), 4.0), (dict(guidance_scale=4.0, use_original_formulation=True), 5.0),
+                               (dict(guidance_scale=4.0, start=0.5), 1.0), (dict(guidance_scale=1.0), 1.0)):
+            pipe.guider = ClassifierFreeGuidance(**options)
+            pipe.guider.set_state(step=0, num_inference_steps=2, timestep=torch.tensor(999))
+            pipe._num_timesteps = 2
+            assert pipe.branch_info(pipe.transformer, {}).cfg_scale == scale, options
+        pipe.guider = ClassifierFreeGuidance(guidance_scale=4.0, guidance_rescale=0.7)
+        with pytest.raises(ValueError, match=r"ClassifierFreeGuidance \(guidance_rescale 0.7\) is not that plain combination"):
+            pipe.check_call(prompt="a", num_frames=5, height=32, width=32, perturbed_heads="0:0")
+    finally:
+        pipe.guider = guider
 
 
 def test_cogvideox_dynamic_cfg_with_heads_is_refused_before_compute():
@@ -258,11 +291,11 @@ REFUSED = [  # Chroma's, FLUX.2 Klein's and Qwen-Image's words are mapped (here,
 
 @pytest.mark.parametrize("kind,method,message", [(kind, method, message) for kind in FAMILY_KINDS
                                                   for method, message in REFUSED
-                                                  if kind in ("cogvideox", "ltx") or "story_subjects" in method])
+                                                  if kind in VIDEO_KINDS or "story_subjects" in method])
 def test_methods_that_do_not_apply_are_refused_by_name(kind, method, message):
     call = dict(prompt="a red circle", height=32, width=32, **method)
     with pytest.raises(ValueError, match=message):
-        pipe_of(kind).check_call(**call, **({"num_frames": 5} if kind in ("cogvideox", "ltx") else {}))
+        pipe_of(kind).check_call(**call, **({"num_frames": 5} if kind in VIDEO_KINDS else {}))
 
 
 def test_flux2_dev_has_one_call_a_step_and_it_gets_the_copy():
