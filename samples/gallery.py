@@ -44,7 +44,7 @@ METHODS = {
                "Draft 0.9 binding -0.159 [-0.227, -0.091]; Radial as dense; no faster on this CPU at 1088 tokens"),
     "long": ("Long video: direct, FIFO-Diffusion, FIFO + Ouroboros (shapes-wan, 8x its clip)", long_video,
              ["--prompt", MOVING[0]], "FIFO-Diffusion (issue 15): memory against video length",
-             "memory flat from 65 to 1025 frames; quality not yet measured"),
+             "memory flat from 65 to 257 frames on shapes-wan; quality not yet measured"),
 }
 
 
