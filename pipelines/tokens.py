@@ -80,7 +80,8 @@ def chat_template(tokenizer) -> str:
 
 
 def text_rule(pipe) -> str | None:
-    """How ``pipe``'s denoiser sees text ("clip", "sd3", "flux", "t5"), None where words are not mapped."""
+    """How ``pipe``'s denoiser sees text ("clip", "sd3", "flux", "t5", "qwen", "chat"), None where words are not
+    mapped."""
     model = denoiser(pipe)
     if isinstance(model, Flux2Transformer2DModel):  # FLUX.2's words follow its pipelines' text encoder: Klein's Qwen3
         encoder = inspect.signature(type(pipe).__init__).parameters.get("text_encoder")
