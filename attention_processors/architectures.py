@@ -22,7 +22,9 @@ SELF, CROSS, JOINT = "self", "cross", "joint"
 class TokenLayout:
     """Where image and text tokens sit in one attention call's query sequence.
 
-    ``grid`` is the image token grid, (h, w) or (frames, h, w), in raster order, when known.
+    ``grid`` is the image token grid, (h, w) or (frames, h, w), in raster order, when known. Tokens in
+    neither slice condition the call without being the output's image or the text: a reference image's,
+    appended after the output's (FLUX Kontext, FLUX.2 and Qwen-Image editing).
     """
 
     image: slice
@@ -91,10 +93,10 @@ class Architecture:
                 f"(text length seen at the model call: {text_len})"
             )
         image_len = seq_len - text_len
-        grid = self.image_grid(info, image_len)
-        if self.text_first:
-            return TokenLayout(slice(text_len, seq_len), slice(0, text_len), grid)
-        return TokenLayout(slice(0, image_len), slice(image_len, seq_len), grid)
+        if self.text_first:  # the output's image tokens, then any reference image's
+            image_len = info.get("image_len") or image_len
+            return TokenLayout(slice(text_len, text_len + image_len), slice(0, text_len), self.image_grid(info, image_len))
+        return TokenLayout(slice(0, image_len), slice(image_len, seq_len), self.image_grid(info, image_len))
 
 
 def _shape(x):
@@ -186,14 +188,20 @@ class FluxArchitecture(Architecture):
         return JOINT if isinstance(module, FluxAttention) else None
 
     def call_info(self, model, bound):
+        """The output's image tokens are the leading ``img_ids`` rows that share the first one's first
+        coordinate; a reference image's (FLUX Kontext, FLUX.2 editing) follow with another."""
         text = bound.arguments.get("encoder_hidden_states")
         img_ids = bound.arguments.get("img_ids")
-        grid = None
+        info = {"text_len": None if text is None else text.shape[1], "grid": None}
         if isinstance(img_ids, torch.Tensor):
             ids = img_ids.reshape(-1, img_ids.shape[-1])[: img_ids.shape[-2]]  # one row's, if batched
-            h, w = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
-            grid = (h, w) if h * w == ids.shape[0] else None
-        return {"text_len": None if text is None else text.shape[1], "grid": grid}
+            other = (ids[:, 0] != ids[0, 0]).nonzero()
+            n = int(other[0]) if len(other) else ids.shape[0]
+            h, w = int(ids[:n, 1].max()) + 1, int(ids[:n, 2].max()) + 1
+            info["grid"] = (h, w) if h * w == n else None
+            if n < ids.shape[0]:
+                info["image_len"] = n
+        return info
 
     image_grid = SD3Architecture.image_grid
 
@@ -234,8 +242,8 @@ class WanArchitecture(Architecture):
 
 class Flux2Architecture(FluxArchitecture):
     """Flux2Transformer2DModel (FLUX.2 and Klein): FLUX's [text, image] tokens and 2x2 packing, in double-stream
-    blocks and parallel single-stream ones; img_ids hold (t, h, w, l) (reference images add tokens, and then
-    the image tokens are no single grid)."""
+    blocks and parallel single-stream ones; img_ids hold (t, h, w, l), a reference image's tokens after the
+    output's with another t."""
 
     model_classes = ("Flux2Transformer2DModel",)
 
@@ -247,8 +255,8 @@ class Flux2Architecture(FluxArchitecture):
 
 class QwenImageArchitecture(Architecture):
     """QwenImageTransformer2DModel: double-stream blocks whose attention joins [text, image] tokens; the call's
-    img_shapes give each image's (frames, rows, columns) of tokens (the Edit pipeline adds its reference image,
-    and then the image tokens are no single grid)."""
+    img_shapes give each image's (frames, rows, columns) of tokens (the Edit pipeline appends its reference
+    image's after the output's)."""
 
     model_classes = ("QwenImageTransformer2DModel",)
     text_first = True
@@ -259,14 +267,17 @@ class QwenImageArchitecture(Architecture):
         return JOINT if isinstance(module, Attention) and name.endswith(".attn") else None
 
     def call_info(self, model, bound):
+        """The output's image tokens come first, grid ``img_shapes``' first entry; a reference image's follow."""
         text, shapes = bound.arguments.get("encoder_hidden_states"), bound.arguments.get("img_shapes")
-        grid = None
+        info = {"text_len": None if text is None else text.shape[1], "grid": None}
         if shapes:
             first = shapes[0]
             first = first if first and isinstance(first[0], (tuple, list)) else [first]
-            if len(first) == 1 and first[0][0] == 1:
-                grid = tuple(int(s) for s in first[0][1:])
-        return {"text_len": None if text is None else text.shape[1], "grid": grid}
+            if first[0][0] == 1:
+                info["grid"] = tuple(int(s) for s in first[0][1:])
+                if len(first) > 1:
+                    info["image_len"] = math.prod(info["grid"])
+        return info
 
     image_grid = SD3Architecture.image_grid
 

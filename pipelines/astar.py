@@ -47,25 +47,20 @@ ASTAR_DEFAULTS = dict(
     astar_smoothing=(3, 0.5), astar_binarization="otsu", astar_checkpointing=False,
 )
 
+REFERENCE_TOKENS = (FluxKontextPipeline, FluxKontextInpaintPipeline)  # a reference image's tokens after the output's
 PACKED = (FluxTransformer2DModel, ChromaTransformer2DModel, Flux2Transformer2DModel, QwenImageTransformer2DModel)  # 2 x 2 latent pixels a token
-REFERENCE_TOKENS = (FluxKontextPipeline, FluxKontextInpaintPipeline)  # their reference image's tokens follow the output's
 
 
 def check_image_pipeline(pipe, name: str) -> None:
     """ValueError naming ``name`` on a video pipeline (its VAE has a temporal factor), whose maps have
-    frames (not supported yet), or on one whose image tokens are no single grid (``check_one_grid``)."""
+    frames, or on FLUX Kontext, which sizes its output inside the call (not supported yet)."""
     if temporal_factor(pipe) is not None:
         raise ValueError(f"{name}: A-STAR and attention maps run on the image pipelines (SD, SDXL, SD3, FLUX, "
                          f"Chroma, Qwen-Image); {type(pipe).__name__} is a video pipeline, not supported yet")
-    check_one_grid(pipe, name)
-
-
-def check_one_grid(pipe, name: str) -> None:
-    """ValueError naming ``name`` where the pipeline appends a reference image's tokens to the output's
-    (FLUX Kontext): the maps, the latent's grid and the sparse blocks read one grid of output tokens."""
     if isinstance(pipe, REFERENCE_TOKENS):
-        raise ValueError(f"{name}: {type(pipe).__name__} appends its reference image's tokens to the output's, so "
-                         "its image tokens are no single grid (not supported yet)")
+        raise ValueError(f"{name}: {type(pipe).__name__} sizes its output inside the call (from max_area and the "
+                         "aspect ratio) and appends its reference image's tokens to it, so A-STAR and attention "
+                         "maps do not run on it yet")
 
 
 def check_latent_input(pipe) -> None:

@@ -35,7 +35,7 @@ from attnsteer.attention_processors.sparse import (DraftAttention, DraftMask, Ra
                                                    check_sparsity, frame_blocks, one_block_a_frame, resolve_backend,
                                                    tiling_pool)
 
-from .astar import check_one_grid, latent_size
+from .astar import REFERENCE_TOKENS, latent_size
 from .parent import denoiser
 
 SPARSE_DEFAULTS = dict(sparsity=None, sparse_mask="draft", sparse_pool=None, sparse_tile=(3, 3, 3),
@@ -83,7 +83,10 @@ def sparse_steer(pipe, arguments: dict, options: dict) -> DraftAttention | None:
     if not isinstance(model, SUPPORTED):
         raise ValueError(f"block-sparse attention runs on the Wan, CogVideoX, LTX-Video, SD3 and FLUX denoisers, not on "
                          f"{type(pipe).__name__}'s {type(model).__name__}")
-    check_one_grid(pipe, "sparsity" if sparsity is not None else "sparse_mask")
+    if isinstance(pipe, REFERENCE_TOKENS):
+        raise ValueError(f"{'sparsity' if sparsity is not None else 'sparse_mask'}: {type(pipe).__name__} appends "
+                         "its reference image's tokens to the output's, which block-sparse attention does not lay "
+                         "out in blocks yet")
     check_backend(o["sparse_backend"], "sparse_backend")
     layers = list_layers(model)
     names = [n for n, info in layers.items() if info.kind in (SELF, JOINT)]

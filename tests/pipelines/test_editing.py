@@ -287,16 +287,44 @@ def test_editing_pipelines_take_block_sparse_attention(case):
     np.testing.assert_array_equal(run(sparsity=0.9, **sparse), skipped)
 
 
-@pytest.mark.parametrize("method", [dict(sparsity=0.5), dict(return_attention_maps=["circle"]),
-                                    dict(astar_tokens=["circle", "square"])])
-def test_methods_that_read_the_image_grid_are_refused_where_reference_tokens_follow_it(method):
-    """FLUX Kontext's tokens are the output's grid and then its reference image's: maps, A-STAR and sparse
-    blocks, which read one grid, are refused before compute (they failed inside the first step)."""
+@pytest.mark.parametrize("method,message", [
+    (dict(sparsity=0.5), "appends its reference image's tokens to the output's, which block-sparse attention does not"),
+    (dict(return_attention_maps=["circle"]), "sizes its output inside the call"),
+    (dict(astar_tokens=["circle", "square"]), "sizes its output inside the call")])
+def test_methods_that_read_the_image_grid_are_refused_on_kontext(method, message):
+    """FLUX Kontext sizes its output from max_area inside the call and appends its reference image's tokens:
+    maps, A-STAR and sparse blocks are refused before compute (maps were shaped wrong, A-STAR failed in the
+    first step)."""
     kontext = build(steer_pipeline(FluxKontextPipeline), "flux")
-    with pytest.raises(ValueError, match=f"{next(iter(method))}: FluxKontextSteerPipeline appends its reference "
-                                         r"image's tokens to the output's, so its image tokens are no single grid"):
+    with pytest.raises(ValueError, match=f"{next(iter(method))}: FluxKontextSteerPipeline {message}"):
         kontext.check_call(**call("flux", dict(image=IMAGE, height=SIDE, width=SIDE), **method,
                                   prompt="a red circle and a blue square", max_sequence_length=8))
+
+
+@pytest.mark.parametrize("kind", ["flux", "qwenimage"])
+def test_a_reference_images_tokens_are_neither_the_outputs_image_nor_text(kind):
+    """An editing call's joint sequence [text, output image, reference image] (FLUX Kontext's img_ids with the
+    reference at first coordinate 1, as its pipeline makes them; Qwen-Image Edit's img_shapes listing both):
+    the layout's image is the output's 3 x 4 tokens alone, with their grid."""
+    from attnsteer.attention_processors import LayoutRecorder, list_layers, steering
+
+    model = components_of(kind)["transformer"]
+    g = torch.Generator().manual_seed(0)
+    text = torch.randn(1, 5, model.config.joint_attention_dim, generator=g)
+    hidden = torch.randn(1, 12 + 4, model.config.in_channels, generator=g)
+    if kind == "flux":
+        grid = lambda t, h, w: torch.stack(torch.meshgrid(torch.tensor([float(t)]), torch.arange(float(h)),
+                                                          torch.arange(float(w)), indexing="ij"), -1).reshape(-1, 3)
+        inputs = dict(img_ids=torch.cat([grid(0, 3, 4), grid(1, 2, 2)]), txt_ids=torch.zeros(5, 3),
+                      pooled_projections=torch.randn(1, model.config.pooled_projection_dim, generator=g),
+                      guidance=torch.tensor([3.5]))
+    else:
+        inputs = dict(img_shapes=[[(1, 3, 4), (1, 2, 2)]], encoder_hidden_states_mask=torch.ones(1, 5))
+    recorder = LayoutRecorder(list_layers(model))
+    with torch.no_grad(), steering(model, [recorder]):
+        model(hidden_states=hidden, encoder_hidden_states=text, timestep=torch.tensor([0.5]), **inputs)
+    for layout, q, _ in recorder.seen.values():
+        assert q[2] == 5 + 16 and layout.text == slice(0, 5) and layout.image == slice(5, 17) and layout.grid == (3, 4)
 
 
 def test_wan_vace_steers_its_main_blocks_and_never_its_control_branch():
