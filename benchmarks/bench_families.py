@@ -1,9 +1,9 @@
 """Cost of head perturbation per denoising step on the newer families, against the step without it.
 
 Each family's transformer has its real width (heads, head size, text width, latent channels) with random
-weights and --layers of its blocks; one step is the denoiser calls its pipeline makes: Chroma, FLUX.2 Klein
-and Qwen-Image a conditional and an unconditional call of one row each, CogVideoX and LTX-Video one batched
-call of [uncond, cond]. "heads" perturbs every head of the middle attention layer (image mode, w = 3,
+weights and --layers of its blocks; one step is the denoiser calls its pipeline makes: Chroma, FLUX.2 Klein,
+Qwen-Image and HunyuanVideo 1.5 (its guider) a conditional and an unconditional call of one row each, CogVideoX
+and LTX-Video one batched call of [uncond, cond]. "heads" perturbs every head of the middle attention layer (image mode, w = 3,
 batched, prefix reuse) through the guidance the pipelines attach. Inputs: --size px images (latent / 8, the
 families' 2x2 packing) or --frames latent frames of video, --text tokens. Timing: configurations interleaved
 step by step over --repeats rounds, after a warm-up step each; the median step and its ratio.
@@ -21,8 +21,8 @@ import time
 
 from measure import device_options  # benchmarks/measure.py, beside this script
 
-FAMILIES = ("chroma", "flux2", "qwenimage", "cogvideox", "ltx")
-VIDEO = ("cogvideox", "ltx")
+FAMILIES = ("chroma", "flux2", "qwenimage", "cogvideox", "ltx", "hunyuanvideo15")
+VIDEO = ("cogvideox", "ltx")  # one batched CFG call a step
 
 
 def transformer(family: str, layers: int, tiny: bool):
@@ -48,6 +48,11 @@ def transformer(family: str, layers: int, tiny: bool):
             num_layers=layers, use_rotary_positional_embeddings=True, **(
                 dict(num_attention_heads=48, attention_head_dim=64) if not tiny else dict(
                     num_attention_heads=2, attention_head_dim=16, text_embed_dim=32, time_embed_dim=8)))
+    if family == "hunyuanvideo15":  # HunyuanVideo 1.5 (text-to-video): 16 x 128
+        return diffusers.HunyuanVideo15Transformer3DModel(
+            num_layers=layers, task_type="t2v", **({} if not tiny else dict(
+                num_attention_heads=2, attention_head_dim=16, text_embed_dim=32, text_embed_2_dim=32,
+                image_embed_dim=16, rope_axes_dim=(4, 6, 6))))
     return diffusers.LTXVideoTransformer3DModel(
         num_layers=layers, **({} if not tiny else dict(num_attention_heads=2, attention_head_dim=8,
                                                        cross_attention_dim=16, caption_channels=32)))
@@ -71,6 +76,15 @@ def inputs(family: str, model, rows: int, size: int, frames: int, text: int, dev
                     "img_shapes": [[(1, h, w)]] * rows}
         ids = ids.reshape(h * w, -1).to(device)
         return {**call, "img_ids": ids, "txt_ids": torch.zeros(text, ids.shape[1], device=device)}
+    if family == "hunyuanvideo15":  # VAE 16x; the glyph text 16 tokens, the 729 image tokens zero and masked out
+        latent = size // 16
+        return dict(hidden_states=randn(rows, c.in_channels, frames, latent, latent),
+                    timestep=torch.full((rows,), 500.0, device=device),
+                    encoder_hidden_states=randn(rows, text, c.text_embed_dim),
+                    encoder_attention_mask=torch.ones(rows, text, device=device),
+                    encoder_hidden_states_2=randn(rows, 16, c.text_embed_2_dim),
+                    encoder_attention_mask_2=torch.ones(rows, 16, device=device),
+                    image_embeds=torch.zeros(rows, 729, c.image_embed_dim, device=device, dtype=dtype))
     if family == "cogvideox":
         from diffusers.models.embeddings import get_3d_rotary_pos_embed
 
