@@ -19,6 +19,9 @@ reference from one noise: pass a list of generators, one per row, to do so. Keyw
         ``segmenter(images, subjects)`` gets the PIL images of the rows drawn first without IR (the
         parent pipeline at the same seeds) and returns their ``story_masks``; the IR pass follows,
         so the call costs two. ``attnsteer.guidance.shapes.segment_subjects`` serves the shapes models.
+        With the maps' masks, which overlap where a subject's map spreads, the authors' isolation bars
+        a token inside two subjects from every key inside either: on the shipped shapes models that
+        takes the objects away (BENCHMARKS.md); give a segmenter, or story_isolation=False.
     story_isolation, story_reposition: the two mechanisms (True); story_read: targets read the
         references, on self-attention and by mutual cross-attention (True; False: isolation only).
         story_reposition=False reads the references' tokens where they sit (shared attention, as ConsiStory).
