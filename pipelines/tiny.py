@@ -209,17 +209,22 @@ def qwen_tokenizer():
                           additional_special_tokens=list(QWEN_SPECIAL[1:]), chat_template=QWEN_CHAT_TEMPLATE)
 
 
+def _qwen_text_kwargs(layers: int) -> dict:
+    """A tiny Qwen2.5-VL text model's configuration, width 32, over ``qwen_tokenizer``'s ids."""
+    special = {t: i for i, t in enumerate(QWEN_SPECIAL)}  # BpeTrainer puts the special tokens first
+    return dict(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=2,
+                num_key_value_heads=1, vocab_size=1024, max_position_embeddings=2048,
+                rope_scaling={"type": "mrope", "mrope_section": [4, 2, 2]}, bos_token_id=special["<|endoftext|>"],
+                eos_token_id=special["<|im_end|>"], pad_token_id=special["<|endoftext|>"])
+
+
 def _qwen_text_encoder():
     """A tiny Qwen2.5-VL (the text model is what Qwen-Image reads; a one-block vision tower rides along)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    special = {t: i for i, t in enumerate(QWEN_SPECIAL)}  # BpeTrainer puts the special tokens first
+    special = {t: i for i, t in enumerate(QWEN_SPECIAL)}
     config = Qwen2_5_VLConfig(
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=1, vocab_size=1024, max_position_embeddings=2048,
-                         rope_scaling={"type": "mrope", "mrope_section": [4, 2, 2]},
-                         bos_token_id=special["<|endoftext|>"], eos_token_id=special["<|im_end|>"],
-                         pad_token_id=special["<|endoftext|>"]),
+        text_config=_qwen_text_kwargs(2),
         vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[0]),
         bos_token_id=special["<|endoftext|>"], eos_token_id=special["<|im_end|>"], pad_token_id=special["<|endoftext|>"])
@@ -677,9 +682,7 @@ def _hunyuanvideo15(seed: int) -> dict:
         out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2, num_refiner_layers=1,
         text_embed_dim=32, text_embed_2_dim=32, image_embed_dim=16, rope_axes_dim=(4, 6, 6), target_size=32,
         task_type="t2v"))
-    text = Qwen2_5_VLTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-                                num_key_value_heads=1, vocab_size=1024, max_position_embeddings=2048,
-                                rope_scaling={"type": "mrope", "mrope_section": [4, 2, 2]})
+    text = Qwen2_5_VLTextConfig(**_qwen_text_kwargs(3))
     return {
         "transformer": transformer,
         "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0),
