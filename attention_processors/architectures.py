@@ -55,6 +55,7 @@ class Architecture:
 
     model_classes: tuple[str, ...] = ()
     text_first = False
+    row_lists: tuple[str, ...] = ()  # forward arguments given as lists of one tensor per row (Z-Image), not batched
 
     def kind(self, name: str, module: torch.nn.Module) -> str | None:
         raise NotImplementedError
@@ -368,13 +369,50 @@ class HunyuanVideo15Architecture(Architecture):
         return (latent[0] // c.patch_size_t, latent[1] // c.patch_size, latent[2] // c.patch_size)
 
 
+class ZImageArchitecture(Architecture):
+    """ZImageTransformer2DModel (Z-Image): takes lists, one latent [C, 1, H, W] and one caption [L, D] per row.
+    Its main layers' attention joins [image, caption] tokens, each part padded to a multiple of 32 (the pad
+    tokens attend and are attended) and the rows to the longest with a key mask. The refiners before them,
+    image alone and caption alone, are not listed; nor is the Omni variant's [caption, image, SigLIP] order."""
+
+    model_classes = ("ZImageTransformer2DModel",)
+    row_lists = ("x", "cap_feats")
+    multiple = 32  # the transformer pads each part of a row to a multiple of this many tokens
+
+    def kind(self, name, module):
+        from diffusers.models.attention_processor import Attention
+
+        return JOINT if isinstance(module, Attention) and name.startswith("layers.") else None
+
+    def call_info(self, model, bound):
+        x, p = bound.arguments.get("x"), bound.arguments.get("patch_size", 2)
+        if not x or not isinstance(x[0], torch.Tensor):  # Omni's nested lists: no layout
+            return {}
+        _, f, h, w = x[0].shape
+        grid = (h // p, w // p)
+        return {"grid": grid, "padded_image": -(-math.prod(grid) // self.multiple) * self.multiple} if f == 1 else {}
+
+    image_grid = SD3Architecture.image_grid
+
+    def layout(self, layer, info, seq_len):
+        padded = info.get("padded_image")
+        if padded is None or padded >= seq_len:
+            raise RuntimeError(f"layer {layer.name!r}: cannot lay out {seq_len} tokens of a Z-Image call that is not "
+                               "one image a row with its caption (the Omni variant's calls are not described)")
+        image = math.prod(info["grid"])
+        return TokenLayout(slice(0, image), slice(padded, seq_len), info["grid"])
+
+    def input_grid(self, model, latent):
+        """Z-Image pipelines patch 2x2 latent pixels into one token."""
+        return tuple(s // 2 for s in latent)
+
+
 ARCHITECTURES = (UNetArchitecture(), SD3Architecture(), FluxArchitecture(), WanArchitecture(), Flux2Architecture(),
-                 QwenImageArchitecture(), CogVideoXArchitecture(), LTXArchitecture(), HunyuanVideo15Architecture())
+                 QwenImageArchitecture(), CogVideoXArchitecture(), LTXArchitecture(), HunyuanVideo15Architecture(),
+                 ZImageArchitecture())
 LINEAR = "it uses linear attention, which has no softmax attention map to steer"
 UNSUPPORTED = {
     **dict.fromkeys(("SanaTransformer2DModel", "SanaVideoTransformer3DModel"), LINEAR),
-    "ZImageTransformer2DModel": "it takes lists of per-image tensors that it pads into per-sample sequences, where "
-                                "attnsteer's layouts and batch forking read batched tensors (not described yet)",
     "LTX2VideoTransformer3DModel": "its blocks run a video and an audio stream with attention between them "
                                    "(audio-to-video and video-to-audio), which LTX-Video's entry does not describe "
                                    "(not described yet)",

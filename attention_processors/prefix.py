@@ -118,6 +118,8 @@ class SharedPrefix:
                         raise RuntimeError(f"module {name!r} was not called where the recorded call called it; "
                                            "call with perturbation_prefix_reuse=False for this model")
                     self.at += 1
+                    if not _has_rows(out, self.n):  # not per row (Z-Image embeds its rows' tokens concatenated)
+                        return forward(*args, **kwargs)
                     return map_rows(out, self.n, lambda t: t[self.rows.to(t.device)])
                 n, rows = self.n, self.rows
                 total = n + len(rows)

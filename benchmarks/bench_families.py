@@ -3,7 +3,7 @@
 Each family's transformer has its real width (heads, head size, text width, latent channels) with random
 weights and --layers of its blocks; one step is the denoiser calls its pipeline makes: Chroma, FLUX.2 Klein,
 Qwen-Image and HunyuanVideo 1.5 (its guider) a conditional and an unconditional call of one row each, CogVideoX
-and LTX-Video one batched call of [uncond, cond]. "heads" perturbs every head of the middle attention layer (image mode, w = 3,
+and LTX-Video one batched call of [uncond, cond], Z-Image one of [cond, uncond] (its per-row lists). "heads" perturbs every head of the middle attention layer (image mode, w = 3,
 batched, prefix reuse) through the guidance the pipelines attach. Inputs: --size px images (latent / 8, the
 families' 2x2 packing) or --frames latent frames of video, --text tokens. Timing: configurations interleaved
 step by step over --repeats rounds, after a warm-up step each; the median step and its ratio.
@@ -21,8 +21,8 @@ import time
 
 from measure import device_options  # benchmarks/measure.py, beside this script
 
-FAMILIES = ("chroma", "flux2", "qwenimage", "cogvideox", "ltx", "hunyuanvideo15")
-VIDEO = ("cogvideox", "ltx")  # one batched CFG call a step
+FAMILIES = ("chroma", "flux2", "qwenimage", "zimage", "cogvideox", "ltx", "hunyuanvideo15")
+BATCHED = ("cogvideox", "ltx", "zimage")  # one batched CFG call a step
 
 
 def transformer(family: str, layers: int, tiny: bool):
@@ -43,6 +43,10 @@ def transformer(family: str, layers: int, tiny: bool):
         return diffusers.QwenImageTransformer2DModel(
             num_layers=layers, **({} if not tiny else dict(
                 num_attention_heads=2, attention_head_dim=16, joint_attention_dim=32, axes_dims_rope=(4, 6, 6))))
+    if family == "zimage":  # Z-Image: 30 x 128, 2 refiner blocks for the image and the caption each
+        return diffusers.ZImageTransformer2DModel(
+            n_layers=layers, **({} if not tiny else dict(dim=32, n_heads=2, n_kv_heads=2, cap_feat_dim=32,
+                                                         axes_dims=[4, 6, 6])))
     if family == "cogvideox":  # CogVideoX-5b
         return diffusers.CogVideoXTransformer3DModel(
             num_layers=layers, use_rotary_positional_embeddings=True, **(
@@ -76,6 +80,9 @@ def inputs(family: str, model, rows: int, size: int, frames: int, text: int, dev
                     "img_shapes": [[(1, h, w)]] * rows}
         ids = ids.reshape(h * w, -1).to(device)
         return {**call, "img_ids": ids, "txt_ids": torch.zeros(text, ids.shape[1], device=device)}
+    if family == "zimage":  # lists: one latent [C, 1, H, W] and one caption [L, D] a row
+        return dict(x=[randn(c.in_channels, 1, latent, latent) for _ in range(rows)],
+                    t=torch.full((rows,), 0.5, device=device), cap_feats=[randn(text, c.cap_feat_dim) for _ in range(rows)])
     if family == "hunyuanvideo15":  # VAE 16x; the glyph text 16 tokens, the 729 image tokens zero and masked out
         latent = size // 16
         return dict(hidden_states=randn(rows, c.in_channels, frames, latent, latent),
@@ -113,14 +120,17 @@ def step(family: str, model, guided: bool, call_one: dict, call_two: dict, sync)
 
     layers = [n for n, info in list_layers(model).items() if info.kind != "cross"]
     middle = layers[len(layers) // 2]
-    batched = family in VIDEO
+    batched = family in BATCHED
     with ExitStack() as stack, torch.no_grad():
         if guided:
             guidance = HeadPerturbationGuidance({middle: tuple(range(list_layers(model)[middle].heads))}, 3.0, 1.0, "image")
-            stack.enter_context(guidance.attached(model, lambda m: BranchInfo(batched, 4.0, 1000)))
+            info = BranchInfo(batched, 4.0, 1000, cond_first=family == "zimage")
+            stack.enter_context(guidance.attached(model, lambda m: info))
         sync()
         t = time.perf_counter()
-        if batched:
+        if family == "zimage":  # its pipeline names no calls
+            model(**call_two)
+        elif batched:
             with model.cache_context("cond_uncond"):
                 model(**call_two)
         else:
@@ -168,7 +178,7 @@ def main() -> None:
                 print(f"{family} round {repeat} {config}: {times[config][-1]:.3f} s", file=sys.stderr)
         cfg, heads = statistics.median(times["cfg"]), statistics.median(times["heads"])
         results[family] = {"cfg_s": times["cfg"], "heads_s": times["heads"], "ratio": heads / cfg,
-                           "width": model.config.num_attention_heads * model.config.attention_head_dim}
+                           "width": getattr(model.config, "dim", None) or model.config.num_attention_heads * model.config.attention_head_dim}
         del model
     print(f"{name}, {args.dtype}, {args.layers} blocks each, {args.size} px / {args.frames} latent frames, "
           f"{args.text} text tokens{' (--tiny widths)' if args.tiny else ''}, {args.repeats} rounds\n")

@@ -328,7 +328,7 @@ class AStarGuidance:
         """The gradient pass of one step on the conditional rows; sets ``state.delta`` and ``state.shift``."""
         x = _sample(args, kwargs)
         n = x.shape[0]
-        cond = torch.arange(n // 2 if info.cfg_in_batch else 0, n)
+        cond = info.cond_rows(n)
         latents, scale = state.scaled if state.scaled is not None and state.scaled[0].shape == x.shape else (x, lambda s: s)
         z = latents[cond.to(latents.device)]
         cond_args, cond_kwargs = _take_rows(args, cond, n), _take_rows(kwargs, cond, n)

@@ -19,13 +19,13 @@ from .auxiliary import in_auxiliary_call
 from .perturbation import BranchInfo
 
 
-def conditional_maps(capture: AttentionMapCapture, layers: list[str], groups: list, cfg_in_batch: bool,
+def conditional_maps(capture: AttentionMapCapture, layers: list[str], groups: list, info: BranchInfo,
                      forward: Callable, args: tuple, kwargs: dict) -> tuple[object, torch.Tensor]:
-    """One denoiser call ``forward(*args, **kwargs)`` with ``capture`` armed on its conditional rows (the
-    second half when CFG is batched), each prompt's token ``groups`` repeated over its rows. Returns the
+    """One denoiser call ``forward(*args, **kwargs)`` with ``capture`` armed on its conditional rows (as
+    ``info`` tells them), each prompt's token ``groups`` repeated over its rows. Returns the
     call's output and the maps averaged over ``layers``, ``[conditional rows, groups, h, w]``."""
     n = _sample(args, kwargs).shape[0]
-    cond = torch.arange(n // 2 if cfg_in_batch else 0, n)
+    cond = info.cond_rows(n)
     if len(cond) % len(groups):
         raise RuntimeError(f"{len(groups)} prompts' token groups for {len(cond)} conditional rows: not a multiple")
     repeat = len(cond) // len(groups)
@@ -68,7 +68,7 @@ class MapRecorder:
                 if in_auxiliary_call() or seen["step"] == self.step or not self.in_window(self.step, info.num_steps):
                     return forward(*args, **kwargs)
                 seen["step"] = self.step
-                out, mean = conditional_maps(capture, self.layers, self.groups, info.cfg_in_batch, forward, args, kwargs)
+                out, mean = conditional_maps(capture, self.layers, self.groups, info, forward, args, kwargs)
                 self.total = mean if self.total is None else self.total + mean
                 self.steps.append(self.step)
                 return out

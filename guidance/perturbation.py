@@ -20,6 +20,7 @@ so that the pipeline's own CFG step, left as it is, yields the formula above. Tw
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -44,8 +45,9 @@ UNBATCHED_ARGUMENTS = frozenset({"txt_ids", "img_ids", "control_hidden_states_sc
 class BranchInfo:
     """What the pipeline does with one denoiser call's prediction.
 
-    cfg_in_batch: the input holds [uncond, cond] halves (one batched CFG call); otherwise the whole
-    batch is conditional and an unconditional call, if any, comes separately.
+    cfg_in_batch: the input holds [uncond, cond] halves (one batched CFG call), or [cond, uncond] with
+    ``cond_first`` (Z-Image); otherwise the whole batch is conditional and an unconditional call, if any,
+    comes separately.
     cfg_scale: the CFG scale g the pipeline applies to it; 1 when CFG is off; with 0 the perturbation
     term goes to the unconditional prediction (the uncond rows, or the next "uncond" call).
     unnamed_calls: what a step's calls are, in order, where the pipeline does not name them with the
@@ -56,6 +58,13 @@ class BranchInfo:
     cfg_scale: float
     num_steps: int
     unnamed_calls: tuple[str, ...] = ("cond",)
+    cond_first: bool = False
+
+    def cond_rows(self, n: int) -> torch.Tensor:
+        """The conditional rows of a call on ``n`` rows."""
+        if not self.cfg_in_batch:
+            return torch.arange(n)
+        return torch.arange(n // 2) if self.cond_first else torch.arange(n // 2, n)
 
 
 def combine(cond: torch.Tensor, perturbed: torch.Tensor, scale: float, cfg_scale: float = 1.0) -> torch.Tensor:
@@ -63,16 +72,33 @@ def combine(cond: torch.Tensor, perturbed: torch.Tensor, scale: float, cfg_scale
     return cond + (scale / cfg_scale) * (cond - perturbed)
 
 
-def _take_rows(obj, rows: torch.Tensor, n: int):
-    """``obj`` with batch rows ``rows`` taken from every tensor whose first dimension is the batch."""
-    return map_rows(obj, n, lambda t: t[rows.to(t.device)], UNBATCHED_ARGUMENTS)
+def _take_rows(obj, rows: torch.Tensor, n: int, lists: tuple[str, ...] = ()):
+    """``obj`` with batch rows ``rows`` taken from every tensor whose first dimension is the batch, and from the
+    per-row lists of a dict's entries named in ``lists``."""
+    taken = map_rows(obj, n, lambda t: t[rows.to(t.device)], UNBATCHED_ARGUMENTS | set(lists))
+    if isinstance(obj, dict):
+        taken.update({k: [obj[k][i] for i in rows.tolist()] for k in lists if obj.get(k) is not None})
+    return taken
 
 
-def _prediction(out):
+def _named(forward, args: tuple, kwargs: dict) -> dict:
+    """A call's arguments by name: how a model that takes per-row lists (Z-Image) has its rows found."""
+    return dict(inspect.signature(forward).bind(*args, **kwargs).arguments)
+
+
+def _raw_prediction(out):
     return out[0] if isinstance(out, tuple) else out.sample
 
 
+def _prediction(out) -> torch.Tensor:
+    """A call's prediction, its rows stacked where the model returns one tensor per row (Z-Image)."""
+    pred = _raw_prediction(out)
+    return torch.stack(pred) if isinstance(pred, list) else pred
+
+
 def _with_prediction(out, pred):
+    if isinstance(_raw_prediction(out), list):
+        pred = list(pred.unbind(0))
     if isinstance(out, tuple):
         return (pred, *out[1:])
     out.sample = pred
@@ -169,18 +195,22 @@ class HeadPerturbationGuidance:
                 step, self.step = self.step, self.step + 1
                 if not self.in_window(step, info.num_steps):
                     return forward(*args, **kwargs)
-                sample = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
-                n = sample.shape[0]
-                cond = torch.arange(n // 2 if info.cfg_in_batch else 0, n)
+                lists = session.architecture.row_lists
+                if lists:
+                    args, kwargs = (), _named(forward, args, kwargs)
+                    n = len(kwargs[lists[0]])
+                else:
+                    n = (args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))).shape[0]
+                cond = info.cond_rows(n)
                 try:
-                    out, perturbed = self._branches(forward, steer, session.layers, prefix, args, kwargs, n, cond)
+                    out, perturbed = self._branches(forward, steer, session.layers, prefix, args, kwargs, n, cond, lists)
                 finally:
                     steer.set_weights(None)
                 pred = _prediction(out).clone()
                 if info.cfg_scale == 0:
                     term = self.scale * (pred[cond] - perturbed)
                     if info.cfg_in_batch:
-                        pred[: n // 2] += term
+                        pred[slice(n // 2, n) if info.cond_first else slice(0, n // 2)] += term
                     else:
                         carried["uncond"] = term
                 else:
@@ -203,8 +233,9 @@ class HeadPerturbationGuidance:
             stack.enter_context(wrapped(model, "forward", guided))
             yield self
 
-    def _branches(self, forward, steer, layers, prefix, args, kwargs, n, cond):
-        """(output of the unperturbed call, perturbed prediction of the ``cond`` rows)."""
+    def _branches(self, forward, steer, layers, prefix, args, kwargs, n, cond, lists=()):
+        """(output of the unperturbed call, perturbed prediction of the ``cond`` rows); ``lists``: the call's
+        per-row list arguments."""
         per_row = self.row_weights(layers, len(cond))
 
         def reuse(mode, *arguments):
@@ -214,14 +245,14 @@ class HeadPerturbationGuidance:
             rows = torch.cat([torch.arange(n), cond])
             steer.set_weights({layer: torch.cat([torch.zeros(n, w.shape[1]), w]) for layer, w in per_row.items()})
             with reuse("forked", n, cond):
-                out = forward(*_take_rows(args, rows, n), **_take_rows(kwargs, rows, n))
+                out = forward(*_take_rows(args, rows, n), **_take_rows(kwargs, rows, n, lists))
             pred = _prediction(out)
             return _with_prediction(out, pred[:n]), pred[n:]
         with reuse("recording", n):
             out = forward(*args, **kwargs)
         steer.set_weights(per_row)
         with reuse("replaying", cond):
-            perturbed = _prediction(forward(*_take_rows(args, cond, n), **_take_rows(kwargs, cond, n)))
+            perturbed = _prediction(forward(*_take_rows(args, cond, n), **_take_rows(kwargs, cond, n, lists)))
         return out, perturbed
 
 

@@ -89,7 +89,7 @@ class SubjectConsistency:
                 if capture is None or in_auxiliary_call() or seen["step"] == self.step:
                     return forward(*args, **kwargs)
                 seen["step"] = self.step
-                out, maps = conditional_maps(capture, self.map_layers, self.groups, branch_info(model).cfg_in_batch,
+                out, maps = conditional_maps(capture, self.map_layers, self.groups, branch_info(model),
                                              forward, args, kwargs)
                 if maps.shape[0] != len(self.groups):
                     raise RuntimeError(f"IR-Diffusion: {len(self.groups)} rows of subjects for a conditional batch of {maps.shape[0]}")

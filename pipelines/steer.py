@@ -388,6 +388,22 @@ class GuiderSteerMixin(SteerMixin):
         return prepared
 
 
+class ZImageSteerMixin(SteerMixin):
+    """Z-Image's branches: one batched CFG call, conditional rows first, combined as c + s (c - u), so g = s + 1;
+    steps past ``cfg_truncation`` run the conditional rows alone. ``cfg_normalization`` bounds the guided
+    prediction's norm by that of the conditional prediction the pipeline receives, eps_c + (w / g)(eps_c - eps_p)."""
+
+    def branch_info(self, model, call_arguments):
+        cfg = self.do_classifier_free_guidance
+        truncation = self._cfg_truncation
+        if cfg and truncation is not None and float(truncation) <= 1:  # the pipeline's rule, at the step being run
+            scheduler = self.scheduler
+            step = scheduler.step_index if scheduler.step_index is not None else scheduler.begin_index or 0
+            t = scheduler.timesteps[step]
+            cfg = (1000 - float(t)) / 1000 <= truncation
+        return BranchInfo(cfg, self.guidance_scale + 1 if cfg else 1.0, self._num_timesteps, cond_first=True)
+
+
 class CogVideoXSteerMixin(SteerMixin):
     """CogVideoX's branches: one batched CFG call when guidance_scale > 1 (it has no
     ``do_classifier_free_guidance`` property). Its dynamic CFG sets the scale after each model call, where
@@ -424,7 +440,8 @@ FAMILIES = {"UNet2DConditionModel": SteerMixin, "SD3Transformer2DModel": SteerMi
             "WanVACETransformer3DModel": WanSteerMixin,
             "ChromaTransformer2DModel": ChromaSteerMixin, "Flux2Transformer2DModel": Flux2SteerMixin,
             "QwenImageTransformer2DModel": QwenImageSteerMixin, "CogVideoXTransformer3DModel": CogVideoXSteerMixin,
-            "LTXVideoTransformer3DModel": SteerMixin, "HunyuanVideo15Transformer3DModel": GuiderSteerMixin}
+            "LTXVideoTransformer3DModel": SteerMixin, "HunyuanVideo15Transformer3DModel": GuiderSteerMixin,
+            "ZImageTransformer2DModel": ZImageSteerMixin}
 
 
 @functools.cache

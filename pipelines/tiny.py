@@ -56,6 +56,8 @@ from diffusers import (
     WanPipeline,
     WanTransformer3DModel,
     WanVACETransformer3DModel,
+    ZImagePipeline,
+    ZImageTransformer2DModel,
 )
 from transformers import (
     CLIPTextConfig,
@@ -72,7 +74,7 @@ __all__ = ["FAMILY_KINDS", "KINDS", "PIPELINE_CLASSES", "clip_tokenizer", "editi
            "tiny_pipeline"]
 
 KINDS = ("sd", "sdxl", "sd3", "flux", "wan")  # the families the shapes models, the CLI and the method tests cover
-FAMILY_KINDS = ("chroma", "flux2", "qwenimage", "cogvideox", "ltx", "hunyuanvideo15")  # newer families: head perturbation and block-sparse attention
+FAMILY_KINDS = ("chroma", "flux2", "qwenimage", "zimage", "cogvideox", "ltx", "hunyuanvideo15")  # newer families: head perturbation and block-sparse attention
 
 PIPELINE_CLASSES = {
     "sd": StableDiffusionPipeline,
@@ -83,6 +85,7 @@ PIPELINE_CLASSES = {
     "chroma": ChromaPipeline,
     "flux2": Flux2KleinPipeline,
     "qwenimage": QwenImagePipeline,
+    "zimage": ZImagePipeline,
     "cogvideox": CogVideoXPipeline,
     "ltx": LTXPipeline,
     "hunyuanvideo15": HunyuanVideo15Pipeline,
@@ -579,6 +582,20 @@ def _qwenimage(seed: int) -> dict:
             "text_encoder": _seeded(seed, _qwen_text_encoder), "tokenizer": qwen_tokenizer()}
 
 
+def _zimage(seed: int) -> dict:
+    """Z-Image's pipeline with a tiny Qwen3 (it reads the second-last layer's states) and ``qwen_tokenizer``."""
+    from transformers import Qwen3Config, Qwen3Model
+
+    pad = QWEN_SPECIAL.index("<|endoftext|>")
+    text = Qwen3Config(vocab_size=1024, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       num_key_value_heads=1, head_dim=8, max_position_embeddings=1024, pad_token_id=pad)
+    transformer = _seeded(seed, lambda: ZImageTransformer2DModel(
+        in_channels=4, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=16,
+        axes_dims=[4, 6, 6], axes_lens=[512, 64, 64]))
+    return {"transformer": transformer, "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0), "vae": _flow_vae(seed),
+            "text_encoder": _seeded(seed, lambda: Qwen3Model(text)), "tokenizer": qwen_tokenizer()}
+
+
 def _cogvideox(seed: int) -> dict:
     # VAE: spatial factor 2, temporal factor 4 (1 + 4k frames -> 1 + k latent frames); 5 frames at 32x32 give
     # 2 latent frames of 16x16, patches of 2: 2 x 8 x 8 video tokens after 16 text tokens
@@ -696,7 +713,7 @@ def _hunyuanvideo15(seed: int) -> dict:
 
 
 _BUILDERS = {"sd": _sd, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux, "wan": _wan, "chroma": _chroma, "flux2": _flux2,
-             "qwenimage": _qwenimage, "cogvideox": _cogvideox, "ltx": _ltx, "hunyuanvideo15": _hunyuanvideo15}
+             "qwenimage": _qwenimage, "zimage": _zimage, "cogvideox": _cogvideox, "ltx": _ltx, "hunyuanvideo15": _hunyuanvideo15}
 
 
 def _check_kind(kind: str) -> None:

@@ -192,7 +192,7 @@ def test_every_denoiser_class_is_steered_or_refused_with_its_reason():
     assert steered == {"UNet2DConditionModel", "DreamLiteUNetModel", "SD3Transformer2DModel", "FluxTransformer2DModel",
                        "ChromaTransformer2DModel", "Flux2Transformer2DModel", "QwenImageTransformer2DModel",
                        "WanTransformer3DModel", "WanVACETransformer3DModel", "CogVideoXTransformer3DModel",
-                       "HunyuanVideo15Transformer3DModel",
+                       "HunyuanVideo15Transformer3DModel", "ZImageTransformer2DModel",
                        "LTXVideoTransformer3DModel"}
     assert all((architecture_for(cls) is None) == bool(unsupported_reason(cls)) for cls in classes.values())
     assert unsupported_reason(classes["SanaTransformer2DModel"]).startswith("it uses linear attention")

@@ -118,7 +118,7 @@ def test_mistyped_or_missing_model_is_named_without_a_hub_lookup(tmp_path, capsy
     message = refused(["generate", "--model", "shapes-sdx", "--prompt", "x", "--out", str(tmp_path)], capsys)
     assert ("attnsteer generate: --model 'shapes-sdx' is neither a local folder nor a known name (shapes-sd, "
             "shapes-sd3, shapes-wan, tiny-sd, tiny-sdxl, tiny-sd3, tiny-flux, tiny-wan, tiny-chroma, tiny-flux2, "
-            "tiny-qwenimage, tiny-cogvideox, tiny-ltx, tiny-hunyuanvideo15), and not a hub id of the form org/name. "
+            "tiny-qwenimage, tiny-zimage, tiny-cogvideox, tiny-ltx, tiny-hunyuanvideo15), and not a hub id of the form org/name. "
             "Did you mean shapes-sd?") in message
     missing = str(tmp_path / "no-such-model")
     assert f"--model {missing!r} is neither a local folder nor a known name" in refused(
@@ -487,6 +487,8 @@ def test_video_frames_are_the_frames_out_with_a_per_frame_vae(tmp_path, monkeypa
     ("cogvideox", "transformer_blocks.1.attn1", "image 226:354 grid (2, 8, 8) text 0:226"),
     # 5 frames, VAE 2x in time (3 latent frames) and 4x in space, patches 1: 3 x 8 x 8, text only as cross-attention keys
     ("ltx", "transformer_blocks.1.attn1", "image 0:192 grid (3, 8, 8) text none"),
+    # 32 px / VAE 2 / patches 2 = 8 x 8 image tokens first, then the caption's tokens padded to a multiple of 32
+    ("zimage", "layers.1.attention", "image 0:64 grid (8, 8) text 64:96"),
 ])
 def test_layers_lists_the_newer_families_with_their_layouts(kind, layer, layout, capsys):
     main(["layers", "--model", f"tiny-{kind}", "--layout"])

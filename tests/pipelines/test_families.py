@@ -1,4 +1,4 @@
-"""The newer families (Chroma, FLUX.2, Qwen-Image, CogVideoX, LTX-Video, HunyuanVideo 1.5): addresses, token layouts, head perturbation
+"""The newer families (Chroma, FLUX.2, Qwen-Image, Z-Image, CogVideoX, LTX-Video, HunyuanVideo 1.5): addresses, token layouts, head perturbation
 against a masked-attention reference, their branch rules, block-sparse attention, and what is refused on them."""
 
 import numpy as np
@@ -15,7 +15,8 @@ from attnsteer.pipelines.tokens import content_indices, text_length, word_indice
 
 TEXT = 6  # text tokens of the direct model calls below
 VIDEO_KINDS = ("cogvideox", "ltx", "hunyuanvideo15")
-TEXT_LAST = ("hunyuanvideo15",)  # joint layers with the text after the image
+TEXT_LAST = ("hunyuanvideo15", "zimage")  # joint layers with the text after the image
+JOINT_TEXT = {"zimage": 32}  # text tokens in the joint layers, where not TEXT: Z-Image pads a caption to a multiple of 32
 _PIPES = {}
 
 
@@ -47,6 +48,10 @@ def model_call(kind):
     model = pipe_of(kind).transformer
     c, g = model.config, torch.Generator().manual_seed(0)
     randn = lambda *shape: torch.randn(*shape, generator=g)
+    if kind == "zimage":  # one latent [C, 1, H, W] and one caption [L, D] per row; 2 x 2 patches
+        h, w = 4, 8
+        return dict(x=[randn(c.in_channels, 1, 2 * h, 2 * w)], t=torch.tensor([0.5]),
+                    cap_feats=[randn(TEXT, c.cap_feat_dim)]), (h, w)
     if kind == "qwenimage":
         h, w = 3, 4
         return dict(hidden_states=randn(1, h * w, c.in_channels), encoder_hidden_states=randn(1, TEXT, c.joint_attention_dim),
@@ -74,9 +79,16 @@ def model_call(kind):
                 width=w), (f, h, w)
 
 
+def predict(model, call) -> torch.Tensor:
+    """A direct call's prediction, Z-Image's list of rows stacked."""
+    out = model(**call)[0]
+    return torch.stack(out) if isinstance(out, list) else out
+
+
 def test_layer_names_and_kinds():
     kinds = {kind: {n: info.kind for n, info in list_layers(pipe_of(kind).transformer).items()} for kind in FAMILY_KINDS}
     assert kinds["qwenimage"] == dict.fromkeys(["transformer_blocks.0.attn", "transformer_blocks.1.attn"], JOINT)
+    assert kinds["zimage"] == dict.fromkeys(["layers.0.attention", "layers.1.attention"], JOINT)  # not its refiners
     assert kinds["chroma"] == kinds["flux2"] == dict.fromkeys(
         ["transformer_blocks.0.attn", "transformer_blocks.1.attn", "single_transformer_blocks.0.attn",
          "single_transformer_blocks.1.attn"], JOINT)
@@ -93,11 +105,12 @@ def test_token_layouts_come_from_the_call(kind):
     with torch.no_grad(), steering(model, [recorder]):
         model(**call)
     assert set(recorder.seen) == set(list_layers(model))
+    text = JOINT_TEXT.get(kind, TEXT)
     for name, (layout, q, _) in recorder.seen.items():
         kind_of = list_layers(model)[name].kind
         assert layout.grid == grid and layout.image.stop - layout.image.start == np.prod(grid), name
         if kind_of == JOINT and kind in TEXT_LAST:
-            assert layout.image == slice(0, q[2] - TEXT) and layout.text == slice(q[2] - TEXT, q[2]), name
+            assert layout.image == slice(0, q[2] - text) and layout.text == slice(q[2] - text, q[2]), name
         elif kind_of == JOINT:
             assert layout.text == slice(0, TEXT) and layout.image == slice(TEXT, q[2]), name
         else:
@@ -134,7 +147,7 @@ def test_whole_layer_image_identity_equals_the_masked_reference(kind):
     layers = [n for n, info in list_layers(model).items() if info.kind != CROSS]
     for name in (layers[0], layers[-1]):
         layer = list_layers(model)[name]
-        text = TEXT if layer.kind == JOINT else 0
+        text = JOINT_TEXT.get(kind, TEXT) if layer.kind == JOINT else 0
         mode = PAGIdentity(text, kind in TEXT_LAST)
         def enter(*_):
             mode.__enter__()
@@ -145,7 +158,7 @@ def test_whole_layer_image_identity_equals_the_masked_reference(kind):
         hooks = [layer.module.register_forward_pre_hook(enter), layer.module.register_forward_hook(leave)]
         try:
             with torch.no_grad():
-                expected = model(**call)[0]
+                expected = predict(model, call)
         finally:
             for hook in hooks:
                 hook.remove()
@@ -153,9 +166,9 @@ def test_whole_layer_image_identity_equals_the_masked_reference(kind):
         steer = HeadPerturbation(heads, "image")
         steer.set_weights(head_weights(heads, list_layers(model), 1.0))
         with torch.no_grad(), steering(model, [steer]):
-            ours = model(**call)[0]
+            ours = predict(model, call)
         with torch.no_grad():
-            assert (ours - model(**call)[0]).abs().max() > 1e-3, name
+            assert (ours - predict(model, call)).abs().max() > 1e-3, name
         torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0, msg=name)
 
 
@@ -170,17 +183,21 @@ def test_heads_act_batched_equals_sequential_and_prefix_reuse_is_exact(kind):
     np.testing.assert_allclose(generate(kind, **heads, perturbation_prefix_reuse=False), batched, atol=1e-5, rtol=0)
     model = pipe_of(kind).transformer
     assert "forward" not in model.__dict__
-    assert not any(type(p).__name__.startswith("Steered") for p in model.attn_processors.values())
+    assert not any(type(info.module.processor).__name__.startswith("Steered") for info in list_layers(model).values())
 
 
 @pytest.mark.parametrize("kind,rows", [("chroma", [2, 1, 2, 1]), ("flux2", [2, 1, 2, 1]), ("qwenimage", [2, 1, 2, 1]),
-                                       ("cogvideox", [3, 3]), ("ltx", [3, 3]), ("hunyuanvideo15", [2, 1, 2, 1])])
+                                       ("zimage", [3, 3]), ("cogvideox", [3, 3]), ("ltx", [3, 3]),
+                                       ("hunyuanvideo15", [2, 1, 2, 1])])
 def test_the_perturbed_rows_ride_on_the_conditional_call(kind, rows):
     """Chroma runs CFG as two unnamed calls a step, conditional first, FLUX.2 Klein and Qwen-Image as "cond" and
     "uncond" calls, HunyuanVideo 1.5's guider as "pred_cond" and "pred_uncond": only the conditional one gets the
-    perturbed copy; CogVideoX and LTX-Video run one batched call ("cond_uncond"): [uncond, cond] plus the copy."""
+    perturbed copy; CogVideoX and LTX-Video run one batched call ("cond_uncond"): [uncond, cond] plus the copy,
+    Z-Image one unnamed call [cond, uncond] plus the copy."""
     seen = []
-    hook = pipe_of(kind).transformer.proj_out.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
+    model = pipe_of(kind).transformer
+    last = next(iter(model.all_final_layer.values())) if kind == "zimage" else model.proj_out
+    hook = last.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
     try:
         generate(kind, perturbed_heads="0:0", **({"guidance_scale": 4.0} if kind != "hunyuanvideo15" else {}),
                  **({"negative_prompt": "blurry"} if kind == "chroma" else {}))
@@ -209,6 +226,48 @@ def test_hunyuanvideo15_guidance_follows_its_guider():
             pipe.check_call(prompt="a", num_frames=5, height=32, width=32, perturbed_heads="0:0")
     finally:
         pipe.guider = guider
+
+
+def test_zimage_guidance_is_the_papers_on_its_conditional_first_cfg():
+    """Z-Image combines its batched [cond, uncond] rows as c + s (c - u). With layer 0's heads perturbed (PAG's
+    identity map, w) the pipeline must combine what the transformer returns into c + s (c - u) + w (c - p),
+    p the conditional rows' prediction with layer 0's attention masked to the identity; a step past
+    cfg_truncation runs the conditional rows alone and must get c + w (c - p)."""
+    pipe, s, w = pipe_of("zimage"), 3.0, 2.0
+    model = pipe.transformer
+    calls = []
+    hook = model.register_forward_hook(lambda m, args, out: calls.append(
+        ([x.clone() for x in args[0]], args[1].clone(), [c.clone() for c in args[2]], torch.stack(out[0]))))
+    try:
+        generate("zimage", perturbed_heads="0:*", perturbation_scale=w, guidance_scale=s, cfg_truncation=0.2,
+                 negative_prompt="blurry")
+    finally:
+        hook.remove()
+    assert [len(x) for x, *_ in calls] == [2, 1]  # CFG in the first step, the conditional rows alone in the second
+    mode, layer = PAGIdentity(0), list_layers(model)["layers.0.attention"].module
+
+    def enter(*_):
+        mode.__enter__()
+
+    def leave(*_):
+        mode.__exit__(None, None, None)
+
+    for x, t, caps, guided in calls:
+        with torch.no_grad():
+            plain = torch.stack(model(x, t, caps, return_dict=False)[0])
+            hooks = [layer.register_forward_pre_hook(enter), layer.register_forward_hook(leave)]
+            try:
+                p = torch.stack(model(x[:1], t[:1], caps[:1], return_dict=False)[0])
+            finally:
+                for h in hooks:
+                    h.remove()
+        c = plain[:1]
+        if len(x) == 2:
+            u = plain[1:]
+            torch.testing.assert_close(guided[:1] + s * (guided[:1] - guided[1:]), c + s * (c - u) + w * (c - p),
+                                       atol=1e-4, rtol=1e-4)
+        else:
+            torch.testing.assert_close(guided, c + w * (c - p), atol=1e-4, rtol=1e-4)
 
 
 def test_cogvideox_dynamic_cfg_with_heads_is_refused_before_compute():
@@ -282,7 +341,7 @@ def test_qwen_image_and_flux2_klein_take_attention_maps_and_astar(kind):
     assert np.abs(run(**astar, astar_scale=200.0).images - plain).max() > 1e-3
 
 
-REFUSED = [  # Chroma's, FLUX.2 Klein's and Qwen-Image's words are mapped (here, test_attention_maps.py, ...)
+REFUSED = [  # Chroma's, FLUX.2 Klein's and Qwen-Image's words are mapped, Z-Image's not yet (here, test_attention_maps.py, ...)
     (dict(astar_tokens=["circle"]), "A-STAR needs the attention maps of text tokens"),
     (dict(return_attention_maps=["circle"]), "return_attention_maps needs the attention maps of text tokens"),
     (dict(story_subjects=["a circle", "a square"]), "IR-Diffusion runs on the SD, SDXL and SD3 denoisers"),
@@ -291,7 +350,7 @@ REFUSED = [  # Chroma's, FLUX.2 Klein's and Qwen-Image's words are mapped (here,
 
 @pytest.mark.parametrize("kind,method,message", [(kind, method, message) for kind in FAMILY_KINDS
                                                   for method, message in REFUSED
-                                                  if kind in VIDEO_KINDS or "story_subjects" in method])
+                                                  if kind in (*VIDEO_KINDS, "zimage") or "story_subjects" in method])
 def test_methods_that_do_not_apply_are_refused_by_name(kind, method, message):
     call = dict(prompt="a red circle", height=32, width=32, **method)
     with pytest.raises(ValueError, match=message):
