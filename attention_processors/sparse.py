@@ -23,6 +23,9 @@ Backends compute attention over the kept block pairs only:
 - ``"gather"``: each query block gathers its kept key/value blocks, one SDPA per group of rows with
   the same number of kept blocks; needs no compiler;
 - ``"dense"``: SDPA with the block mask expanded to tokens, the reference.
+
+A layer's own boolean attention mask (HunyuanVideo 1.5 masks its padded conditioning tokens) is kept: every
+backend computes the kept block pairs with it, token by token.
 """
 
 from __future__ import annotations
@@ -74,6 +77,10 @@ class BlockLayout:
     def valid(self) -> torch.Tensor:
         """[blocks, size] bool: which slots hold a token."""
         return (self.slots < self.seq_len).view(self.blocks, self.size)
+
+    def slot_tokens(self) -> torch.Tensor:
+        """[blocks, size] the token of each slot, an empty slot given the last token (``valid`` tells them)."""
+        return self.slots.clamp_max(self.seq_len - 1).view(self.blocks, self.size)
 
 
 def tiling_pool(grid: tuple[int, int], size: int = 128, aspect: float = 0.5) -> tuple[int, int]:
@@ -248,16 +255,21 @@ def density(mask: torch.Tensor) -> float:
 
 # ----------------------------------------------------------------------------- backends
 
-def dense_blocks(q, k, v, mask, blocks: BlockLayout, scale: float) -> torch.Tensor:
-    """The reference: SDPA over the slots with the block mask expanded to tokens (empty key slots off)."""
+def dense_blocks(q, k, v, mask, blocks: BlockLayout, scale: float, own=None) -> torch.Tensor:
+    """The reference: SDPA over the slots with the block mask expanded to tokens (empty key slots off) and
+    the layer's own boolean mask ``own`` ([B or 1, H or 1, L, L] in token order), if any."""
     size = blocks.size
     tokens = mask.repeat_interleave(size, -2).repeat_interleave(size, -1) & blocks.valid().flatten()
+    if own is not None:
+        slot = blocks.slot_tokens().flatten()
+        tokens = tokens & own.index_select(-2, slot).index_select(-1, slot)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=tokens, scale=scale)
 
 
-def gather_blocks(q, k, v, mask, blocks: BlockLayout, scale: float) -> torch.Tensor:
+def gather_blocks(q, k, v, mask, blocks: BlockLayout, scale: float, own=None) -> torch.Tensor:
     """Each query block gathers its kept key/value blocks; query blocks that keep equally many key
-    blocks share 4-D SDPA calls, each gathering at most GATHER_ELEMENTS keys' elements."""
+    blocks share 4-D SDPA calls, each gathering at most GATHER_ELEMENTS keys' elements. ``own``: the
+    layer's boolean mask in token order, its part for the gathered blocks read token by token."""
     b, h, _, d = q.shape
     n, size = blocks.blocks, blocks.size
     mask = mask.expand(b, h, n, n).reshape(-1, n)
@@ -274,6 +286,12 @@ def gather_blocks(q, k, v, mask, blocks: BlockLayout, scale: float) -> torch.Ten
             vv = value_blocks.index_select(0, flat).view(len(rows), 1, count * size, d)
             key_valid = valid[keys].flatten(1)
             attn_mask = None if bool(key_valid.all()) else key_valid[:, None, None, :]
+            if own is not None:  # rows are (row, head, query block), in that order
+                slot = blocks.slot_tokens()
+                at = lambda i, size: (i % size)[:, None, None]
+                part = own[at(rows // (h * n), own.shape[0]), at(rows // n % h, own.shape[1]),
+                           slot[rows % n][:, :, None], slot[keys].flatten(1)[:, None, :]]
+                attn_mask = part[:, None] if attn_mask is None else part[:, None] & attn_mask
             out[rows] = F.scaled_dot_product_attention(queries[rows][:, None], kk, vv, attn_mask=attn_mask,
                                                        scale=scale)[:, 0]
     return out.view(b, h, n * size, d)
@@ -308,14 +326,15 @@ def _warn_flex_limit(limit: int) -> None:
                   "gather backend instead of running flex uncompiled, which is many times slower", stacklevel=3)
 
 
-def flex_blocks(q, k, v, mask, blocks: BlockLayout, scale: float) -> torch.Tensor:
+def flex_blocks(q, k, v, mask, blocks: BlockLayout, scale: float, own=None) -> torch.Tensor:
     """Compiled flex_attention over the kept block pairs; the mask_mod acts at block level (the kept
-    pair, the key slot not empty), so partial blocks are only those holding empty key slots."""
+    pair, the key slot not empty), so partial blocks are only those holding empty key slots; with the
+    layer's own mask ``own`` it also reads that mask, token by token, in every kept block."""
     from torch.nn.attention.flex_attention import BlockMask
 
     b, h, n, size = mask.shape[0], mask.shape[1], blocks.blocks, blocks.size
     valid = blocks.valid()
-    full_keys = valid.all(-1)
+    full_keys = valid.all(-1) & (own is None)
     partial = mask & ~full_keys
     full = mask & full_keys
 
@@ -324,10 +343,13 @@ def flex_blocks(q, k, v, mask, blocks: BlockLayout, scale: float) -> torch.Tenso
         order = m.to(torch.int8).argsort(dim=-1, descending=True, stable=True).to(torch.int32)
         return counts, order
 
-    slot_valid = valid.flatten()
+    slot_valid, slot = valid.flatten(), blocks.slot_tokens().flatten()
 
     def mask_mod(bi, hi, q_idx, kv_idx):
-        return mask[bi % b, hi % h, q_idx // size, kv_idx // size] & slot_valid[kv_idx]
+        kept = mask[bi % b, hi % h, q_idx // size, kv_idx // size] & slot_valid[kv_idx]
+        if own is None:
+            return kept
+        return kept & own[bi % own.shape[0], hi % own.shape[1], slot[q_idx], slot[kv_idx]]
 
     kv_num, kv_index = indices(partial)
     full_num, full_index = indices(full)
@@ -338,7 +360,7 @@ def flex_blocks(q, k, v, mask, blocks: BlockLayout, scale: float) -> torch.Tenso
             return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale)
     except torch._dynamo.exc.FailOnRecompileLimitHit:
         _warn_flex_limit(FLEX_SHAPES)
-        return gather_blocks(q, k, v, mask, blocks, scale)
+        return gather_blocks(q, k, v, mask, blocks, scale, own)
 
 
 KERNELS = {"dense": dense_blocks, "gather": gather_blocks, "flex": flex_blocks}
@@ -366,20 +388,24 @@ def resolve_backend(backend: str, device, pool: tuple[int, int] | None = None) -
 
 
 def sparse_attention(q, k, v, layout: TokenLayout, source: MaskSource, pool: tuple[int, int], scale: float,
-                     backend: str = "auto") -> torch.Tensor:
-    """Block-sparse attention of one call ([B, H, L, D]) with ``source``'s block mask on ``backend``."""
-    return blocked_attention(q, k, v, layout, source, pool, scale, resolve_backend(backend, q.device, pool))
+                     backend: str = "auto", own: torch.Tensor | None = None) -> torch.Tensor:
+    """Block-sparse attention of one call ([B, H, L, D]) with ``source``'s block mask on ``backend``; ``own``:
+    the call's boolean attention mask, broadcastable to [B, H, L, L], kept as it is within the kept blocks."""
+    return blocked_attention(q, k, v, layout, source, pool, scale, resolve_backend(backend, q.device, pool), own)
 
 
 def blocked_attention(q, k, v, layout: TokenLayout, source: MaskSource, pool: tuple[int, int], scale: float,
-                      kernel: str) -> torch.Tensor:
+                      kernel: str, own: torch.Tensor | None = None) -> torch.Tensor:
     """``sparse_attention`` on a resolved backend, one of ``KERNELS``."""
     blocks = block_layout(layout, q.shape[-2], pool).on(q.device)
     qs, ks, vs = (to_slots(x, blocks) for x in (q, k, v))
     mask = block_mask(source, qs, ks, blocks, scale)
     if kernel == "flex" and q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
         kernel = "gather"  # compiled flex_attention on the CPU is inference-only
-    return from_slots(KERNELS[kernel](qs, ks, vs, mask, blocks, scale), blocks)
+    if own is not None:
+        length = q.shape[-2]
+        own = own.expand(*own.shape[:-2], length, length)
+    return from_slots(KERNELS[kernel](qs, ks, vs, mask, blocks, scale, own), blocks)
 
 
 def frame_blocks(grid: tuple[int, ...], pool: tuple[int, int]) -> int:
@@ -405,8 +431,8 @@ class DraftAttention:
     per block in each frame; ``dense_steps``: the first denoising steps of each ``steering`` block run
     dense (a new step is a new timestep at the model call, so CFG's two calls are one step);
     ``backend``: see the module docstring, resolved once per device. Layers that should stay dense are
-    simply not given. A layer call with its own attention mask is refused; frames of one block each are
-    warned about once per grid."""
+    simply not given. A layer call's own boolean attention mask is kept, an additive one refused; frames of
+    one block each are warned about once per grid."""
 
     kinds = (SELF, JOINT)
 
@@ -432,9 +458,9 @@ class DraftAttention:
             self.step, self._timestep = self.step + 1, call.timestep
         if self.step < self.dense_steps:
             return next(q, k, v, mask)
-        if mask is not None:
-            raise RuntimeError(f"layer {call.name!r} passes its own attention mask, which block-sparse attention "
-                               "does not combine with; leave this layer dense")
+        if mask is not None and mask.dtype != torch.bool:
+            raise RuntimeError(f"layer {call.name!r} passes its own additive ({mask.dtype}) attention mask, which "
+                               "block-sparse attention does not combine with (a boolean one it keeps); leave this layer dense")
         grid = tuple(call.layout.grid or ())
         if grid and grid not in self._grids:
             self._grids.add(grid)
@@ -444,4 +470,4 @@ class DraftAttention:
         if q.device not in self._resolved:
             self._resolved[q.device] = resolve_backend(self.backend, q.device, self.pool)
         return blocked_attention(q, k, v, call.layout, self.source, self.pool, call.scale(q.shape[-1]),
-                                 self._resolved[q.device])
+                                 self._resolved[q.device], mask)

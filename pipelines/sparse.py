@@ -1,5 +1,5 @@
-"""Block-sparse attention as keyword arguments of every steer pipeline on a Wan, CogVideoX, LTX-Video, SD3 or
-FLUX denoiser (their text-to-X, editing, ControlNet and image-to-video pipelines), checked before compute.
+"""Block-sparse attention as keyword arguments of every steer pipeline on a Wan, CogVideoX, LTX-Video,
+HunyuanVideo 1.5, SD3 or FLUX denoiser (their text-to-X, editing, ControlNet and image-to-video pipelines), checked before compute.
 
     frames = pipe("a red circle moving left", sparsity=0.75).frames[0]
 
@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import math
 
-from diffusers import (CogVideoXTransformer3DModel, FluxTransformer2DModel, LTXVideoTransformer3DModel,
-                       SD3Transformer2DModel, WanTransformer3DModel, WanVACETransformer3DModel)
+from diffusers import (CogVideoXTransformer3DModel, FluxTransformer2DModel, HunyuanVideo15Transformer3DModel,
+                       LTXVideoTransformer3DModel, SD3Transformer2DModel, WanTransformer3DModel, WanVACETransformer3DModel)
 
 from attnsteer.attention_processors import JOINT, SELF, list_layers
 from attnsteer.attention_processors.heads import layer_name
@@ -42,7 +42,7 @@ SPARSE_DEFAULTS = dict(sparsity=None, sparse_mask="draft", sparse_pool=None, spa
                        sparse_backend="auto", sparse_dense_layers=None, sparse_dense_steps=None)
 MASKS = ("draft", "radial", "tile")
 WAN = (WanTransformer3DModel, WanVACETransformer3DModel)
-VIDEO = (*WAN, CogVideoXTransformer3DModel, LTXVideoTransformer3DModel)
+VIDEO = (*WAN, CogVideoXTransformer3DModel, LTXVideoTransformer3DModel, HunyuanVideo15Transformer3DModel)
 SUPPORTED = (*VIDEO, SD3Transformer2DModel, FluxTransformer2DModel)
 WARMUP = 0.3
 
@@ -52,14 +52,19 @@ def token_grid(pipe, arguments: dict) -> tuple[int, int]:
     model = denoiser(pipe)
     c = model.config
     if isinstance(model, VIDEO):
+        height, width = arguments["height"], arguments["width"]
         if isinstance(model, WAN):
             factor, (ph, pw) = pipe.vae_scale_factor_spatial, c.patch_size[1:]
         elif isinstance(model, CogVideoXTransformer3DModel):
             factor, ph, pw = pipe.vae_scale_factor_spatial, c.patch_size, c.patch_size
+            height, width = height or c.sample_height * factor, width or c.sample_width * factor  # its config's default
+        elif isinstance(model, HunyuanVideo15Transformer3DModel):
+            factor, ph, pw = pipe.vae_scale_factor_spatial, c.patch_size, c.patch_size
+            if height is None and width is None:  # the pipeline's default: its aspect ratio at the target size
+                height, width = pipe.video_processor.calculate_default_height_width(
+                    pipe.default_aspect_ratio[1], pipe.default_aspect_ratio[0], pipe.target_size)
         else:
             factor, ph, pw = pipe.vae_spatial_compression_ratio, c.patch_size, c.patch_size
-        height = arguments["height"] or c.sample_height * factor  # CogVideoX's default comes from its config
-        width = arguments["width"] or c.sample_width * factor
         return height // factor // ph, width // factor // pw
     h, w = latent_size(pipe, arguments)
     patch = 2 if isinstance(model, FluxTransformer2DModel) else c.patch_size
@@ -81,7 +86,8 @@ def sparse_steer(pipe, arguments: dict, options: dict) -> DraftAttention | None:
         return None
     model = denoiser(pipe)
     if not isinstance(model, SUPPORTED):
-        raise ValueError(f"block-sparse attention runs on the Wan, CogVideoX, LTX-Video, SD3 and FLUX denoisers, not on "
+        raise ValueError(f"block-sparse attention runs on the Wan, CogVideoX, LTX-Video, HunyuanVideo 1.5, SD3 and FLUX "
+                         f"denoisers, not on "
                          f"{type(pipe).__name__}'s {type(model).__name__}")
     if isinstance(pipe, REFERENCE_TOKENS):
         raise ValueError(f"{'sparsity' if sparsity is not None else 'sparse_mask'}: {type(pipe).__name__} appends "

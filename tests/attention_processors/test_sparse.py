@@ -39,10 +39,12 @@ def token_blocks(layout, seq_len):
     return blocks.tokens // blocks.size
 
 
-def reference(q, k, v, pairs, layout, seq_len):
-    """Explicit masked softmax in token order: token i sees token j when their blocks' pair is kept."""
+def reference(q, k, v, pairs, layout, seq_len, own=None):
+    """Explicit masked softmax in token order: token i sees token j when their blocks' pair is kept (and
+    ``own``, a layer's boolean mask, lets it)."""
     blk = token_blocks(layout, seq_len)
     allowed = pairs[..., blk[:, None], blk[None, :]]
+    allowed = allowed if own is None else allowed & own
     scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
     return torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1) @ v
 
@@ -255,12 +257,44 @@ def test_frames_of_one_block_are_warned_about_once():
     assert len(seen) == 1  # one grid, several layers
 
 
-def test_a_layer_mask_is_refused():
+def own_mask(seq_len, seed=3):
+    """A layer's own boolean mask [2, 1, L, L]: random, each token seeing itself (no row left empty)."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(2, 1, seq_len, seq_len, generator=g) < 0.6) | torch.eye(seq_len, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("name", ["self", "text after"])
+def test_a_layers_own_boolean_mask_is_kept_inside_the_kept_blocks(name, backend):
+    layout, seq_len = layouts()[name]
+    q, k, v = qkv(seq_len, seed=7)
+    blocks = block_layout(layout, seq_len, POOL)
+    n, own = blocks.image_blocks, own_mask(seq_len)
+    pattern = torch.rand(2, 3, n, n, generator=torch.Generator().manual_seed(8)) < 0.3
+    out = sparse_attention(q, k, v, layout, Fixed(pattern), POOL, q.shape[-1] ** -0.5, backend, own)
+    full = block_mask(Fixed(pattern), None, None, blocks, 1.0)
+    torch.testing.assert_close(out, reference(q, k, v, full, layout, seq_len, own), atol=1e-5, rtol=1e-5)
+    everything = sparse_attention(q, k, v, layout, DraftMask(0.0), POOL, q.shape[-1] ** -0.5, backend, own)
+    torch.testing.assert_close(everything, F.scaled_dot_product_attention(q, k, v, attn_mask=own), atol=1e-5, rtol=1e-5)
+
+
+def test_flex_keeps_a_layers_own_boolean_mask():
+    layout, seq_len = layouts()["text after"]
+    q, k, v = qkv(seq_len, seed=9)
+    blocks = block_layout(layout, seq_len, POOL)
+    n, own = blocks.image_blocks, own_mask(seq_len, seed=10)
+    pattern = torch.rand(2, 3, n, n, generator=torch.Generator().manual_seed(11)) < 0.3
+    out = sparse_attention(q, k, v, layout, Fixed(pattern), POOL, q.shape[-1] ** -0.5, "flex", own)
+    full = block_mask(Fixed(pattern), None, None, blocks, 1.0)
+    torch.testing.assert_close(out, reference(q, k, v, full, layout, seq_len, own), atol=1e-5, rtol=1e-5)
+
+
+def test_an_additive_layer_mask_is_refused():
     layout, seq_len = layouts()["self"]
     call = AttentionCall(LayerInfo("blocks.0.attn1", SELF, 3, None), layout)
     q, k, v = qkv(seq_len)
-    with pytest.raises(RuntimeError, match="blocks.0.attn1.*own attention mask"):
-        DraftAttention(["blocks.0.attn1"], pool=POOL).attention(call, q, k, v, torch.ones(seq_len, seq_len, dtype=torch.bool), None)
+    with pytest.raises(RuntimeError, match=r"blocks.0.attn1.*own additive \(torch.float32\) attention mask"):
+        DraftAttention(["blocks.0.attn1"], pool=POOL).attention(call, q, k, v, torch.zeros(seq_len, seq_len), None)
 
 
 def test_compiled_flex_matches_the_reference_compiles_once_per_shape_and_past_its_limit_says_so(monkeypatch):

@@ -276,7 +276,7 @@ def test_cogvideox_dynamic_cfg_with_heads_is_refused_before_compute():
                                         perturbed_heads="0:0", use_dynamic_cfg=True)
 
 
-@pytest.mark.parametrize("kind", ["cogvideox", "ltx"])
+@pytest.mark.parametrize("kind", ["cogvideox", "ltx", "hunyuanvideo15"])
 def test_block_sparse_keep_all_is_dense_and_sparsity_acts(kind):
     call = dict(sparse_pool=(4, 4), sparse_dense_steps=0, sparse_backend="gather")  # flex: the Wan tests
     dense = generate(kind)

@@ -118,6 +118,6 @@ def test_an_image_of_one_block_is_refused_before_compute():
 
 
 def test_other_pipelines_are_refused():
-    with pytest.raises(ValueError, match="runs on the Wan, CogVideoX, LTX-Video, SD3 and FLUX denoisers, not on "
+    with pytest.raises(ValueError, match="runs on the Wan, CogVideoX, LTX-Video, HunyuanVideo 1.5, SD3 and FLUX denoisers, not on "
                                          "StableDiffusionSteerPipeline's UNet2DConditionModel"):
         pipe_of("sd").check_call(**call_of("sd", sparsity=0.5, height=32, width=32))
