@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 TINY_PREFIX = "tiny-"
-TINY_KINDS = ("sd", "sdxl", "sd3", "flux", "wan", "chroma", "flux2", "qwenimage", "zimage", "cogvideox", "ltx", "hunyuanvideo15")  # tiny.KINDS + FAMILY_KINDS, without importing diffusers
+TINY_KINDS = ("sd", "sdxl", "sd3", "flux", "wan", "chroma", "flux2", "flux2dev", "qwenimage", "zimage", "cogvideox", "ltx", "hunyuanvideo15")  # tiny.KINDS + FAMILY_KINDS, without importing diffusers
 TINY_CALL = {"height": 32, "width": 32}  # a size every tiny model draws quickly
 TINY_FRAMES = {"wan": 9, "cogvideox": 5, "ltx": 5, "hunyuanvideo15": 5}  # frames of a tiny video model's call
 SHIPPED = ("shapes-sd", "shapes-sd3", "shapes-wan")  # small models trained on drawn shapes, in samples/models

@@ -41,6 +41,7 @@ from diffusers import (
     FluxControlNetModel,
     FluxPipeline,
     Flux2KleinPipeline,
+    Flux2Pipeline,
     Flux2Transformer2DModel,
     FluxTransformer2DModel,
     LTXPipeline,
@@ -74,7 +75,7 @@ __all__ = ["FAMILY_KINDS", "KINDS", "PIPELINE_CLASSES", "clip_tokenizer", "editi
            "tiny_pipeline"]
 
 KINDS = ("sd", "sdxl", "sd3", "flux", "wan")  # the families the shapes models, the CLI and the method tests cover
-FAMILY_KINDS = ("chroma", "flux2", "qwenimage", "zimage", "cogvideox", "ltx", "hunyuanvideo15")  # newer families: head perturbation and block-sparse attention
+FAMILY_KINDS = ("chroma", "flux2", "flux2dev", "qwenimage", "zimage", "cogvideox", "ltx", "hunyuanvideo15")  # newer families: head perturbation and block-sparse attention
 
 PIPELINE_CLASSES = {
     "sd": StableDiffusionPipeline,
@@ -84,6 +85,7 @@ PIPELINE_CLASSES = {
     "wan": WanPipeline,
     "chroma": ChromaPipeline,
     "flux2": Flux2KleinPipeline,
+    "flux2dev": Flux2Pipeline,
     "qwenimage": QwenImagePipeline,
     "zimage": ZImagePipeline,
     "cogvideox": CogVideoXPipeline,
@@ -184,8 +186,18 @@ QWEN_CORPUS = (  # the text the tiny byte-level BPE learns its merges from: Qwen
 )
 
 
+MISTRAL_SPECIAL = ("<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]")
+MISTRAL_CHAT_TEMPLATE = (  # Mistral Small 3.1's layout of a system and a user message, as FLUX.2 [dev] sends them
+    "{{ bos_token }}{%- for message in messages %}{%- set text = message['content'] if message['content'] is string "
+    "else message['content'][0]['text'] %}{%- if message['role'] == 'system' %}{{ '[SYSTEM_PROMPT]' + text + "
+    "'[/SYSTEM_PROMPT]' }}{%- elif message['role'] == 'user' %}{{ '[INST]' + text + '[/INST]' }}{%- endif %}"
+    "{%- endfor %}"
+)
+
+
 @functools.cache
-def _qwen_tokenizer_json() -> str:
+def _bpe_json(special: tuple[str, ...]) -> str:
+    """A byte-level BPE with Qwen2's split and ``special`` tokens first, its merges learnt from ``QWEN_CORPUS``."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
@@ -193,7 +205,7 @@ def _qwen_tokenizer_json() -> str:
         pre_tokenizers.Split(Regex(QWEN_PATTERN), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=list(QWEN_SPECIAL), show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=list(special), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator([QWEN_CORPUS] * 8, trainer)
     return tokenizer.to_str()
@@ -207,9 +219,37 @@ def qwen_tokenizer():
     from tokenizers import Tokenizer
     from transformers import Qwen2Tokenizer
 
-    return Qwen2Tokenizer(tokenizer_object=Tokenizer.from_str(_qwen_tokenizer_json()), unk_token=None,
+    return Qwen2Tokenizer(tokenizer_object=Tokenizer.from_str(_bpe_json(QWEN_SPECIAL)), unk_token=None,
                           eos_token="<|endoftext|>", pad_token="<|endoftext|>",
                           additional_special_tokens=list(QWEN_SPECIAL[1:]), chat_template=QWEN_CHAT_TEMPLATE)
+
+
+def mistral_tokenizer():
+    """Stands in for FLUX.2 [dev]'s Pixtral processor (which needs torchvision): a byte-level BPE learnt in code
+    with Mistral's special tokens, a start token added when asked for special tokens, and Mistral Small 3.1's
+    chat layout; the pipeline calls its ``apply_chat_template`` as it calls the processor's."""
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer.from_str(_bpe_json(MISTRAL_SPECIAL))
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", additional_special_tokens=list(MISTRAL_SPECIAL[4:]),
+                                   chat_template=MISTRAL_CHAT_TEMPLATE)
+
+
+def _mistral3_text_encoder():
+    """A tiny Mistral 3 (a one-block Pixtral vision tower rides along) with the 31 layers FLUX.2 [dev] reads
+    (the states of layers 10, 20 and 30 side by side), over ``mistral_tokenizer``'s ids."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
+
+    text = MistralConfig(vocab_size=1024, hidden_size=16, intermediate_size=32, num_hidden_layers=31,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=2048,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    vision = PixtralVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 head_dim=8, image_size=32, patch_size=8)
+    return Mistral3ForConditionalGeneration(Mistral3Config(vision_config=vision, text_config=text,
+                                                           image_token_index=MISTRAL_SPECIAL.index("<unk>")))
 
 
 def _qwen_text_kwargs(layers: int) -> dict:
@@ -555,6 +595,15 @@ def _flux2(seed: int) -> dict:
             "text_encoder": _seeded(seed, _qwen3_text_encoder), "tokenizer": qwen_tokenizer()}
 
 
+def _flux2dev(seed: int) -> dict:
+    """FLUX.2 [dev]'s pipeline: Klein's tiny VAE and transformer with guidance distilled in, a tiny Mistral 3 and
+    ``mistral_tokenizer``."""
+    parts = _flux2(seed)
+    config = {k: v for k, v in parts["transformer"].config.items() if not k.startswith("_")}
+    return {**parts, "transformer": _seeded(seed, lambda: Flux2Transformer2DModel(**{**config, "guidance_embeds": True})),
+            "text_encoder": _seeded(seed, _mistral3_text_encoder), "tokenizer": mistral_tokenizer()}
+
+
 def _qwenimage(seed: int) -> dict:
     """Qwen-Image's pipeline with a tiny Qwen2.5-VL and ``qwen_tokenizer`` (its prompt template and the 34
     tokens it drops as the real one's)."""
@@ -712,7 +761,7 @@ def _hunyuanvideo15(seed: int) -> dict:
     }
 
 
-_BUILDERS = {"sd": _sd, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux, "wan": _wan, "chroma": _chroma, "flux2": _flux2,
+_BUILDERS = {"sd": _sd, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux, "wan": _wan, "chroma": _chroma, "flux2": _flux2, "flux2dev": _flux2dev,
              "qwenimage": _qwenimage, "zimage": _zimage, "cogvideox": _cogvideox, "ltx": _ltx, "hunyuanvideo15": _hunyuanvideo15}
 
 

@@ -14,8 +14,10 @@ The text keys of the denoiser are the pipeline's ``prompt_embeds`` sequence:
   the template's closing tokens) up to ``max_sequence_length``; a batch is padded to its longest.
 - FLUX.2 Klein (its Qwen3 text encoder): the tokens of the prompt as the tokenizer's chat template
   gives it (a user message and the generation prompt, thinking off), ``max_sequence_length`` of them;
-  the template's opening tokens come first. FLUX.2 with Mistral has a system message of its own: no
-  words are mapped there.
+  the template's opening tokens come first.
+- FLUX.2 [dev] (its Mistral 3 text encoder): the tokens of its system message and the prompt as the
+  processor's chat template gives them (tokenized without further special tokens, as
+  ``apply_chat_template`` does), ``max_sequence_length`` of them.
 
 The rules follow the denoiser, so a family's editing pipelines (img2img, inpainting, ControlNet) read
 their words as its text-to-image pipeline does. A word (or several, "red circle") is found as its token
@@ -44,7 +46,7 @@ from .parent import denoiser
 # the denoisers whose text keys are mapped to words, and how: any pipeline on them (text-to-image or editing)
 TEXT_DENOISERS = {UNet2DConditionModel: "clip", SD3Transformer2DModel: "sd3", FluxTransformer2DModel: "flux",
                   WanTransformer3DModel: "t5", ChromaTransformer2DModel: "t5", QwenImageTransformer2DModel: "qwen"}
-TEXT_FAMILIES = "SD, SDXL, SD3, FLUX, FLUX.2 Klein, Wan, Chroma and Qwen-Image"
+TEXT_FAMILIES = "SD, SDXL, SD3, FLUX, FLUX.2, Wan, Chroma and Qwen-Image"
 PLACE = "\x00prompt\x00"  # stands for the prompt while a chat template is rendered
 
 
@@ -58,34 +60,54 @@ class TextPart:
     length: int
     template: str = "{}"  # what the tokenizer is given, the prompt in place of {}
     drop: int = 0  # the template's leading tokens the pipeline drops
+    special: bool = True  # whether the tokenizer adds its special tokens (not where the template holds them)
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=self.special).input_ids
 
     def ids(self, text: str) -> list[int]:
         """The token ids this part gives the denoiser for prompt ``text``."""
         if self.template == "{}":
             return _ids(self.tokenizer, text, self.length)
-        return self.tokenizer(self.template.format(text)).input_ids[self.drop:][: self.length]
+        return self._encode(self.template.format(text))[self.drop:][: self.length]
 
     def prompt_range(self, text: str) -> range:
         """Which of ``ids(text)`` are the prompt's own: after the template's opening, before its closing."""
         opening = self.template.split("{}")[0]
-        start = len(self.tokenizer(opening).input_ids) - self.drop
-        return range(max(start, 0), min(len(self.tokenizer(opening + text).input_ids) - self.drop, self.length))
+        start = len(self._encode(opening)) - self.drop
+        return range(max(start, 0), min(len(self._encode(opening + text)) - self.drop, self.length))
+
+
+def as_template(rendered: str) -> str:
+    """A chat rendered with ``PLACE`` for the prompt as a format string: "{}" where the prompt goes."""
+    return rendered.replace("{", "{{").replace("}", "}}").replace(PLACE, "{}")
 
 
 def chat_template(tokenizer) -> str:
     """The text FLUX.2 Klein tokenizes for a prompt, "{}" where the prompt goes (other braces doubled)."""
     messages = [{"role": "user", "content": PLACE}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
-    return text.replace("{", "{{").replace("}", "}}").replace(PLACE, "{}")
+    return as_template(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                     enable_thinking=False))
+
+
+def mistral_part(pipe, length: int) -> TextPart:
+    """FLUX.2 [dev]'s text part: its system message and the prompt in the processor's chat template."""
+    from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+
+    rendered = pipe.tokenizer.apply_chat_template(format_input([PLACE], pipe.system_message)[0], tokenize=False,
+                                                  add_generation_prompt=False)
+    tokenizer = getattr(pipe.tokenizer, "tokenizer", pipe.tokenizer)  # a processor's, or the tokenizer itself
+    return TextPart(tokenizer, "prompt", 0, length, as_template(rendered), special=False)
 
 
 def text_rule(pipe) -> str | None:
-    """How ``pipe``'s denoiser sees text ("clip", "sd3", "flux", "t5", "qwen", "chat"), None where words are not
-    mapped."""
+    """How ``pipe``'s denoiser sees text ("clip", "sd3", "flux", "t5", "qwen", "chat", "mistral"), None where
+    words are not mapped."""
     model = denoiser(pipe)
-    if isinstance(model, Flux2Transformer2DModel):  # FLUX.2's words follow its pipelines' text encoder: Klein's Qwen3
+    if isinstance(model, Flux2Transformer2DModel):  # FLUX.2's words follow its pipeline's text encoder
         encoder = inspect.signature(type(pipe).__init__).parameters.get("text_encoder")
-        return "chat" if encoder is not None and getattr(encoder.annotation, "__name__", "") == "Qwen3ForCausalLM" else None
+        name = getattr(getattr(encoder, "annotation", None), "__name__", "")
+        return {"Qwen3ForCausalLM": "chat", "Mistral3ForConditionalGeneration": "mistral"}.get(name)
     return next((rule for cls, rule in TEXT_DENOISERS.items() if isinstance(model, cls)), None)
 
 
@@ -103,6 +125,8 @@ def text_parts(pipe, arguments: dict) -> list[TextPart]:
         return [TextPart(pipe.tokenizer, "prompt", 0, msl)]
     if rule == "chat":
         return [TextPart(pipe.tokenizer, "prompt", 0, msl, chat_template(pipe.tokenizer))]
+    if rule == "mistral":
+        return [mistral_part(pipe, msl)]
     if rule == "qwen":
         return [TextPart(pipe.tokenizer, "prompt", 0, msl, pipe.prompt_template_encode, pipe.prompt_template_encode_start_idx)]
     if rule == "clip":
@@ -117,7 +141,7 @@ def text_length(pipe, arguments: dict) -> int:
         return embeds.shape[1]
     if text_rule(pipe) == "sd3":
         return pipe.tokenizer_max_length + arguments["max_sequence_length"]
-    if text_rule(pipe) in ("flux", "t5", "chat"):
+    if text_rule(pipe) in ("flux", "t5", "chat", "mistral"):
         return arguments["max_sequence_length"]
     part = text_parts(pipe, arguments)[0]
     if text_rule(pipe) == "qwen":  # the batch's prompts padded to the longest

@@ -118,7 +118,7 @@ def test_mistyped_or_missing_model_is_named_without_a_hub_lookup(tmp_path, capsy
     message = refused(["generate", "--model", "shapes-sdx", "--prompt", "x", "--out", str(tmp_path)], capsys)
     assert ("attnsteer generate: --model 'shapes-sdx' is neither a local folder nor a known name (shapes-sd, "
             "shapes-sd3, shapes-wan, tiny-sd, tiny-sdxl, tiny-sd3, tiny-flux, tiny-wan, tiny-chroma, tiny-flux2, "
-            "tiny-qwenimage, tiny-zimage, tiny-cogvideox, tiny-ltx, tiny-hunyuanvideo15), and not a hub id of the form org/name. "
+            "tiny-flux2dev, tiny-qwenimage, tiny-zimage, tiny-cogvideox, tiny-ltx, tiny-hunyuanvideo15), and not a hub id of the form org/name. "
             "Did you mean shapes-sd?") in message
     missing = str(tmp_path / "no-such-model")
     assert f"--model {missing!r} is neither a local folder nor a known name" in refused(

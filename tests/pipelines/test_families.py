@@ -1,4 +1,4 @@
-"""The newer families (Chroma, FLUX.2, Qwen-Image, Z-Image, CogVideoX, LTX-Video, HunyuanVideo 1.5): addresses, token layouts, head perturbation
+"""The newer families (Chroma, FLUX.2 Klein and [dev], Qwen-Image, Z-Image, CogVideoX, LTX-Video, HunyuanVideo 1.5): addresses, token layouts, head perturbation
 against a masked-attention reference, their branch rules, block-sparse attention, and what is refused on them."""
 
 import numpy as np
@@ -57,12 +57,13 @@ def model_call(kind):
         return dict(hidden_states=randn(1, h * w, c.in_channels), encoder_hidden_states=randn(1, TEXT, c.joint_attention_dim),
                     encoder_hidden_states_mask=torch.ones(1, TEXT), timestep=torch.tensor([0.5]),
                     img_shapes=[[(1, h, w)]]), (h, w)
-    if kind in ("chroma", "flux2"):
+    if kind in ("chroma", "flux2", "flux2dev"):  # FLUX.2's ids add a fourth axis, [dev]'s guidance is an input
         h, w = 3, 4
-        axes = [torch.zeros(1), torch.arange(float(h)), torch.arange(float(w))] + [torch.zeros(1)] * (kind == "flux2")
+        axes = [torch.zeros(1), torch.arange(float(h)), torch.arange(float(w))] + [torch.zeros(1)] * (kind != "chroma")
         ids = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(h * w, -1)
         return dict(hidden_states=randn(1, h * w, c.in_channels), encoder_hidden_states=randn(1, TEXT, c.joint_attention_dim),
-                    timestep=torch.tensor([0.5]), img_ids=ids, txt_ids=torch.zeros(TEXT, ids.shape[1])), (h, w)
+                    timestep=torch.tensor([0.5]), img_ids=ids, txt_ids=torch.zeros(TEXT, ids.shape[1]),
+                    **({"guidance": torch.tensor([4.0])} if kind == "flux2dev" else {})), (h, w)
     if kind == "hunyuanvideo15":  # text: 2 image-encoder tokens, 2 glyph tokens and TEXT - 4 prompt tokens
         f, h, w = 2, 4, 6
         return dict(hidden_states=randn(1, c.in_channels, f, h, w), timestep=torch.tensor([500.0]),
@@ -89,7 +90,7 @@ def test_layer_names_and_kinds():
     kinds = {kind: {n: info.kind for n, info in list_layers(pipe_of(kind).transformer).items()} for kind in FAMILY_KINDS}
     assert kinds["qwenimage"] == dict.fromkeys(["transformer_blocks.0.attn", "transformer_blocks.1.attn"], JOINT)
     assert kinds["zimage"] == dict.fromkeys(["layers.0.attention", "layers.1.attention"], JOINT)  # not its refiners
-    assert kinds["chroma"] == kinds["flux2"] == dict.fromkeys(
+    assert kinds["chroma"] == kinds["flux2"] == kinds["flux2dev"] == dict.fromkeys(
         ["transformer_blocks.0.attn", "transformer_blocks.1.attn", "single_transformer_blocks.0.attn",
          "single_transformer_blocks.1.attn"], JOINT)
     assert kinds["cogvideox"] == dict.fromkeys(["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"], JOINT)
@@ -186,12 +187,13 @@ def test_heads_act_batched_equals_sequential_and_prefix_reuse_is_exact(kind):
     assert not any(type(info.module.processor).__name__.startswith("Steered") for info in list_layers(model).values())
 
 
-@pytest.mark.parametrize("kind,rows", [("chroma", [2, 1, 2, 1]), ("flux2", [2, 1, 2, 1]), ("qwenimage", [2, 1, 2, 1]),
+@pytest.mark.parametrize("kind,rows", [("chroma", [2, 1, 2, 1]), ("flux2", [2, 1, 2, 1]), ("flux2dev", [2, 2]),
+                                       ("qwenimage", [2, 1, 2, 1]),
                                        ("zimage", [3, 3]), ("cogvideox", [3, 3]), ("ltx", [3, 3]),
                                        ("hunyuanvideo15", [2, 1, 2, 1])])
 def test_the_perturbed_rows_ride_on_the_conditional_call(kind, rows):
     """Chroma runs CFG as two unnamed calls a step, conditional first, FLUX.2 Klein and Qwen-Image as "cond" and
-    "uncond" calls, HunyuanVideo 1.5's guider as "pred_cond" and "pred_uncond": only the conditional one gets the
+    "uncond" calls, FLUX.2 [dev] one conditional call (guidance distilled in), HunyuanVideo 1.5's guider as "pred_cond" and "pred_uncond": only the conditional one gets the
     perturbed copy; CogVideoX and LTX-Video run one batched call ("cond_uncond"): [uncond, cond] plus the copy,
     Z-Image one unnamed call [cond, uncond] plus the copy."""
     seen = []
@@ -328,7 +330,35 @@ def test_flux2_klein_words_are_the_text_keys_of_its_chat_templated_prompt():
     assert content_indices(pipe, arguments) == list(range(3, 10)) and text_length(pipe, arguments) == embeds.shape[1] == 32
 
 
-@pytest.mark.parametrize("kind", ["qwenimage", "flux2"])
+def test_flux2_dev_words_are_the_text_keys_of_its_chat_templated_prompt():
+    """FLUX.2 [dev]'s text keys are Mistral 3's states (layers 10, 20, 30 side by side) of its system message and
+    the prompt as the chat template lays them out, tokenized as apply_chat_template does (the template holds
+    the start token): the keys at a word's indices are those states at that word's tokens, found here by
+    the tokens' text, after the system message's."""
+    from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+
+    pipe = pipe_of("flux2dev")
+    prompt = "a red circle and a blue square"
+    arguments = dict(prompt=prompt, max_sequence_length=256)
+    embeds, _ = pipe.encode_prompt(prompt, max_sequence_length=256)
+    ids = pipe.tokenizer.apply_chat_template(format_input([prompt], pipe.system_message), tokenize=True,
+                                             return_dict=True, return_tensors="pt", padding="max_length",
+                                             max_length=256)
+    states = pipe.text_encoder(**ids, output_hidden_states=True).hidden_states
+    read = torch.cat([states[k] for k in (10, 20, 30)], -1)
+    tokens = pipe.tokenizer.convert_ids_to_tokens(ids.input_ids[0])
+    assert tokens[:2] == ["<s>", "[SYSTEM_PROMPT]"] and tokens.count("<s>") == 1
+    start = tokens.index("[INST]") + 1
+    for word, pieces in (("circle", ["Ġcircle"]), ("blue square", ["Ġblue", "Ġsquare"])):
+        at = next(i for i in range(len(tokens)) if tokens[i:i + len(pieces)] == pieces)
+        indices = word_indices(pipe, arguments, word)
+        assert at > start and indices == list(range(at, at + len(pieces)))
+        torch.testing.assert_close(embeds[0, indices], read[0, at:at + len(pieces)])
+    assert content_indices(pipe, arguments) == list(range(start, tokens.index("[/INST]")))
+    assert text_length(pipe, arguments) == embeds.shape[1] == 256
+
+
+@pytest.mark.parametrize("kind", ["qwenimage", "flux2", "flux2dev"])
 def test_qwen_image_and_flux2_klein_take_attention_maps_and_astar(kind):
     pipe = pipe_of(kind)
     run = lambda **extra: pipe(prompt="a red circle and a blue square", num_inference_steps=2, height=32, width=32,
@@ -341,7 +371,7 @@ def test_qwen_image_and_flux2_klein_take_attention_maps_and_astar(kind):
     assert np.abs(run(**astar, astar_scale=200.0).images - plain).max() > 1e-3
 
 
-REFUSED = [  # Chroma's, FLUX.2 Klein's and Qwen-Image's words are mapped, Z-Image's not yet (here, test_attention_maps.py, ...)
+REFUSED = [  # Chroma's, FLUX.2's and Qwen-Image's words are mapped, Z-Image's not yet (here, test_attention_maps.py, ...)
     (dict(astar_tokens=["circle"]), "A-STAR needs the attention maps of text tokens"),
     (dict(return_attention_maps=["circle"]), "return_attention_maps needs the attention maps of text tokens"),
     (dict(story_subjects=["a circle", "a square"]), "IR-Diffusion runs on the SD, SDXL and SD3 denoisers"),
@@ -357,18 +387,4 @@ def test_methods_that_do_not_apply_are_refused_by_name(kind, method, message):
         pipe_of(kind).check_call(**call, **({"num_frames": 5} if kind in VIDEO_KINDS else {}))
 
 
-def test_flux2_dev_has_one_call_a_step_and_it_gets_the_copy():
-    """FLUX.2 [dev]'s pipeline (Flux2Pipeline) distils guidance into the model: one conditional call a step."""
-    from attnsteer.pipelines import Flux2SteerPipeline
-    from attnsteer.pipelines.tiny import tiny_components
 
-    pipe = Flux2SteerPipeline(**tiny_components("flux2"))
-    pipe.set_progress_bar_config(disable=True)
-    seen = []
-    hook = pipe.transformer.proj_out.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
-    try:
-        pipe(prompt_embeds=torch.randn(1, 8, 48, generator=torch.Generator().manual_seed(5)), num_inference_steps=2, height=32, width=32,
-             output_type="latent", perturbed_heads="0:0")
-    finally:
-        hook.remove()
-    assert seen == [2, 2]
