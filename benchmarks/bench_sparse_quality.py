@@ -25,6 +25,7 @@ from measure import check_video_set, video_set_options
 
 METRICS = ("psnr", "ssim", "binding", "identity", "smooth", "followed", "flicker")
 FIDELITY = ("psnr", "ssim")  # against the dense video, so not paired
+MASK_ROWS = ("draft", "draft-no-warm-up", "radial", "tile")
 
 
 def parse_args():
@@ -34,6 +35,8 @@ def parse_args():
     p.add_argument("--pool", type=int, nargs=2, default=(4, 4))
     p.add_argument("--tile", type=int, nargs=3, default=(3, 1, 1), help="the tile mask's window of blocks")
     p.add_argument("--backend", default="gather", choices=["auto", "flex", "gather", "dense"])
+    p.add_argument("--masks", nargs="+", default=list(MASK_ROWS), choices=list(MASK_ROWS),
+                   help="which rows beside dense: the draft map with its warm-up, without it, Radial, sliding tile")
     args = p.parse_args()
     check_video_set(p, args)
     return args
@@ -44,10 +47,14 @@ def rows(args) -> dict[str, dict]:
     common = dict(sparse_pool=tuple(args.pool), sparse_backend=args.backend)
     out = {"dense": None}
     for s in args.sparsity:
-        out[f"draft {s:g}"] = dict(sparsity=s, **common)
-        out[f"draft {s:g} no warm-up"] = dict(sparsity=s, sparse_dense_steps=0, sparse_dense_layers=[], **common)
-    out["radial"] = dict(sparse_mask="radial", **common)
-    out["tile"] = dict(sparse_mask="tile", sparse_tile=tuple(args.tile), **common)
+        if "draft" in args.masks:
+            out[f"draft {s:g}"] = dict(sparsity=s, **common)
+        if "draft-no-warm-up" in args.masks:
+            out[f"draft {s:g} no warm-up"] = dict(sparsity=s, sparse_dense_steps=0, sparse_dense_layers=[], **common)
+    if "radial" in args.masks:
+        out["radial"] = dict(sparse_mask="radial", **common)
+    if "tile" in args.masks:
+        out["tile"] = dict(sparse_mask="tile", sparse_tile=tuple(args.tile), **common)
     return out
 
 
