@@ -9,7 +9,7 @@ prompt of a video set x seed is generated at --frames (e.g. 137 on shapes-wan, 8
 whole (``score_video``: identity over the whole video) and per window of --window frames (``video_drift``:
 the first window against the last, identity against each object's first detection in the whole video).
 Every row is paired against the first on the same prompts and seeds. Model calls per output frame are
-counted for each row.
+counted for each row, and its peak memory beyond the loaded model (CPU resident set) is measured over its run.
 
     python benchmarks/bench_long_video.py --model shapes-wan --set one-moving --count 50 --seeds 2 --frames 137
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from measure import check_video_set, video_set_options
+from measure import check_video_set, peak_bytes, video_set_options
 
 from attnsteer.guidance.shapes import VIDEO_METRICS
 
@@ -107,19 +107,25 @@ def main():
     try:
         for row in args.rows:
             drifts, wholes = [], []
-            for i in range(0, len(items), args.batch_size):
-                batch = items[i:i + args.batch_size]
-                for (prompt, _), video in zip(batch, generate(pipe, fifo, row, batch, call, trained, args)):
-                    drifts.append(video_drift(list(video), prompt, window))
-                    wholes.append(score_video(list(video), prompt))
-            results[row] = {"drifts": drifts, "wholes": wholes}
+
+            def run():
+                for i in range(0, len(items), args.batch_size):
+                    batch = items[i:i + args.batch_size]
+                    for (prompt, _), video in zip(batch, generate(pipe, fifo, row, batch, call, trained, args)):
+                        drifts.append(video_drift(list(video), prompt, window))
+                        wholes.append(score_video(list(video), prompt))
+
+            peak = peak_bytes(run, "cpu")
+            results[row] = {"drifts": drifts, "wholes": wholes, "peak": peak}
     finally:
         del pipe.transformer.forward
     frames_out = len(items) * args.frames
     print(f"{args.model}, {args.set} {args.split} prompts x {args.seeds} seeds ({len(items)} videos), {args.frames} frames "
           f"asked (trained on {trained}), windows of {window}, FIFO n = {args.partitions}; {time.time() - t:.0f} s\n")
     print("model calls per output frame (a CFG step is two calls; per batch of videos for direct and clips): "
-          + ", ".join(f"{row} {calls.get(row, 0) / frames_out:.2f}" for row in args.rows) + "\n")
+          + ", ".join(f"{row} {calls.get(row, 0) / frames_out:.2f}" for row in args.rows))
+    print(f"peak MiB beyond the loaded model (a batch of {args.batch_size} for direct and clips, one video for FIFO): "
+          + ", ".join(f"{row} {r['peak'] / 2 ** 20:.0f}" for row, r in results.items()) + "\n")
     summary, paired, first_row = {}, {}, args.rows[0]
     for row, r in results.items():
         summary[f"{row} whole"] = summarize_videos(r["wholes"], groups)
@@ -144,7 +150,8 @@ def main():
         records = {row: [{"prompt": p, "seed": s, "whole": {m: w[m] for m in VIDEO_METRICS}, "first": d["first"],
                           "last": d["last"], "change": d["change"]} for (p, s), d, w in zip(items, r["drifts"], r["wholes"])]
                    for row, r in results.items()}
-        Path(args.out).write_text(json.dumps({"args": vars(args), "calls": calls, "summary": summary, "paired": paired,
+        Path(args.out).write_text(json.dumps({"args": vars(args), "calls": calls,
+                                              "peak": {row: r["peak"] for row, r in results.items()}, "summary": summary, "paired": paired,
                                               "records": records}, indent=1, default=str))
 
 
