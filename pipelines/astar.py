@@ -32,7 +32,8 @@ import math
 import numpy as np
 import torch
 from diffusers import (ChromaTransformer2DModel, Flux2Transformer2DModel, FluxKontextInpaintPipeline, FluxKontextPipeline,
-                       FluxTransformer2DModel, QwenImageTransformer2DModel)
+                       FluxTransformer2DModel, QwenImageEditInpaintPipeline, QwenImageEditPipeline, QwenImageEditPlusPipeline,
+                       QwenImageTransformer2DModel)
 
 from attnsteer.attention_processors import map_layers
 from attnsteer.guidance.astar import NORMALIZE, SCHEDULES, AStarGuidance
@@ -47,19 +48,20 @@ ASTAR_DEFAULTS = dict(
     astar_smoothing=(3, 0.5), astar_binarization="otsu", astar_checkpointing=False,
 )
 
-REFERENCE_TOKENS = (FluxKontextPipeline, FluxKontextInpaintPipeline)  # a reference image's tokens after the output's
+REFERENCE_TOKENS = (FluxKontextPipeline, FluxKontextInpaintPipeline, QwenImageEditPipeline, QwenImageEditPlusPipeline,
+                    QwenImageEditInpaintPipeline)  # a reference image's tokens after the output's
 PACKED = (FluxTransformer2DModel, ChromaTransformer2DModel, Flux2Transformer2DModel, QwenImageTransformer2DModel)  # 2 x 2 latent pixels a token
 
 
 def check_image_pipeline(pipe, name: str) -> None:
     """ValueError naming ``name`` on a video pipeline (its VAE has a temporal factor), whose maps have
-    frames, or on FLUX Kontext, which sizes its output inside the call (not supported yet)."""
+    frames, or on FLUX Kontext and Qwen-Image Edit, which size their output inside the call (not supported yet)."""
     if temporal_factor(pipe) is not None:
         raise ValueError(f"{name}: A-STAR and attention maps run on the image pipelines (SD, SDXL, SD3, FLUX, "
                          f"Chroma, Qwen-Image); {type(pipe).__name__} is a video pipeline, not supported yet")
     if isinstance(pipe, REFERENCE_TOKENS):
-        raise ValueError(f"{name}: {type(pipe).__name__} sizes its output inside the call (from max_area and the "
-                         "aspect ratio) and appends its reference image's tokens to it, so A-STAR and attention "
+        raise ValueError(f"{name}: {type(pipe).__name__} sizes its output inside the call (from its reference "
+                         "image's aspect ratio) and appends its reference image's tokens to it, so A-STAR and attention "
                          "maps do not run on it yet")
 
 

@@ -27,6 +27,7 @@ EDITING = {  # per kind, the editing, ControlNet and image-to-video pipelines th
     "flux": ("FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxFillPipeline", "FluxKontextPipeline",
              "FluxControlNetPipeline", "FluxControlNetImg2ImgPipeline", "FluxControlNetInpaintPipeline"),
     "wan": ("WanImageToVideoPipeline", "WanVideoToVideoPipeline", "WanVACEPipeline"),
+    "qwenimage": ("QwenImageEditPipeline", "QwenImageEditPlusPipeline"),
 }
 
 
@@ -45,7 +46,8 @@ def method_support(pipe, call: dict) -> dict[str, str]:
 
 def support_table() -> str:
     """The markdown table of every steer pipeline kind attnsteer tests (tiny random pipelines) x method: each
-    family's text-to-X pipeline and its ``EDITING`` ones; the newer families in their text-to-X pipeline only."""
+    family's text-to-X pipeline and its ``EDITING`` ones; the newer families in their text-to-X pipeline only
+    (Qwen-Image in its Edit ones too)."""
     import inspect
 
     import diffusers

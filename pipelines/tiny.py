@@ -171,6 +171,7 @@ def _clip_text_config(hidden_act: str = "quick_gelu", projection_dim: int = 32) 
 QWEN_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
                 r"\s+(?!\S)|\s+")  # Qwen2's pre-tokenizer split
 QWEN_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
+QWEN_VISION = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>")  # what Qwen-Image Edit's template adds
 QWEN_CHAT_TEMPLATE = (  # Qwen3's chat template, the parts FLUX.2 Klein uses (messages, generation prompt, no thinking)
     "{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
     "{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
@@ -211,17 +212,36 @@ def _bpe_json(special: tuple[str, ...]) -> str:
     return tokenizer.to_str()
 
 
-def qwen_tokenizer():
+def qwen_tokenizer(vision: bool = False):
     """A Qwen2Tokenizer of the real class and pre-tokenizer (Qwen2's split, byte-level BPE, its chat special
     tokens and Qwen3's chat template) whose merges are learnt in code from ``QWEN_CORPUS`` (Qwen's own
     vocabulary cannot be had offline): Qwen-Image's system prompt comes out as its 34 tokens, as with the
-    real one."""
+    real one. ``vision``: with the image tokens of ``QWEN_VISION`` too (Qwen-Image Edit)."""
     from tokenizers import Tokenizer
     from transformers import Qwen2Tokenizer
 
-    return Qwen2Tokenizer(tokenizer_object=Tokenizer.from_str(_bpe_json(QWEN_SPECIAL)), unk_token=None,
+    special = QWEN_SPECIAL + QWEN_VISION * vision
+    return Qwen2Tokenizer(tokenizer_object=Tokenizer.from_str(_bpe_json(special)), unk_token=None,
                           eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                          additional_special_tokens=list(QWEN_SPECIAL[1:]), chat_template=QWEN_CHAT_TEMPLATE)
+                          additional_special_tokens=list(special[1:]), chat_template=QWEN_CHAT_TEMPLATE)
+
+
+def qwen_vl_processor(tokenizer):
+    """A Qwen2VLProcessor on ``tokenizer`` (``qwen_tokenizer(vision=True)``) and the PIL image processor, without
+    the video processor the class also asks for (it needs torchvision): what Qwen-Image Edit's prompt encoding
+    calls, the image at 56 x 56 pixels (4 patches of 14, merged into one image token)."""
+    from transformers import Qwen2VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.processing_utils import ProcessorMixin
+
+    class ImageQwen2VLProcessor(Qwen2VLProcessor):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
+            self.image_token_id, self.video_token_id = tokenizer.convert_tokens_to_ids(self.image_token), None
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    side = 56 * 56
+    return ImageQwen2VLProcessor(Qwen2VLImageProcessorPil(min_pixels=side, max_pixels=side), tokenizer)
 
 
 def mistral_tokenizer():
@@ -261,16 +281,20 @@ def _qwen_text_kwargs(layers: int) -> dict:
                 eos_token_id=special["<|im_end|>"], pad_token_id=special["<|endoftext|>"])
 
 
-def _qwen_text_encoder():
-    """A tiny Qwen2.5-VL (the text model is what Qwen-Image reads; a one-block vision tower rides along)."""
+def _qwen_text_encoder(vision: bool = False):
+    """A tiny Qwen2.5-VL (the text model is what Qwen-Image reads; a one-block vision tower rides along, and
+    with ``vision`` reads Qwen-Image Edit's image through ``qwen_tokenizer(vision=True)``'s image tokens)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    special = {t: i for i, t in enumerate(QWEN_SPECIAL)}
+    special = {t: i for i, t in enumerate(QWEN_SPECIAL + QWEN_VISION)}
+    images = dict(image_token_id=special["<|image_pad|>"], vision_start_token_id=special["<|vision_start|>"],
+                  vision_end_token_id=special["<|vision_end|>"]) if vision else {}
     config = Qwen2_5_VLConfig(
         text_config=_qwen_text_kwargs(2),
         vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[0]),
-        bos_token_id=special["<|endoftext|>"], eos_token_id=special["<|im_end|>"], pad_token_id=special["<|endoftext|>"])
+        bos_token_id=special["<|endoftext|>"], eos_token_id=special["<|im_end|>"], pad_token_id=special["<|endoftext|>"],
+        **images)
     return Qwen2_5_VLForConditionalGeneration(config)
 
 
@@ -804,7 +828,8 @@ def editing_parts(parent, components: dict, seed: int = 0) -> dict:
     a kind) takes beyond the kind's tiny ``components``, built from them: a ControlNet copied from the
     denoiser as diffusers' ``from_unet`` / ``from_transformer`` do (one block; SD3's inpainting one with
     the mask's extra channel), FLUX Fill's transformer that also reads the masked picture's latent and the
-    mask, and Wan's image-to-video without a CLIP image encoder (Wan 2.2 TI2V's first-frame conditioning)."""
+    mask, Wan's image-to-video without a CLIP image encoder (Wan 2.2 TI2V's first-frame conditioning), and
+    Qwen-Image Edit's vision-language encoder, its processor and a VAE that keeps its megapixel reference small."""
     allowed = inspect.signature(parent.__init__).parameters
     name, parts = parent.__name__, {}
     model = components.get("unet") or components.get("transformer")
@@ -832,6 +857,13 @@ def editing_parts(parent, components: dict, seed: int = 0) -> dict:
         factor = 2 ** len(vae.temperal_downsample)
         config.update(vace_layers=[0], vace_in_channels=2 * vae.z_dim + factor**2)
         parts["transformer"] = _seeded(seed, lambda: WanVACETransformer3DModel(**config)).eval()
+    if name.startswith("QwenImageEdit"):  # a VL encoder that reads the reference image; the pipeline resizes it to
+        # a megapixel, which a VAE of factor 16 (its lightest, no residual blocks) makes 32 x 32 tokens
+        parts["tokenizer"] = qwen_tokenizer(vision=True)
+        parts.update(processor=qwen_vl_processor(parts["tokenizer"]), text_encoder=_seeded(seed, lambda: _qwen_text_encoder(True)).eval(),
+                     vae=_seeded(seed, lambda: AutoencoderKLQwenImage(
+                         base_dim=4, z_dim=4, dim_mult=[1] * 5, num_res_blocks=0, temperal_downsample=[False] * 4,
+                         latents_mean=[0.0] * 4, latents_std=[1.0] * 4)))
     if "image_encoder" in allowed and "expand_timesteps" in allowed:
         parts.update(image_encoder=None, image_processor=None, expand_timesteps=True)
     return parts

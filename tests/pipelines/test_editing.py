@@ -7,7 +7,8 @@ import inspect
 import numpy as np
 import pytest
 import torch
-from diffusers import (FluxControlNetPipeline, FluxFillPipeline, FluxImg2ImgPipeline, FluxInpaintPipeline, FluxKontextPipeline, SanaPipeline,
+from diffusers import (FluxControlNetPipeline, FluxFillPipeline, FluxImg2ImgPipeline, FluxInpaintPipeline, FluxKontextPipeline,
+                       QwenImageEditPipeline, QwenImageEditPlusPipeline, SanaPipeline,
                        StableDiffusionControlNetInpaintPipeline, StableDiffusionControlNetPAGInpaintPipeline,
                        StableDiffusionXLControlNetImg2ImgPipeline, StableDiffusionXLControlNetPAGImg2ImgPipeline,
                        StableDiffusionXLControlNetPAGPipeline, StableDiffusionXLControlNetPipeline, StableDiffusion3ControlNetPipeline,
@@ -128,6 +129,27 @@ def test_flux_editing_pipelines_take_head_perturbation(parent, images):
     batched = run(**heads)
     assert np.abs(batched - plain).max() > 1e-3
     np.testing.assert_allclose(run(**heads, perturbation_batching="sequential"), batched, atol=1e-4)
+
+
+@pytest.mark.parametrize("parent", [QwenImageEditPipeline, QwenImageEditPlusPipeline])
+def test_qwen_image_edit_pipelines_take_head_perturbation(parent):
+    """Qwen-Image Edit reads its reference image twice: through the Qwen2.5-VL encoder beside the prompt, and as
+    latent tokens after the output's (32 x 32 of them, the image resized to a megapixel). With true CFG's two
+    calls a step: u = 0 is the parent, the heads change the image, batched equals sequential, and another
+    reference image changes the edit; A-STAR is refused by reason before compute. About 5 s each."""
+    pipe = build(steer_pipeline(parent), "qwenimage")
+    run = lambda image=IMAGE, **extra: pipe(image=image, prompt="a red circle", negative_prompt="blurry", true_cfg_scale=4.0,
+                                            height=SIDE, width=SIDE, num_inference_steps=1, output_type="np",
+                                            generator=torch.Generator().manual_seed(0), **extra).images
+    plain = run()
+    heads = dict(perturbed_heads="transformer_blocks.1.attn:*", perturbation_scale=3.0)
+    np.testing.assert_allclose(run(**heads, softpag_u=0.0), plain, atol=1e-6)
+    batched = run(**heads)
+    assert np.abs(batched - plain).max() > 1e-3
+    np.testing.assert_allclose(run(**heads, perturbation_batching="sequential"), batched, atol=1e-5)
+    assert np.abs(run(image=Image.new("RGB", (SIDE, SIDE))) - plain).max() > 1e-5  # weak in a random model, not nothing
+    with pytest.raises(ValueError, match=f"astar_tokens: {pipe.__class__.__name__} sizes its output inside the call"):
+        pipe.check_call(image=IMAGE, prompt="a red circle and a blue square", astar_tokens=["circle", "square"])
 
 
 @pytest.mark.parametrize("parent,heads", [(StableDiffusion3ControlNetPipeline, "transformer_blocks.1.attn:*"),
