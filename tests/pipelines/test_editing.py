@@ -117,18 +117,25 @@ def test_steer_classes_by_name_from_pipe_and_refusals():
                                _auto_resize=False)),  # its reference image: tokens after the image's
 ])
 def test_flux_editing_pipelines_take_head_perturbation(parent, images):
-    """No PAG pipeline of diffusers' to compare with on FLUX: u = 0 is the parent, the heads change the
-    image, and batched equals sequential (the perturbed branch is the same either way). Up to about 10 s
+    """No PAG pipeline of diffusers' to compare with on FLUX: ``assert_heads_act``. Up to about 10 s
     beside the other worker: the first of these builds the tiny FLUX, then four calls each."""
     pipe = build(steer_pipeline(parent), "flux")
     run = lambda **extra: pipe(**call("flux", images, max_sequence_length=8, num_inference_steps=2, **extra),
                                generator=torch.Generator().manual_seed(0)).images
+    assert_heads_act(run, "transformer_blocks.0.attn:*", atol=1e-4)
+
+
+def assert_heads_act(run, heads: str, atol: float) -> np.ndarray:
+    """``run(**extra)`` (a pipeline call at a fixed seed) with ``heads`` perturbed: u = 0 is the parent, the
+    heads change the output, and batched equals sequential (the perturbed branch is the same either way).
+    Returns the parent's output."""
     plain = run()
-    heads = dict(perturbed_heads="transformer_blocks.0.attn:*", perturbation_scale=3.0)
+    heads = dict(perturbed_heads=heads, perturbation_scale=3.0)
     np.testing.assert_allclose(run(**heads, softpag_u=0.0), plain, atol=1e-6)
     batched = run(**heads)
     assert np.abs(batched - plain).max() > 1e-3
-    np.testing.assert_allclose(run(**heads, perturbation_batching="sequential"), batched, atol=1e-4)
+    np.testing.assert_allclose(run(**heads, perturbation_batching="sequential"), batched, atol=atol)
+    return plain
 
 
 @pytest.mark.parametrize("parent", [QwenImageEditPipeline, QwenImageEditPlusPipeline])
@@ -141,12 +148,7 @@ def test_qwen_image_edit_pipelines_take_head_perturbation(parent):
     run = lambda image=IMAGE, **extra: pipe(image=image, prompt="a red circle", negative_prompt="blurry", true_cfg_scale=4.0,
                                             height=SIDE, width=SIDE, num_inference_steps=1, output_type="np",
                                             generator=torch.Generator().manual_seed(0), **extra).images
-    plain = run()
-    heads = dict(perturbed_heads="transformer_blocks.1.attn:*", perturbation_scale=3.0)
-    np.testing.assert_allclose(run(**heads, softpag_u=0.0), plain, atol=1e-6)
-    batched = run(**heads)
-    assert np.abs(batched - plain).max() > 1e-3
-    np.testing.assert_allclose(run(**heads, perturbation_batching="sequential"), batched, atol=1e-5)
+    plain = assert_heads_act(run, "transformer_blocks.1.attn:*", atol=1e-5)
     assert np.abs(run(image=Image.new("RGB", (SIDE, SIDE))) - plain).max() > 1e-5  # weak in a random model, not nothing
     with pytest.raises(ValueError, match=f"astar_tokens: {pipe.__class__.__name__} sizes its output inside the call"):
         pipe.check_call(image=IMAGE, prompt="a red circle and a blue square", astar_tokens=["circle", "square"])
