@@ -4,8 +4,9 @@ Each held-out prompt of a video set x seed is generated dense and with each bloc
 PSNR and SSIM of each frame to the dense video (means over frames; SSIM as scikit-image computes it,
 Wang et al. 2004's Gaussian window), and the shapes video metrics, paired against the dense row on the
 same prompts and seeds. Rows: the draft map at each --sparsity, with the default dense warm-up (the
-first 30% of the steps and the first block dense) and without any; the Radial and sliding-tile masks
-(their density is fixed by the pattern and printed beside them). shapes-wan has 8 x 8 tokens a frame
+first 30% of the steps and the first block dense) and without any; the Radial mask and a sliding-tile
+mask for each --tile window (their density is fixed by the pattern and printed beside them: on shapes-wan's
+17 x 2 x 2 blocks a window of (t, 2, 2) keeps t / 17). shapes-wan has 8 x 8 tokens a frame
 and 17 latent frames (its VAE keeps every frame): the default --pool 4 4 makes 4 blocks a frame, 68 in
 all (at Wan's pool of 128 tokens a frame would be under one block). Needs ``pip install -e ".[bench]"``.
 
@@ -33,12 +34,16 @@ def parse_args():
     video_set_options(p, batch_size=8)
     p.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.75, 0.9])
     p.add_argument("--pool", type=int, nargs=2, default=(4, 4))
-    p.add_argument("--tile", type=int, nargs=3, default=(3, 1, 1), help="the tile mask's window of blocks")
+    p.add_argument("--tile", type=int, nargs="+", default=[3, 1, 1],
+                   help="sliding-tile windows of blocks, 3 numbers each (frames rows columns): a tile row each")
     p.add_argument("--backend", default="gather", choices=["auto", "flex", "gather", "dense"])
     p.add_argument("--masks", nargs="+", default=list(MASK_ROWS), choices=list(MASK_ROWS),
                    help="which rows beside dense: the draft map with its warm-up, without it, Radial, sliding tile")
     args = p.parse_args()
     check_video_set(p, args)
+    if len(args.tile) % 3:
+        p.error(f"--tile {' '.join(map(str, args.tile))}: give 3 numbers (frames rows columns) per window")
+    args.tile = [tuple(args.tile[i:i + 3]) for i in range(0, len(args.tile), 3)]
     return args
 
 
@@ -54,12 +59,17 @@ def rows(args) -> dict[str, dict]:
     if "radial" in args.masks:
         out["radial"] = dict(sparse_mask="radial", **common)
     if "tile" in args.masks:
-        out["tile"] = dict(sparse_mask="tile", sparse_tile=tuple(args.tile), **common)
+        for window in args.tile:
+            out[tile_row(window)] = dict(sparse_mask="tile", sparse_tile=window, **common)
     return out
 
 
+def tile_row(window: tuple[int, int, int]) -> str:
+    return "tile " + " x ".join(map(str, window))
+
+
 def static_densities(pipe, call: dict, args) -> dict[str, float]:
-    """The fraction of block pairs the radial and tile masks keep on the call's token grid (the diagonal
+    """The fraction of block pairs the radial and each tile mask keep on the call's token grid (the diagonal
     included, as computed)."""
     from attnsteer.attention_processors import TokenLayout
     from attnsteer.attention_processors.sparse import RadialMask, TileMask, block_layout, block_mask, density
@@ -70,8 +80,8 @@ def static_densities(pipe, call: dict, args) -> dict[str, float]:
     n = int(np.prod(grid))
     blocks = block_layout(TokenLayout(slice(0, n), None, grid), n, tuple(args.pool))
     marker = torch.zeros(1)
-    return {name: density(block_mask(source, marker, None, blocks, 1.0))
-            for name, source in (("radial", RadialMask()), ("tile", TileMask(tuple(args.tile))))}
+    sources = {"radial": RadialMask(), **{tile_row(window): TileMask(window) for window in args.tile}}
+    return {name: density(block_mask(source, marker, None, blocks, 1.0)) for name, source in sources.items()}
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
