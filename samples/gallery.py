@@ -43,8 +43,8 @@ METHODS = {
                "On shapes-wan: fidelity to dense and the video metrics (issue 32, first rows: 30 videos, not the 200 asked)",
                "30 held-out videos: Draft 0.75 with its dense warm-up 32 dB from dense, binding -0.010 [-0.021, +0.001]; "
                "Draft 0.9 binding -0.159 [-0.227, -0.091]; Radial as dense; no faster on this CPU at 1088 tokens"),
-    "long": ("Long video: direct, FIFO-Diffusion, FIFO + Ouroboros (shapes-wan, 8x its clip)", long_video,
-             ["--prompt", MOVING[0]], "FIFO-Diffusion (issue 15): memory against video length",
+    "long": ("Long video: direct, FIFO-Diffusion, FIFO + Ouroboros (shapes-wan, 4x its clip)", long_video,
+             ["--prompt", MOVING[0], "--frames", "65"], "FIFO-Diffusion (issue 15): memory against video length",
              "memory flat from 65 to 257 frames on shapes-wan; quality not yet measured"),
 }
 
