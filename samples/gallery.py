@@ -40,9 +40,9 @@ METHODS = {
               "IR does not beat it here"),
     "sparse": ("Block-sparse attention (shapes-wan, blocks of 4 x 4 tokens as measured)", sparse_attention,
                ["--prompts", *MOVING, "--pool", "4", "4", "--tile", "3", "1", "1"],
-               "On shapes-wan: fidelity to dense and the video metrics (issue 32, first rows: 30 videos, not the 200 asked)",
-               "30 held-out videos: Draft 0.75 with its dense warm-up 32 dB from dense, binding -0.010 [-0.021, +0.001]; "
-               "Draft 0.9 binding -0.159 [-0.227, -0.091]; Radial as dense; no faster on this CPU at 1088 tokens"),
+               "On shapes-wan: fidelity to dense and the video metrics at 200 videos (issue 32)",
+               "200 held-out videos: Draft 0.75 with its dense warm-up 31 dB from dense, binding -0.005 [-0.010, -0.000]; "
+               "Draft 0.9 binding -0.157 [-0.189, -0.125]; Radial as Draft 0.5; no faster on this CPU at 1088 tokens"),
     "long": ("Long video: direct, FIFO-Diffusion, FIFO + Ouroboros (shapes-wan, 4x its clip)", long_video,
              ["--prompt", MOVING[0], "--frames", "65"],
              "Long video on shapes-wan against direct generation (issue 32, first rows: 4 videos, not the 200 asked)",
