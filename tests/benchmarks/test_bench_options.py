@@ -45,3 +45,12 @@ def test_head_search_u_is_refused_before_the_search(tmp_path, refused):
 ])
 def test_astar_benchmark_options(script, options, message, refused):
     assert message in refused(script, *options)
+
+
+@pytest.mark.parametrize("options,message", [
+    (["--tile", "3", "1"], "--tile 3 1: give 3 numbers (frames rows columns) per window"),
+    (["--masks", "draft", "diagonal"], "argument --masks: invalid choice: 'diagonal'"),
+    (["--count", "0"], "--count, --seeds and --batch-size must be at least 1"),
+])
+def test_sparse_quality_options(options, message, refused):
+    assert message in refused("bench_sparse_quality.py", *options)
