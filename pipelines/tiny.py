@@ -859,8 +859,9 @@ def editing_parts(parent, components: dict, seed: int = 0) -> dict:
         parts["transformer"] = _seeded(seed, lambda: WanVACETransformer3DModel(**config)).eval()
     if name.startswith("QwenImageEdit"):  # a VL encoder that reads the reference image; the pipeline resizes it to
         # a megapixel, which a VAE of factor 16 (its lightest, no residual blocks) makes 32 x 32 tokens
-        parts["tokenizer"] = qwen_tokenizer(vision=True)
-        parts.update(processor=qwen_vl_processor(parts["tokenizer"]), text_encoder=_seeded(seed, lambda: _qwen_text_encoder(True)).eval(),
+        tokenizer = qwen_tokenizer(vision=True)
+        parts.update(tokenizer=tokenizer, processor=qwen_vl_processor(tokenizer),
+                     text_encoder=_seeded(seed, lambda: _qwen_text_encoder(vision=True)).eval(),
                      vae=_seeded(seed, lambda: AutoencoderKLQwenImage(
                          base_dim=4, z_dim=4, dim_mult=[1] * 5, num_res_blocks=0, temperal_downsample=[False] * 4,
                          latents_mean=[0.0] * 4, latents_std=[1.0] * 4)))
